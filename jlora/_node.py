@@ -1,0 +1,184 @@
+"""The pytree nodes that make injected params self-describing.
+
+An adapted kernel is one :class:`LoraKernel` node in place of the kernel leaf. Its children are the
+frozen base ``w0`` and the trainable factors ``a`` and ``b``; its static fields say how they fit
+together (``layout``, ``scale``, ``rank``, ``dropout``). A leaf trained in full (``bias='all'``,
+``full=``) is wrapped in :class:`Trainable`. Everything else in the tree is untouched, so
+``jax.tree.map``, ``jax.jit``, Orbax and optax all see ordinary leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Layout", "LoraKernel", "Trainable"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which axes of a kernel are stacked, contracted ("in") and free ("out").
+
+    ``A`` has shape ``[kernel.shape[i] for i in stack] + [kernel.shape[i] for i in in_] + [r]``
+    and ``B`` has shape ``[kernel.shape[i] for i in stack] + [r] + [kernel.shape[i] for i in out]``,
+    so that ``ΔW = einsum(A, B)`` over the rank axis, transposed back to the kernel's own axis order.
+
+    Example:
+        >>> Layout(stack=(), in_=(0,), out=(1,)).a_shape((4, 3), 2)
+        (4, 2)
+    """
+
+    stack: tuple[int, ...]
+    in_: tuple[int, ...]
+    out: tuple[int, ...]
+
+    def __post_init__(self):
+        axes = tuple(self.stack) + tuple(self.in_) + tuple(self.out)
+        if sorted(axes) != list(range(len(axes))):
+            raise ValueError(f"Layout axes {axes} are not a permutation of the kernel's axes.")
+        if not self.in_ or not self.out:
+            raise ValueError(f"Layout needs at least one input and one output axis, got {self}.")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.stack) + len(self.in_) + len(self.out)
+
+    def a_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        return tuple(shape[i] for i in self.stack) + tuple(shape[i] for i in self.in_) + (rank,)
+
+    def b_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        return tuple(shape[i] for i in self.stack) + (rank,) + tuple(shape[i] for i in self.out)
+
+    def fan_in(self, shape: tuple[int, ...]) -> int:
+        return int(math.prod(shape[i] for i in self.in_))
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"stack": list(self.stack), "in": list(self.in_), "out": list(self.out)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Layout":
+        return cls(stack=tuple(d["stack"]), in_=tuple(d["in"]), out=tuple(d["out"]))
+
+    def __str__(self) -> str:
+        s = f"stack={list(self.stack)} " if self.stack else ""
+        return f"{s}in={list(self.in_)} out={list(self.out)}"
+
+
+def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype=jnp.float32) -> jax.Array:
+    """``A·B`` in the kernel's own axis order (the full ΔW; only for merging and references)."""
+    ns, ni, no = len(layout.stack), len(layout.in_), len(layout.out)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    s, i, o = letters[:ns], letters[ns : ns + ni], letters[ns + ni : ns + ni + no]
+    kernel = [""] * layout.ndim
+    for ax, c in zip(layout.stack + layout.in_ + layout.out, s + i + o):
+        kernel[ax] = c
+    return jnp.einsum(
+        f"{s}{i}z,{s}z{o}->{''.join(kernel)}",
+        a.astype(dtype),
+        b.astype(dtype),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LoraKernel:
+    """A frozen kernel ``w0`` with its low-rank adapter ``a``, ``b``.
+
+    The value it stands for is ``w0 + scale * delta(a, b, layout)``; ``jlora``'s ``apply`` computes
+    with it without forming that sum. ``w0`` may be an array or a quantized kernel node.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> k = LoraKernel(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)),
+        ...                layout=Layout((), (0,), (1,)), scale=0.5)
+        >>> k.shape, k.rank
+        ((4, 3), 2)
+    """
+
+    __slots__ = ("w0", "a", "b", "layout", "scale", "dropout")
+
+    def __init__(self, w0, a, b, *, layout: Layout, scale: float, dropout: float = 0.0):
+        self.w0 = w0
+        self.a = a
+        self.b = b
+        self.layout = layout
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+
+    # -- pytree protocol -----------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        ga = jax.tree_util.GetAttrKey
+        children = ((ga("w0"), self.w0), (ga("a"), self.a), (ga("b"), self.b))
+        return children, (self.layout, self.scale, self.dropout)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        layout, scale, dropout = aux
+        obj = object.__new__(cls)
+        obj.w0, obj.a, obj.b = children
+        obj.layout, obj.scale, obj.dropout = layout, scale, dropout
+        return obj
+
+    # -- conveniences -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w0.shape)
+
+    @property
+    def dtype(self):
+        return self.w0.dtype
+
+    @property
+    def rank(self) -> int:
+        return int(np.shape(self.a)[-1]) if self.a is not None else -1
+
+    def __repr__(self) -> str:
+        def desc(x):
+            if x is None:
+                return "None"
+            return f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}"
+
+        return (
+            f"LoraKernel(w0={desc(self.w0)}, a={desc(self.a)}, b={desc(self.b)}, "
+            f"layout=({self.layout}), scale={self.scale:g}"
+            + (f", dropout={self.dropout:g})" if self.dropout else ")")
+        )
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Trainable:
+    """A leaf trained in full (a bias with ``bias='all'``, a head or norm in ``full=``).
+
+    Example:
+        >>> import jax
+        >>> jax.tree.leaves(Trainable(1.0))
+        [1.0]
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("value"), self.value),), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        (obj.value,) = children
+        return obj
+
+    def __repr__(self) -> str:
+        v = self.value
+        return f"Trainable({getattr(v, 'dtype', type(v).__name__)}{list(np.shape(v)) if v is not None else ''})"
+
+
+def is_node(x: Any) -> bool:
+    """True for jlora's own nodes (used as ``is_leaf`` when walking injected params)."""
+    return isinstance(x, (LoraKernel, Trainable))
