@@ -322,7 +322,7 @@ def inject(
         for i in cands:
             lay, why = layout_from_uses(uses[i], len(_shape(leaves[i])))
             tied = any(u.kind == "gather" for u in uses[i])
-            chosen = match(paths[i], leaves[i])
+            chosen = len(_shape(leaves[i])) >= 2 and match(paths[i], leaves[i])
             if lay is not None and tied and targets is None:
                 lay, why = None, "a tied embedding (read by gather and used as a matmul weight); name it in targets to adapt it"
             if lay is None:
@@ -344,7 +344,7 @@ def inject(
             if not is_float[i]:
                 continue
             named = leaf_name(paths[i]) in KERNEL_NAMES
-            chosen = match(paths[i], x) and (named if targets is None else True)
+            chosen = len(_shape(x)) >= 2 and (named if targets is None else True) and match(paths[i], x)
             if not chosen:
                 continue
             nd = len(_shape(x))

@@ -1,0 +1,417 @@
+"""Tests for jlora._quant: NF4 / int8 quantized frozen kernels (CPU, small shapes)."""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlora._quant import (
+    NF4_CODEBOOK,
+    Int8Tensor,
+    NF4Tensor,
+    dequantize,
+    is_quantized,
+    nf4_codebook,
+    quantize,
+)
+
+# ---------------------------------------------------------------------------------------------
+# An independent numpy reference of the same scheme (does not call jlora).
+
+# Appendix E of the QLoRA paper.
+PAPER_NF4 = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def ref_round_up_16bit(s: np.ndarray) -> np.ndarray:
+    b = np.asarray(s, np.float32).view(np.uint32)
+    return ((b + np.uint32(0xFF)) & np.uint32(0xFFFFFF00)).view(np.float32)
+
+
+def ref_nf4(x: np.ndarray, block: int = 64, double_quant: bool = True, dq_block: int = 256):
+    """Quantize and dequantize one slice (any shape) with plain numpy loops over blocks.
+
+    Returns (dequantized float32 array of x's shape, flat 4-bit code indices, int8 absmax codes
+    or None).
+    """
+    flat = np.asarray(x, np.float32).reshape(-1)
+    n = flat.size
+    nb = -(-n // block)
+    padded = np.zeros(nb * block, np.float32)
+    padded[:n] = flat
+    codes = np.zeros(nb * block, np.int64)
+    absmax = np.zeros(nb, np.float32)
+    for b in range(nb):
+        blk = padded[b * block : (b + 1) * block]
+        m = np.float32(np.abs(blk).max())
+        absmax[b] = m
+        xn = blk / (m if m != 0 else np.float32(1))
+        # nearest codebook value; argmin picks the lower index on an exact tie
+        codes[b * block : (b + 1) * block] = np.argmin(np.abs(xn[:, None] - PAPER_NF4[None, :]), 1)
+    if double_quant:
+        mean = np.float32(absmax.astype(np.float64).mean())
+        c = absmax - mean
+        deq_absmax = np.zeros_like(absmax)
+        absmax_q = np.zeros(nb, np.int8)
+        for d in range(0, nb, dq_block):
+            chunk = c[d : d + dq_block]
+            s = ref_round_up_16bit(np.float32(np.abs(chunk).max() / np.float32(127.0)))
+            q = np.clip(np.rint(chunk / (s if s != 0 else np.float32(1))), -127, 127)
+            deq_absmax[d : d + dq_block] = q.astype(np.float32) * s + mean
+            absmax_q[d : d + dq_block] = q
+        absmax = deq_absmax
+    vals = PAPER_NF4[codes].reshape(nb, block) * absmax[:, None]
+    return vals.reshape(-1)[:n].reshape(np.shape(x)), codes, absmax_q if double_quant else None
+
+
+def unpack(codes: np.ndarray) -> np.ndarray:
+    codes = np.asarray(codes)
+    return np.stack([codes >> 4, codes & 15], -1).reshape(codes.shape[:-1] + (-1,))
+
+
+def randn(shape, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook
+
+
+def test_codebook_matches_paper_derivation():
+    derived = np.array(nf4_codebook(4))
+    assert derived.shape == (16,)
+    np.testing.assert_allclose(derived, np.array(NF4_CODEBOOK), atol=1e-4)
+    np.testing.assert_allclose(np.array(NF4_CODEBOOK), PAPER_NF4, atol=0)
+    # In float64 the derivation actually agrees to float32 rounding of the published values.
+    assert np.abs(derived - np.array(NF4_CODEBOOK)).max() < 1e-6
+    # Independent spot check of the construction with statistics.NormalDist.
+    top = 1 - 0.5 * (1 / 30 + 1 / 32)
+    assert abs(top - 0.9677083) < 1e-6
+    q = statistics.NormalDist().inv_cdf
+    assert abs(q(top + (0.5 - top) / 8) / q(top) - NF4_CODEBOOK[-2]) < 1e-6
+    assert NF4_CODEBOOK[7] == 0.0 and sorted(NF4_CODEBOOK) == list(NF4_CODEBOOK)
+
+
+# ---------------------------------------------------------------------------------------------
+# NF4 round trip vs the numpy reference
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(96, 700), (13, 7)])
+def test_nf4_matches_numpy_reference(shape, double_quant):
+    x = randn(shape, seed=1)
+    q = NF4Tensor.from_array(x, double_quant=double_quant)
+    ref, ref_codes, ref_absmax_q = ref_nf4(x, double_quant=double_quant)
+    got = np.asarray(q.dequantize())
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_array_equal(unpack(q.codes), ref_codes)
+    if double_quant:
+        # The float32 mean of the absmax constants may differ in its last bit between summation
+        # orders, which can flip the rounding of an int8 absmax code by one step (<= s <= ~1e-4).
+        step = float(np.max(np.asarray(q.scales[2])))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1.01 * step)
+        absmax_q = np.asarray(q.scales[0]).astype(int)
+        assert np.abs(absmax_q - ref_absmax_q).max() <= 1
+        assert np.mean(absmax_q == ref_absmax_q) > 0.98
+    else:
+        np.testing.assert_array_equal(got, ref)
+    # Round-trip error is that of 4-bit quantization: small relative to the data.
+    err = np.abs(got - x)
+    assert np.sqrt((err**2).mean()) / x.std() < 0.11
+    assert err.max() < 0.16 * np.abs(x).max()
+
+
+def test_nf4_round_trip_error_levels():
+    x = randn((512, 512), seed=2)
+    for dq in (True, False):
+        got = np.asarray(NF4Tensor.from_array(x, double_quant=dq).dequantize())
+        rel_rmse = np.sqrt(((got - x) ** 2).mean()) / np.sqrt((x**2).mean())
+        assert 0.05 < rel_rmse < 0.11, rel_rmse
+    # Double quantization barely changes the absmax constants.
+    a = np.asarray(NF4Tensor.from_array(x, double_quant=False).absmax())
+    b = np.asarray(NF4Tensor.from_array(x, double_quant=True).absmax())
+    assert np.abs(a - b).max() < 0.01 * a.max()
+
+
+def test_nf4_bf16_dtype_and_codes_layout():
+    x = jnp.asarray(randn((64, 64), seed=3), jnp.bfloat16)
+    q = NF4Tensor.from_array(x)
+    assert q.dtype == jnp.bfloat16 and q.dequantize().dtype == jnp.bfloat16
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (64 * 64 // 2,)
+    q32 = NF4Tensor.from_array(x, dtype=jnp.float32)
+    assert q32.dequantize().dtype == jnp.float32
+    # first value of a pair in the high nibble
+    x2 = np.zeros((2, 64), np.float32)
+    x2[0, 0], x2[0, 1] = 1.0, -1.0
+    c = np.asarray(NF4Tensor.from_array(x2).codes)
+    assert c[0] == (15 << 4 | 0)
+
+
+def test_nf4_bytes_per_param():
+    x = randn((1024, 1024), seed=4)
+    q = NF4Tensor.from_array(x)
+    bpp = q.nbytes / q.size
+    # 4 bits + 8/64 bits + 32/(64*256) bits, plus one float32 mean: 540932 bytes.
+    assert q.nbytes == 1024 * 1024 // 2 + 16384 + 64 * 4 + 4
+    assert bpp <= 0.52, bpp
+    q_nodq = NF4Tensor.from_array(x, double_quant=False)
+    assert q_nodq.nbytes / q_nodq.size == pytest.approx(0.5 + 4 / 64)
+    assert q.nbytes == sum(np.asarray(c).nbytes for c in jax.tree.leaves(q))
+
+
+def test_nf4_zero_block_and_padding_rule():
+    # 5 x 7 = 35 values: one block of 64, padded with 29 zeros that are stored then dropped.
+    x = randn((5, 7), seed=5)
+    q = NF4Tensor.from_array(x)
+    assert q.codes.shape == (32,) and q.shape == (5, 7)
+    padded = np.zeros((1, 64), np.float32)
+    padded[0, :35] = x.reshape(-1)
+    qp = NF4Tensor.from_array(padded)
+    np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(qp.codes))
+    np.testing.assert_array_equal(
+        np.asarray(q.dequantize()), np.asarray(qp.dequantize()).reshape(-1)[:35].reshape(5, 7)
+    )
+    assert np.all(unpack(q.codes)[35:] == 7)  # padding zeros are NF4 code 7 (0.0)
+    # 3 x 100 with block 64: 300 -> 320 values (5 blocks); absmax not padded
+    q2 = NF4Tensor.from_array(randn((3, 100)), double_quant=True)
+    assert q2.codes.shape == (160,) and q2.scales[0].shape == (5,)
+    # an all-zero kernel round-trips exactly
+    z = NF4Tensor.from_array(np.zeros((4, 64), np.float32))
+    assert np.all(np.asarray(z.dequantize()) == 0)
+    with pytest.raises(ValueError, match="even"):
+        NF4Tensor.from_array(x, block_size=63)
+
+
+# ---------------------------------------------------------------------------------------------
+# stacks and scan
+
+
+@pytest.mark.parametrize("cls", ["nf4", "int8", "int8_block"])
+def test_scan_over_stack_slices_per_layer(cls):
+    L = 3
+    w = randn((L, 64, 96), seed=6)
+    make = {
+        "nf4": lambda a: NF4Tensor.from_array(a),
+        "int8": lambda a: Int8Tensor.from_array(a),
+        "int8_block": lambda a: Int8Tensor.from_array(a, block_size=64),
+    }[cls]
+    q = make(w)
+    assert q.shape == (L, 64, 96) and q.ndim == 3 and q.size == w.size
+    for leaf in jax.tree.leaves(q):
+        assert leaf.shape[0] == L
+    whole = np.asarray(q.dequantize())
+
+    def body(carry, layer):
+        assert layer.shape == (64, 96)  # the node handed to the body describes one layer
+        return carry + 1, layer.dequantize()
+
+    n, ys = jax.lax.scan(body, 0, q)
+    assert int(n) == L
+    np.testing.assert_array_equal(np.asarray(ys), whole)
+    for i in range(L):
+        # per-layer quantization: identical to quantizing the layer on its own
+        np.testing.assert_array_equal(np.asarray(make(w[i]).dequantize()), whole[i])
+        sliced = jax.tree.map(lambda c: c[i], q)
+        assert sliced.shape == (64, 96)
+        np.testing.assert_array_equal(np.asarray(sliced.dequantize()), whole[i])
+    # jit and vmap see the same
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda t: t.dequantize())(q)), whole)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda t: t.dequantize())(q)), whole)
+
+
+def test_nested_stack_and_scan_output():
+    w = randn((2, 3, 64, 64), seed=7)
+    q = NF4Tensor.from_array(w)
+    assert q.stack_shape == (2, 3) and q.shape == (2, 3, 64, 64)
+
+    def outer(c, qs):
+        assert qs.shape == (3, 64, 64)
+        _, inner = jax.lax.scan(lambda c2, ql: (c2, ql.dequantize()), 0, qs)
+        return c, inner
+
+    _, ys = jax.lax.scan(outer, 0, q)
+    np.testing.assert_array_equal(np.asarray(ys), np.asarray(q.dequantize()))
+    # a node can also be built inside a scan and stacked as its output
+    _, qs = jax.lax.scan(lambda c, wl: (c, NF4Tensor.from_array(wl)), 0, w[0])
+    assert isinstance(qs, NF4Tensor) and qs.shape == (3, 64, 64)
+    np.testing.assert_array_equal(np.asarray(qs.dequantize()), np.asarray(q.dequantize())[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+
+
+def test_int8_round_trip_per_channel_and_blockwise():
+    x = randn((128, 64), seed=8) * np.linspace(0.1, 3.0, 64, dtype=np.float32)
+    q = Int8Tensor.from_array(x)
+    assert q.q.dtype == jnp.int8 and q.scale.shape == (64,) and q.nbytes == 128 * 64 + 64 * 4
+    got = np.asarray(q.dequantize())
+    amax = np.abs(x).max(0)
+    ref = np.clip(np.rint(x / (amax / 127)), -127, 127) * (amax / 127)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert np.all(np.abs(got - x) <= amax / 127 / 2 + 1e-6)  # half a step per channel
+    # the other channel axis: one scale per row
+    qr = Int8Tensor.from_array(x, channel_axis=-2)
+    assert qr.scale.shape == (128,)
+    row_step = np.abs(x).max(1, keepdims=True) / 127
+    assert np.all(np.abs(np.asarray(qr.dequantize()) - x) <= row_step / 2 + 1e-6)
+    # blockwise, with padding (8000 -> 8064 = 63 blocks of 128)
+    xb = randn((100, 80), seed=9)
+    qb = Int8Tensor.from_array(xb, block_size=128)
+    assert qb.q.shape == (8064,) and qb.scale.shape == (63,)
+    gb = np.asarray(qb.dequantize())
+    assert gb.shape == (100, 80)
+    rel = np.sqrt(((gb - xb) ** 2).mean()) / xb.std()
+    assert rel < 0.01, rel
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize / dequantize over trees
+
+
+def make_params():
+    return {
+        "embed": {"embedding": jnp.asarray(randn((256, 64), 10))},
+        "layers": {
+            "attn": {
+                "q_proj": {
+                    "kernel": jnp.asarray(randn((4, 64, 128), 11)),
+                    "bias": jnp.zeros((4, 128)),
+                }
+            },
+            "mlp": {"up": {"weight": jnp.asarray(randn((4, 128, 64), 12), jnp.bfloat16)}},
+        },
+        "head": {"kernel": jnp.asarray(randn((64, 32), 13))},  # 2048 < min_size
+        "step": jnp.asarray(3),
+        "scale": 1.5,
+    }
+
+
+def test_quantize_default_targets_and_dequantize():
+    params = make_params()
+    qp = quantize(params)
+    qk = qp["layers"]["attn"]["q_proj"]["kernel"]
+    qw = qp["layers"]["mlp"]["up"]["weight"]
+    assert isinstance(qk, NF4Tensor) and qk.shape == (4, 64, 128) and qk.dtype == jnp.float32
+    assert isinstance(qw, NF4Tensor) and qw.dtype == jnp.bfloat16
+    assert not is_quantized(qp["head"]["kernel"])  # below min_size
+    assert not is_quantized(qp["embed"]["embedding"])  # not named kernel/weight
+    assert qp["layers"]["attn"]["q_proj"]["bias"] is params["layers"]["attn"]["q_proj"]["bias"]
+    assert qp["scale"] == 1.5
+    assert is_quantized(quantize(params, min_size=0)["head"]["kernel"])
+
+    dq = dequantize(qp)
+    assert jax.tree.structure(dq) == jax.tree.structure(params)
+    k = dq["layers"]["attn"]["q_proj"]["kernel"]
+    assert k.shape == (4, 64, 128) and dq["layers"]["mlp"]["up"]["weight"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(qk.dequantize()))
+
+    q8 = quantize(params, method="int8", block_size=None, dtype=jnp.bfloat16)
+    assert isinstance(q8["layers"]["attn"]["q_proj"]["kernel"], Int8Tensor)
+    assert q8["layers"]["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    # quantized params go through jit as ordinary pytrees
+    out = jax.jit(lambda p: dequantize(p)["layers"]["attn"]["q_proj"]["kernel"].sum())(qp)
+    assert np.isfinite(float(out))
+
+
+def test_quantize_targets_forms():
+    params = make_params()
+    by_list = quantize(params, targets=["q_proj"])
+    assert is_quantized(by_list["layers"]["attn"]["q_proj"]["kernel"])
+    assert not is_quantized(by_list["layers"]["mlp"]["up"]["weight"])
+    by_regex = quantize(params, targets=r"embed|mlp/")
+    assert is_quantized(by_regex["embed"]["embedding"])
+    assert is_quantized(by_regex["layers"]["mlp"]["up"]["weight"])
+    assert not is_quantized(by_regex["layers"]["attn"]["q_proj"]["kernel"])
+    by_fn = quantize(params, targets=lambda path, leaf: leaf.ndim == 3 and path.endswith("weight"))
+    assert is_quantized(by_fn["layers"]["mlp"]["up"]["weight"])
+    assert not is_quantized(by_fn["layers"]["attn"]["q_proj"]["kernel"])
+    with pytest.raises(ValueError, match="matched no"):
+        quantize(params, targets=["nope"])
+
+
+def test_quantize_twice_refused():
+    qp = quantize(make_params())
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(qp)
+    with pytest.raises(ValueError, match="layers/attn/q_proj/kernel.*already quantized"):
+        quantize(qp, targets=["q_proj"])
+    with pytest.raises(ValueError, match="already quantized"):
+        NF4Tensor.from_array(qp["layers"]["attn"]["q_proj"]["kernel"])
+
+
+def test_bad_dtype_refused_with_path():
+    params = {
+        "blk": {"kernel": jnp.ones((64, 128), jnp.int32), "w": jnp.ones((64, 128), jnp.complex64)}
+    }
+    # the default rule only picks floating leaves
+    assert not is_quantized(quantize(params)["blk"]["kernel"])
+    with pytest.raises(ValueError, match=r"blk/kernel.*int32"):
+        quantize(params, targets=["kernel"])
+    with pytest.raises(ValueError, match=r"blk/w.*complex64"):
+        quantize(params, targets="blk/w", method="int8")
+    with pytest.raises(ValueError, match="method"):
+        quantize(params, method="fp4")
+
+
+def test_nodes_properties_and_pytree_keys():
+    q = NF4Tensor.from_array(randn((2, 64, 64)))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(q)[0]]
+    assert paths == [".codes", ".absmax_q", ".absmax_scale", ".absmax_mean"]
+    leaves, treedef = jax.tree.flatten(q)
+    again = jax.tree.unflatten(treedef, leaves)
+    assert again.shape == q.shape and again.dtype == q.dtype and again.nbytes == q.nbytes
+    assert "stack" not in repr(treedef) and "(2," not in str(treedef.node_data())
+    sd = jax.eval_shape(lambda t: t, q)
+    assert sd.shape == (2, 64, 64)
+    assert jax.eval_shape(lambda t: t.dequantize(), q).shape == (2, 64, 64)
+    assert "Int8Tensor(shape=(64, 64)" in repr(Int8Tensor.from_array(randn((64, 64))))
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes (optional; CPU backend in recent releases)
+
+
+def _bnb():
+    torch = pytest.importorskip("torch")
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    try:
+        p, st = bnb_f.quantize_4bit(torch.zeros(64, 64), blocksize=64, quant_type="nf4")
+        bnb_f.dequantize_4bit(p, st)
+    except Exception as e:  # e.g. a build that needs CUDA
+        pytest.skip(f"bitsandbytes NF4 does not run on CPU here: {type(e).__name__}: {e}")
+    return torch, bnb_f
+
+
+@pytest.mark.parametrize("shape", [(256, 96), (3, 100)])
+def test_matches_bitsandbytes_nf4(shape):
+    torch, F = _bnb()
+    x = randn(shape, seed=14)
+    # Without double quantization the scheme is the same: identical codes and output.
+    t = torch.from_numpy(x)
+    p, st = F.quantize_4bit(t, blocksize=64, compress_statistics=False, quant_type="nf4")
+    ours = NF4Tensor.from_array(x, double_quant=False)
+    n = x.size // 2 + (x.size % 2)
+    np.testing.assert_array_equal(np.asarray(ours.codes)[:n], p.numpy().reshape(-1)[:n])
+    np.testing.assert_allclose(
+        np.asarray(ours.dequantize()), F.dequantize_4bit(p, st).numpy(), rtol=1e-6, atol=1e-7
+    )
+    # With double quantization bitsandbytes stores the absmax with its dynamic 8-bit map, we with
+    # linear int8: same 4-bit codes, absmax constants within a fraction of a percent.
+    p2, st2 = F.quantize_4bit(t, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours2 = NF4Tensor.from_array(x, double_quant=True)
+    np.testing.assert_array_equal(np.asarray(ours2.codes)[:n], p2.numpy().reshape(-1)[:n])
+    bnb_out = F.dequantize_4bit(p2, st2).numpy()
+    diff = np.abs(np.asarray(ours2.dequantize()) - bnb_out)
+    assert diff.max() < 0.01 * np.abs(x).max(), diff.max()
