@@ -11,22 +11,28 @@ True
 from jlora._inject import Apply, Report, inject
 from jlora._interpret import UnsupportedOpError
 from jlora._node import Layout, LoraKernel, Trainable
+from jlora._quant import Int8Tensor, NF4Tensor, dequantize, is_quantized, quantize
 from jlora._tree import combine, labels, merge, optimizer, split, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Apply",
+    "Int8Tensor",
     "Layout",
     "LoraKernel",
+    "NF4Tensor",
     "Report",
     "Trainable",
     "UnsupportedOpError",
     "combine",
+    "dequantize",
     "inject",
+    "is_quantized",
     "labels",
     "merge",
     "optimizer",
+    "quantize",
     "split",
     "summary",
 ]

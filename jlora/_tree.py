@@ -108,7 +108,8 @@ def merge(params: Any) -> Any:
 def _label_tree(params: Any) -> Any:
     def one(x):
         if isinstance(x, LoraKernel):
-            return LoraKernel("frozen", "lora", "lora", layout=x.layout, scale=x.scale, dropout=x.dropout)
+            w0 = jax.tree.map(lambda _: "frozen", x.w0)  # a quantized base has several children
+            return LoraKernel(w0, "lora", "lora", layout=x.layout, scale=x.scale, dropout=x.dropout)
         if isinstance(x, Trainable):
             return Trainable("lora")
         return jax.tree.map(lambda _: "frozen", x)
