@@ -8,9 +8,11 @@
 True
 """
 
+from jlora._checkpoint import CheckpointError, Restored, TrainCheckpointer, load_adapters, save_adapters
 from jlora._inject import Apply, Report, inject
 from jlora._interpret import UnsupportedOpError
 from jlora._node import Layout, LoraKernel, Trainable
+from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
 from jlora._quant import Int8Tensor, NF4Tensor, dequantize, is_quantized, quantize
 from jlora._tree import combine, labels, merge, optimizer, split, summary
 
@@ -18,21 +20,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Apply",
+    "CheckpointError",
     "Int8Tensor",
+    "LLAMA_MODULE_MAP",
     "Layout",
     "LoraKernel",
     "NF4Tensor",
     "Report",
+    "Restored",
+    "TrainCheckpointer",
     "Trainable",
     "UnsupportedOpError",
     "combine",
     "dequantize",
+    "export_peft",
+    "import_peft",
     "inject",
     "is_quantized",
     "labels",
+    "load_adapters",
     "merge",
     "optimizer",
     "quantize",
+    "save_adapters",
     "split",
     "summary",
 ]
