@@ -118,10 +118,10 @@ class _Analysis:
         p = eqn.params
         probes = [x for x in ins if isinstance(x, _Probe)]
         nout = len(eqn.outvars)
-        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision",
+        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard", "reduce_precision",
                     "optimization_barrier") and len(ins) == nout:
             return ins
-        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint"):
+        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard"):
             return [ins[0]]
         x = ins[0]
         if name == "transpose":

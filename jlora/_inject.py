@@ -17,6 +17,7 @@ from jlora._discover import discover, layout_from_uses
 from jlora._interpret import Context, LoraValue, Tag, eval_jaxpr
 from jlora._node import Layout, LoraKernel, Trainable, is_node
 from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest, path_str
+from jlora._sharding import init_factors
 
 __all__ = ["inject", "Apply", "Report"]
 
@@ -226,7 +227,8 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def _is_float(x) -> bool:
-    return jnp.issubdtype(getattr(x, "dtype", np.asarray(x).dtype), jnp.floating)
+    dt = getattr(x, "dtype", None)  # not getattr(x, "dtype", np.asarray(x)...): that fetches x
+    return jnp.issubdtype(np.asarray(x).dtype if dt is None else dt, jnp.floating)
 
 
 def inject(
@@ -396,8 +398,7 @@ def inject(
         shape = tuple(w0.shape)
         dt = w0.dtype if adapter_dtype is None else jnp.dtype(adapter_dtype)
         std = 1.0 / math.sqrt(lay.fan_in(shape))
-        a = (jax.random.normal(keys[i], lay.a_shape(shape, rank), jnp.float32) * std).astype(dt)
-        b = jnp.zeros(lay.b_shape(shape, rank), dt)
+        a, b = init_factors(keys[i], w0, lay, rank, dt, std)  # placed like w0 (sharded or not)
         new_leaves[i] = LoraKernel(w0, a, b, layout=lay, scale=scale, dropout=float(dropout))
         adapted.append((paths[i], shape, str(lay)))
     for i in trained:

@@ -18,9 +18,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from jlora import _compat as C
 from jlora._discover import reshape_groups
+from jlora._sharding import constrain_factors, explicit_entries, product_spec
 
 __all__ = ["LoraValue", "UnsupportedOpError", "Context", "eval_jaxpr"]
 
@@ -346,7 +348,9 @@ def _rev_rule(eqn, invals, ctx):
 
 def _sharding_rule(eqn, invals, ctx):
     x = invals[0]
-    return [x.with_(w0=C.bind(eqn, [x.dense()])[0])]
+    # A and B follow the kernel: its spec on their stack/input (A) and stack/output (B) axes.
+    a, b = constrain_factors(eqn, x.a, x.b, [(t.role, t.idx) for t in x.tags])
+    return [x.with_(w0=C.bind(eqn, [x.dense()])[0], a=a, b=b)]
 
 
 # -- compute rules -----------------------------------------------------------------------------------
@@ -356,7 +360,7 @@ def _letters():
     return iter(string.ascii_letters)
 
 
-def _lora_dot(x, k: LoraValue, kc, kb, xc, xb, x_is_lhs: bool, ctx: Context, precision, pref):
+def _lora_dot(x, k: LoraValue, kc, kb, xc, xb, x_is_lhs: bool, ctx: Context, precision, pref, like=None):
     """``s·(x·A)·B`` (or ``s·(x·Bᵀ)·Aᵀ``) laid out exactly as ``dot_general``'s output."""
     roles = {k.tags[a].role for a in kc} - {"u"}
     n_role = lambda r: sum(t.role == r for t in k.tags)
@@ -412,13 +416,22 @@ def _lora_dot(x, k: LoraValue, kc, kb, xc, xb, x_is_lhs: bool, ctx: Context, pre
     t_l = list(dict.fromkeys(t_l))
     dtype = k.dtype
     x = _dropout(x, k.dropout, ctx)
+    y_l = [c for c in out_l if c not in unit_free]
+    # explicit sharding mode: say where the rank-r products live (else XLA propagates shardings)
+    xs, fs, ss = explicit_entries(x), explicit_entries(first), explicit_entries(second)
+    t_kw = y_kw = {}
+    if xs is not None or fs is not None or ss is not None:
+        t_spec = product_spec(t_l, [(x_l, xs), (first_l, fs)])
+        t_kw = {"out_sharding": t_spec}
+        base = explicit_entries(like) if like is not None else None
+        y_kw = {"out_sharding": PartitionSpec(*[e for c, e in zip(out_l, base) if c not in unit_free])
+                if base is not None else product_spec(y_l, [(t_l, list(t_spec)), (second_l, ss)])}
     t = jnp.einsum(f"{''.join(x_l)},{first_l}->{''.join(t_l)}", x, first.astype(dtype),
-                   precision=precision, preferred_element_type=dtype)
+                   precision=precision, preferred_element_type=dtype, **t_kw)
     if k.scale != 1.0:
         t = t * jnp.asarray(k.scale, dtype)
-    y_l = [c for c in out_l if c not in unit_free]
     y = jnp.einsum(f"{''.join(t_l)},{second_l}->{''.join(y_l)}", t, second.astype(dtype),
-                   precision=precision, preferred_element_type=pref)
+                   precision=precision, preferred_element_type=pref, **y_kw)
     if unit_free:
         y = jnp.reshape(y, tuple(1 if c in unit_free else d for c, d in zip(out_l, _expand(y.shape, out_l, unit_free))))
     return y
@@ -441,7 +454,7 @@ def _dot_rule(eqn, invals, ctx):
     else:
         k, x, kc, kb, xc, xb, x_is_lhs = lhs, rhs, lc, lb, rc, rb, False
         base = C.bind(eqn, [lhs.dense(), rhs])[0]
-    y = _lora_dot(x, k, kc, kb, xc, xb, x_is_lhs, ctx, p.get("precision"), base.dtype)
+    y = _lora_dot(x, k, kc, kb, xc, xb, x_is_lhs, ctx, p.get("precision"), base.dtype, like=base)
     return [base + y.astype(base.dtype)]
 
 
@@ -690,6 +703,7 @@ _RULES: dict[str, Callable] = {
     "dynamic_slice": _dynamic_slice_rule,
     "rev": _rev_rule,
     "sharding_constraint": _sharding_rule,
+    "reshard": _sharding_rule,
     "dot_general": _dot_rule,
     "conv_general_dilated": _conv_rule,
     "gather": _gather_rule,

@@ -1,0 +1,1 @@
+"""Example models for jlora: a Flax Llama decoder, its GGUF loader and tokenizer."""
