@@ -36,6 +36,60 @@ WHILE = "while"
 COND = "cond"
 
 
+def scan_counts(eqn) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation.
+
+    Newer JAX releases stop recording these counts on the equation; then they are read off the
+    shapes: a carry leaves the loop with its body shape, a stacked output (ys) with ``(length,)``
+    in front, and the trailing inputs sliced by the loop (xs) likewise carry ``(length,)``.
+    """
+    p = eqn.params
+    body, _ = closed_parts(p["jaxpr"])
+    if "num_carry" in p:
+        nk = p["num_carry"]
+    else:
+        nk = 0
+        for outer, inner in zip(eqn.outvars, body.outvars):
+            if tuple(outer.aval.shape) != tuple(inner.aval.shape):
+                break
+            nk += 1
+    if "num_consts" in p:
+        return p["num_consts"], nk
+    length = scan_length(eqn)
+    n_xs = 0
+    for outer, inner in reversed(list(zip(eqn.invars, body.invars))):
+        if tuple(outer.aval.shape) == (length,) + tuple(inner.aval.shape) and len(eqn.invars) - n_xs > nk:
+            n_xs += 1
+        else:
+            break
+    return len(eqn.invars) - nk - n_xs, nk
+
+
+def scan_length(eqn) -> int:
+    p = eqn.params
+    if "length" in p:
+        return p["length"]
+    body, _ = closed_parts(p["jaxpr"])
+    for outer, inner in zip(eqn.outvars, body.outvars):
+        if len(outer.aval.shape) == len(inner.aval.shape) + 1:
+            return outer.aval.shape[0]
+    for outer, inner in zip(reversed(eqn.invars), reversed(body.invars)):
+        if len(outer.aval.shape) == len(inner.aval.shape) + 1:
+            return outer.aval.shape[0]
+    raise NotImplementedError(f"cannot read the length of this scan: {sorted(p)}")
+
+
+def while_counts(eqn) -> tuple[int, int]:
+    """``(cond_nconsts, body_nconsts)`` of a while equation, also where JAX stops recording them."""
+    p = eqn.params
+    if "cond_nconsts" in p and "body_nconsts" in p:
+        return p["cond_nconsts"], p["body_nconsts"]
+    cj, _ = closed_parts(p["cond_jaxpr"])
+    bj, _ = closed_parts(p["body_jaxpr"])
+    n_carry = len(bj.outvars)
+    return len(cj.invars) - n_carry, len(bj.invars) - n_carry
+
+
 def make_jaxpr(fun, *args):
     """``jax.make_jaxpr`` returning ``(closed_jaxpr, out_tree)``."""
     closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)

@@ -181,7 +181,7 @@ class _Analysis:
         if name == C.WHILE:
             cj, _ = C.closed_parts(p["cond_jaxpr"])
             bj, _ = C.closed_parts(p["body_jaxpr"])
-            nc, nb = p["cond_nconsts"], p["body_nconsts"]
+            nc, nb = C.while_counts(eqn)
             carry = ins[nc + nb:]
             self.run(cj, ins[:nc] + carry)
             outs = self.run(bj, ins[nc:nc + nb] + carry)
@@ -233,7 +233,7 @@ class _Analysis:
     def scan(self, eqn, ins):
         p = eqn.params
         j, _ = C.closed_parts(p["jaxpr"])
-        nc, nk = p["num_consts"], p["num_carry"]
+        nc, nk = C.scan_counts(eqn)
         inner = list(ins)
         for idx in range(nc + nk, len(ins)):
             x = ins[idx]

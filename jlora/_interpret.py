@@ -597,7 +597,7 @@ def _passthrough_carries(jaxpr, carry_in_pos, carry_out_pos):
 def _scan_rule(eqn, invals, ctx):
     p = eqn.params
     jaxpr, jconsts = C.closed_parts(p["jaxpr"])
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = C.scan_counts(eqn)
     consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
     inv = _passthrough_carries(jaxpr, range(nc, nc + nk), range(nk))
     for k, c in enumerate(init):
@@ -606,7 +606,7 @@ def _scan_rule(eqn, invals, ctx):
     xs_l = [x.stack_first() if isinstance(x, LoraValue) else x for x in xs]
     xs_flat, xs_rebuild = _flatten_vals(xs_l)
     carry_plain = [c for k, c in enumerate(init) if not isinstance(c, LoraValue)]
-    length = p["length"]
+    length = C.scan_length(eqn)
     rngs = jax.random.split(ctx.next_key(), length) if ctx.rng is not None else None
 
     def sliced(v):
@@ -630,7 +630,7 @@ def _scan_rule(eqn, invals, ctx):
         return new_carry, [_out(o) for o in outs[nk:]]
 
     carry_out, ys = lax.scan(body, carry_plain, (xs_flat, rngs), length=length,
-                             reverse=p["reverse"], unroll=p["unroll"])
+                             reverse=p.get("reverse", False), unroll=p.get("unroll", 1))
     it = iter(carry_out)
     carry_vals = [c if isinstance(c, LoraValue) else next(it) for c in init]
     return carry_vals + list(ys)
@@ -640,7 +640,7 @@ def _while_rule(eqn, invals, ctx):
     p = eqn.params
     cj, cconsts = C.closed_parts(p["cond_jaxpr"])
     bj, bconsts = C.closed_parts(p["body_jaxpr"])
-    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    nc, nb = C.while_counts(eqn)
     cond_c, body_c, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
     n = len(init)
     inv = _passthrough_carries(bj, range(nb, nb + n), range(n))
