@@ -8,6 +8,7 @@ accuracy before → after, writes a loss-curve PNG and saves the adapter with ``
 
     python examples/finetune_smollm2.py                 # CPU by default; GPU when JAX sees one
     python examples/finetune_smollm2.py --steps 120 --rank 16 --targets "q_proj|v_proj"
+    python examples/finetune_smollm2.py --qlora          # train over the file's 4-bit weights
 """
 
 from __future__ import annotations
@@ -104,14 +105,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=0, help="0: the longest training example, rounded up to 8")
     ap.add_argument("--out", default="out/smollm2-dates", help="output directory")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--qlora", action="store_true", help="keep the frozen base quantized (NF4) while training")
+    ap.add_argument("--qlora", action="store_true",
+                    help="QLoRA: keep the GGUF file's 4-bit (Q4_1) projection weights quantized while training")
     args = ap.parse_args(argv)
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform.upper()} ({jax.devices()[0].device_kind})")
     t0 = time.time()
-    cfg, variables, tok = load_gguf(scan_layers=True)
+    cfg, variables, tok = load_gguf(scan_layers=True, quantized=args.qlora)
     model = Llama(cfg)
     print(f"loaded SmolLM2-135M-Instruct from GGUF in {time.time() - t0:.1f}s: {cfg.num_layers} layers, "
           f"d={cfg.hidden_size}, vocab={cfg.vocab_size}")
@@ -123,8 +125,6 @@ def main(argv=None) -> dict:
     base_acc, _ = evaluate(tok, cfg, model.apply, variables, test, batch=args.eval_size, show=5)
     print(f"base exact match: {base_acc:.0%}")
 
-    if args.qlora:
-        variables = jlora.quantize(variables, method="nf4")
     rng = random.Random(args.seed)
     if args.seq_len <= 0:  # one fixed length (no recompiles) that fits every prompt + answer + <|im_end|>
         longest = max(len(tok.encode(prompt(tok, iso, p) + ans + "<|im_end|>", add_special_tokens=False))

@@ -147,9 +147,6 @@ class _Analysis:
             dims = set(d % len(x.tags) for d in p["dimensions"])
             removed = x.removed | _union(x.tags, dims)
             return [_Probe(x.leaf, tuple(t for k, t in enumerate(x.tags) if k not in dims), removed)]
-        if name == "expand_dims" and isinstance(x, _Probe):  # pragma: no cover - not a primitive today
-            self.other(x, eqn)
-            return [None]
         if name == "broadcast_in_dim" and isinstance(x, _Probe):
             shape, bd = tuple(p["shape"]), tuple(p["broadcast_dimensions"])
             old = tuple(eqn.invars[0].aval.shape)
@@ -186,12 +183,11 @@ class _Analysis:
             self.run(cj, ins[:nc] + carry)
             outs = self.run(bj, ins[nc:nc + nb] + carry)
             return [c if c is not None and o is c else None for c, o in zip(carry, outs)]
-        if name == C.COND:
-            res = None
+        if name == C.COND:  # uses inside every branch count; a kernel does not flow out of a cond
             for br in p["branches"]:
                 j, _ = C.closed_parts(br)
-                res = self.run(j, ins[1:])
-            return [None] * nout if res is None else [None] * nout
+                self.run(j, ins[1:])
+            return [None] * nout
         for q in probes:
             self.other(q, eqn)
         return [None] * nout

@@ -609,15 +609,10 @@ def _scan_rule(eqn, invals, ctx):
     length = C.scan_length(eqn)
     rngs = jax.random.split(ctx.next_key(), length) if ctx.rng is not None else None
 
-    def sliced(v):
+    def sliced(v):  # the scan took view axis 0 (A/B's first stack axis) away
         if not isinstance(v, LoraValue):
             return v
-        ns = v.ns
-        tags = []
-        for t in v.tags[1:]:
-            tags.append(Tag("s", t.idx - 1) if t.role == "s" else t)
-        del ns
-        return v.with_(tags=tuple(tags))
+        return v.with_(tags=tuple(Tag("s", t.idx - 1) if t.role == "s" else t for t in v.tags[1:]))
 
     def body(carry, x):
         arrs, key = x

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -193,7 +194,7 @@ def _set(tree: dict, path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any) -> dict:
+def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bool = False) -> dict:
     params: dict = {}
     d, ffn = cfg.hidden_size, cfg.intermediate_size
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -217,8 +218,23 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any) -> dict:
         # Converted one tensor at a time, so only one float32 copy is alive at once.
         _set(params, path, jnp.asarray(value, dtype=dtype))
 
+    from gguf import GGMLQuantizationType
+
     for tensor in reader.tensors:
         name = tensor.name
+        m = _BLOCK_NAME.match(name)
+        if quantized and m and _BLOCK.get(m.group(2), (0, 0, False))[2] \
+                and tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            layer, kind = int(m.group(1)), m.group(2)
+            out_dim, in_dim = expected[kind]
+            raw = np.asarray(tensor.data).reshape(out_dim, in_dim // 32, 20)
+            if kind in ("attn_q", "attn_k"):  # the RoPE row permutation, applied to whole rows
+                heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+                rows = _unpermute_rope_rows(np.arange(out_dim)[:, None], heads)[:, 0]
+                raw = raw[rows]
+            module, leaf, _ = _BLOCK[kind]
+            _set(params, (f"layers_{layer}", *module, leaf), Q4_1Kernel.from_raw(raw, dtype=dtype))
+            continue
         value = _dequantize(tensor)
         if name == "token_embd.weight":
             check(name, value, (cfg.vocab_size, d))
@@ -265,6 +281,7 @@ def load_gguf(
     *,
     dtype: Any = jnp.float32,
     scan_layers: bool = False,
+    quantized: bool = False,
 ) -> tuple[LlamaConfig, dict, "Tokenizer"]:
     """Read a llama-architecture GGUF file into a config, Flax params and a tokenizer.
 
@@ -273,6 +290,9 @@ def load_gguf(
         dtype: Dtype of the params and of the config's compute dtype (``dtype`` and
             ``param_dtype``). Quantized tensors are dequantized to float32 first.
         scan_layers: Return the stacked layout for ``LlamaConfig(scan_layers=True)``.
+        quantized: Keep the file's Q4_1 linear weights quantized, as :class:`Q4_1Kernel` nodes
+            (QLoRA over the file's own blocks: ``jlora.inject`` pairs them with adapters and
+            ``apply`` dequantizes each where it is used). Other tensors are dequantized.
 
     Returns:
         ``(config, {'params': ...}, tokenizer)``, ready for ``Llama(config).apply(params, tokens)``.
@@ -283,10 +303,91 @@ def load_gguf(
     """
     reader = _open_reader(default_gguf_path() if path is None else path)
     cfg = _config_from_reader(reader, dtype=dtype, scan_layers=scan_layers)
-    params = {"params": _params_from_reader(reader, cfg, dtype)}
+    params = {"params": _params_from_reader(reader, cfg, dtype, quantized)}
     if scan_layers:
         params = stack_layer_params(params)
     return cfg, params, Tokenizer.from_gguf(reader)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF Q4_1 linear weights kept quantized (QLoRA over the file's own 4-bit blocks).
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Q4_1Kernel:
+    """A linear weight kept in GGUF's Q4_1 blocks, standing for the Flax kernel ``(in, out)``.
+
+    GGUF stores a linear weight torch-style, ``(out, in)``, each row in blocks of 32 values:
+    a float16 scale ``d``, a float16 minimum ``m`` and 16 bytes of 4-bit codes (low nibbles are
+    values 0..15, high nibbles 16..31); value = ``d * code + m``. The children keep that layout
+    (``d``, ``m``: ``(..., out, blocks)``; ``qs``: ``(..., out, blocks, 16)``) with any stack of
+    layers as leading axes, so ``lax.scan`` slices a stacked kernel per layer; :meth:`dequantize`
+    returns the ``(..., in, out)`` kernel in ``dtype``. 0.625 bytes per parameter.
+
+    Example:
+        >>> import numpy as np
+        >>> raw = np.zeros((2, 1, 20), np.uint8)            # 2 rows (out) x 32 inputs, one block
+        >>> raw[..., 0:2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)   # d = 1
+        >>> raw[..., 4] = 0x21                              # value 0 -> code 1, value 16 -> code 2
+        >>> k = Q4_1Kernel.from_raw(raw)
+        >>> k.shape, k.dequantize()[[0, 16], 0].tolist()
+        ((32, 2), [1.0, 2.0])
+    """
+
+    def __init__(self, d, m, qs, *, dtype=jnp.float32):
+        self.d, self.m, self.qs = d, m, qs
+        self._dtype = np.dtype(dtype)
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray, *, dtype: Any = jnp.float32) -> "Q4_1Kernel":
+        """From the file's bytes, ``(out, blocks, 20)`` uint8 (or ``(out, blocks * 20)``)."""
+        raw = np.ascontiguousarray(raw, np.uint8)
+        raw = raw.reshape(raw.shape[0], -1, 20)
+        d = raw[..., 0:2].copy().view(np.float16)[..., 0]
+        m = raw[..., 2:4].copy().view(np.float16)[..., 0]
+        return cls(jnp.asarray(d), jnp.asarray(m), jnp.asarray(raw[..., 4:20]), dtype=dtype)
+
+    def tree_flatten_with_keys(self):
+        ga = jax.tree_util.GetAttrKey
+        return ((ga("d"), self.d), (ga("m"), self.m), (ga("qs"), self.qs)), self._dtype
+
+    @classmethod
+    def tree_unflatten(cls, dtype, children):
+        obj = object.__new__(cls)
+        obj.d, obj.m, obj.qs = children
+        obj._dtype = dtype
+        return obj
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *stack, out, blocks = np.shape(self.d)
+        return (*stack, blocks * 32, out)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in (self.d, self.m, self.qs))
+
+    def dequantize(self) -> jax.Array:
+        qs = jnp.asarray(self.qs)
+        codes = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.float32)  # (..., out, blocks, 32)
+        w = codes * jnp.asarray(self.d, jnp.float32)[..., None] + jnp.asarray(self.m, jnp.float32)[..., None]
+        *stack, out, blocks, _ = w.shape
+        return jnp.swapaxes(w.reshape(*stack, out, blocks * 32), -1, -2).astype(self._dtype)
+
+    def __repr__(self) -> str:
+        return f"Q4_1Kernel(shape={self.shape}, dtype={self._dtype.name})"
 
 
 # ----------------------------------------------------------------------------------------------
