@@ -13,7 +13,7 @@ from jlora._inject import Apply, Report, inject
 from jlora._interpret import UnsupportedOpError
 from jlora._node import Layout, LoraKernel, Trainable
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
-from jlora._quant import Int8Tensor, NF4Tensor, dequantize, is_quantized, quantize
+from jlora._quant import Int8Tensor, NF4Tensor, QuantizedKernel, dequantize, is_quantized, quantize
 from jlora._tree import combine, labels, merge, optimizer, split, summary
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "Layout",
     "LoraKernel",
     "NF4Tensor",
+    "QuantizedKernel",
     "Report",
     "Restored",
     "TrainCheckpointer",

@@ -64,7 +64,7 @@ def _is_dynamic(x: Any) -> bool:
 def _spec(x: Any):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
-    if hasattr(x, "dequantize") and not isinstance(x, (jax.Array, np.ndarray)):
+    if _is_quantized(x):
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
     weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
     try:
@@ -105,8 +105,7 @@ def _base_view(params):
     return jax.tree.map(one, params, is_leaf=is_node)
 
 
-def _is_quantized(x) -> bool:
-    return hasattr(x, "dequantize") and not isinstance(x, (jax.Array, np.ndarray))
+from jlora._quant import is_quantized as _is_quantized  # noqa: E402
 
 
 def _flat_nodes(params):

@@ -43,6 +43,7 @@ import numpy as np
 from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest, path_str
 
 __all__ = [
+    "QuantizedKernel",
     "NF4Tensor",
     "Int8Tensor",
     "NF4_CODEBOOK",
@@ -242,8 +243,40 @@ def _nf4_decode(
     return vals.reshape(stack + (-1,))[..., :n].reshape(stack + slice_shape).astype(dtype)
 
 
+class QuantizedKernel:
+    """The array-like surface shared by quantized kernel nodes.
+
+    A subclass stores its arrays as pytree children, sets ``_dtype`` (what :meth:`dequantize`
+    returns) and defines ``shape`` and ``dequantize()``; ``jlora.inject`` and ``apply`` accept any
+    such node in place of a kernel.
+    """
+
+    _dtype: np.dtype
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype :meth:`dequantize` returns."""
+        return self._dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: all children together."""
+        return sum(_nbytes(x) for x in jax.tree.leaves(self))
+
+    def dequantize(self) -> jax.Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 @jax.tree_util.register_pytree_with_keys_class
-class NF4Tensor:
+class NF4Tensor(QuantizedKernel):
     """A frozen kernel stored in 4-bit NormalFloat, as in QLoRA (Dettmers et al. 2023).
 
     Scheme, per slice (see the module docstring for slices, blocking and padding):
@@ -376,24 +409,6 @@ class NF4Tensor:
         """The dequantized shape, ``stack_shape + slice_shape``."""
         return self.stack_shape + self.slice_shape
 
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype :meth:`dequantize` returns."""
-        return self._dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(math.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored: all children together."""
-        return _nbytes(self.codes) + sum(_nbytes(s) for s in self.scales)
-
     def absmax(self) -> jax.Array:
         """The per-block absmax constants, float32 ``stack + (n_blocks,)`` (dequantized)."""
         return _nf4_absmax(self.scales)
@@ -473,7 +488,7 @@ def _int8_decode(
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class Int8Tensor:
+class Int8Tensor(QuantizedKernel):
     """A frozen kernel stored as symmetric absmax int8.
 
     ``q = round(x / s)`` clipped to ``[-127, 127]`` with a float32 ``s = absmax / 127``, either
@@ -593,24 +608,6 @@ class Int8Tensor:
         """The dequantized shape, ``stack_shape + slice_shape``."""
         return self.stack_shape + self.slice_shape
 
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype :meth:`dequantize` returns."""
-        return self._dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(math.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored: all children together."""
-        return _nbytes(self.q) + _nbytes(self.scale)
-
     def dequantize(self) -> jax.Array:
         """The dense kernel, of :attr:`shape` and :attr:`dtype`. Pure ``jnp``; jit-friendly.
 
@@ -647,14 +644,14 @@ class Int8Tensor:
 
 
 def is_quantized(x: Any) -> bool:
-    """True for a quantized kernel node (:class:`NF4Tensor` or :class:`Int8Tensor`).
+    """True for a quantized kernel node (:class:`NF4Tensor`, :class:`Int8Tensor`, any :class:`QuantizedKernel`).
 
     Example:
         >>> import jax.numpy as jnp
         >>> is_quantized(jnp.ones((2, 2))), is_quantized(NF4Tensor.from_array(jnp.ones((2, 2))))
         (False, True)
     """
-    return isinstance(x, (NF4Tensor, Int8Tensor))
+    return isinstance(x, QuantizedKernel)
 
 
 _DEFAULT_NAMES = ("kernel", "weight")

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._quant import QuantizedKernel
+
 from jlora.models.llama import LlamaConfig, stack_layer_params
 
 __all__ = ["default_gguf_path", "load_gguf", "Tokenizer"]
@@ -314,7 +316,7 @@ def load_gguf(
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class Q4_1Kernel:
+class Q4_1Kernel(QuantizedKernel):
     """A linear weight kept in GGUF's Q4_1 blocks, standing for the Flax kernel ``(in, out)``.
 
     GGUF stores a linear weight torch-style, ``(out, in)``, each row in blocks of 32 values:
@@ -362,22 +364,6 @@ class Q4_1Kernel:
     def shape(self) -> tuple[int, ...]:
         *stack, out, blocks = np.shape(self.d)
         return (*stack, blocks * 32, out)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in (self.d, self.m, self.qs))
 
     def dequantize(self) -> jax.Array:
         qs = jnp.asarray(self.qs)
