@@ -58,4 +58,4 @@ def test_notebook_executes():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "adapted 14 kernels" in text or "adapted 2 kernels" in text
+    assert "adapted 2 kernels" in text  # q_proj and v_proj, each a stack of 30 layers
