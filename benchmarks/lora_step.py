@@ -113,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--attn", default="auto", choices=("auto", "cudnn", "xla", "manual"),
                    help="attention: jax.nn.dot_product_attention with cuDNN (auto on GPU) or XLA (auto elsewhere), or hand-written")
     m = p.add_argument_group("measurement")
+    m.add_argument("--jlora-fuse", action="store_true",
+                   help="inject(..., fuse_shared_inputs=True): one x·[A_q A_k A_v] and x·[A_gate A_up]")
     m.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     m.add_argument("--steps", type=int, default=10, help="timed steps per variant (interleaved across variants)")
     m.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after the first (compiling) one")
@@ -611,7 +613,8 @@ def main(argv=None) -> int:
             try:
                 t0 = time.perf_counter()
                 lp, apply = inject(params, apply_fn, c.rank, alpha=alpha, targets=list(PROJ), key=jax.random.PRNGKey(2),
-                                   example_args=(tokens,), adapter_dtype=dt)
+                                   example_args=(tokens,), adapter_dtype=dt,
+                                   **({"fuse_shared_inputs": True} if a.jlora_fuse else {}))
                 jax.block_until_ready(lp)
                 extra[f"{v}_inject_s"] = time.perf_counter() - t0
                 print(f"# inject ({v}) {extra[f'{v}_inject_s']:.2f} s", flush=True)

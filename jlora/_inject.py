@@ -129,12 +129,14 @@ class Apply:
     adapter dropout (``B·A·dropout(x)``, as PEFT); without it dropout is off (evaluation).
     """
 
-    def __init__(self, apply_fn: Callable, base_paths: list[str], base_shapes: list, fallback, report):
+    def __init__(self, apply_fn: Callable, base_paths: list[str], base_shapes: list, fallback, report,
+                 fuse_shared_inputs: bool = False):
         self.apply_fn = apply_fn
         self._paths = base_paths
         self._shapes = base_shapes
         self.fallback = fallback
         self.report = report
+        self.fuse_shared_inputs = fuse_shared_inputs
         self.__wrapped__ = apply_fn
         self.__name__ = getattr(apply_fn, "__name__", "apply") + "_lora"
         self.__doc__ = Apply.__doc__
@@ -183,7 +185,7 @@ class Apply:
                 inputs.append(lax.stop_gradient(x.dequantize()))
             else:
                 inputs.append(lax.stop_gradient(x))
-        ctx = Context(fallback=self.fallback, rng=lora_rng)
+        ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.fuse_shared_inputs)
         outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs + list(dyn), ctx)
         outs = [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
         return jax.tree.unflatten(out_tree, outs)
@@ -246,6 +248,7 @@ def inject(
     full: Targets = None,
     adapter_dtype: Any = jnp.float32,
     fallback: str | None = None,
+    fuse_shared_inputs: bool = False,
     verbose: bool = False,
 ) -> tuple[Any, Apply]:
     """Add LoRA adapters to every chosen kernel of ``params``; return ``(params, apply)``.
@@ -282,6 +285,9 @@ def inject(
         the kernel's compute dtype at the matmul). ``None`` uses the kernel's dtype.
       fallback: ``'merge'`` lets an op with no LoRA rule compute with ``W0 + s·A·B`` materialised;
         by default such an op is an error that names it and the kernel.
+      fuse_shared_inputs: experimental; compute ``x·A`` once for all adapted 2-D kernels that read
+        the same input with the same contraction (q/k/v, gate/up): one matmul against
+        ``[A_q A_k A_v]`` instead of three. Same results; measured in benchmarks/RESULTS.md.
       verbose: print the report (also available as ``apply.report``).
 
     Returns:
@@ -410,7 +416,7 @@ def inject(
     report = Report(adapted=adapted, skipped=skipped, trained=[paths[i] for i in sorted(trained)],
                     rank=int(rank), scale=scale, trainable=n_train, total=total)
     base_shapes = [_shape(x) for x in leaves]
-    apply = Apply(apply_fn, paths, base_shapes, fallback, report)
+    apply = Apply(apply_fn, paths, base_shapes, fallback, report, fuse_shared_inputs)
     if verbose:
         print(report)
     return out, apply

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
@@ -122,13 +123,15 @@ class Context:
     fallback: str | None = None
     rng: jax.Array | None = None
     counter: int = 0
+    fuse: bool = False  # one x·[A_1 … A_n] for adapted kernels that share an input
+    shared: dict = dataclasses.field(default_factory=dict)  # id(eqn) -> precomputed x·A
 
     def next_key(self):
         self.counter += 1
         return jax.random.fold_in(self.rng, self.counter)
 
     def child(self, rng) -> "Context":
-        return Context(self.fallback, rng, 0)
+        return Context(self.fallback, rng, 0, self.fuse)
 
 
 def _dropout(x, rate: float, ctx: Context):
@@ -151,9 +154,12 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list[Any]:
         env[v] = c
     for v, a in zip(jaxpr.invars, args):
         env[v] = a
+    groups = _shared_input_groups(jaxpr) if ctx.fuse else {}
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if any(isinstance(x, LoraValue) for x in invals):
+            if id(eqn) in groups and id(eqn) not in ctx.shared:
+                _fuse_shared_input(groups[id(eqn)], env, ctx)
             outs = _apply_rule(eqn, invals, ctx)
         else:
             outs = C.bind(eqn, invals)
@@ -161,6 +167,48 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list[Any]:
             if not C.is_dropvar(v):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _shared_input_groups(jaxpr) -> dict[int, list]:
+    """dot_general equations whose lhs is the same variable, with the same contraction."""
+    by_x: dict[Any, list] = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and not C.is_literal(eqn.invars[0]) \
+                and not C.is_literal(eqn.invars[1]):
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            key = (eqn.invars[0], tuple(lc), tuple(rc), tuple(lb), tuple(rb), str(eqn.params.get("precision")))
+            by_x.setdefault(key, []).append(eqn)
+    return {id(e): g for g in by_x.values() if len(g) > 1 for e in g}
+
+
+def _fuse_shared_input(group, env, ctx: Context) -> None:
+    """Compute ``x·A`` for every fusable adapted kernel of ``group`` with one matmul.
+
+    Fusable: the kernel (rhs) is a 2-D view contracted on its input axis, no stack axes, no
+    dropout, the same compute dtype. The products are split and left in ``ctx.shared`` for the
+    equations' own rule, which then skips its first matmul.
+    """
+    first = group[0]
+    x = env[first.invars[0]]
+    (lc, rc), (lb, rb) = first.params["dimension_numbers"]
+    if lb or rb or len(rc) != 1 or isinstance(x, LoraValue) or explicit_entries(x) is not None:
+        return
+    members = []
+    for e in group:
+        k = env.get(e.invars[1])
+        if (isinstance(k, LoraValue) and len(k.tags) == 2 and k.ns == 0 and k.tags[rc[0]] == Tag("i", 0)
+                and not (k.dropout > 0 and ctx.rng is not None)):
+            members.append((e, k))
+    dtypes = {k.dtype for _, k in members}
+    if len(members) < 2 or len(dtypes) != 1:
+        return
+    dtype = dtypes.pop()
+    a_cat = jnp.concatenate([k.a.astype(dtype) for _, k in members], axis=-1)
+    t = lax.dot_general(x, a_cat, ((tuple(lc), (0,)), ((), ())), precision=first.params.get("precision"),
+                        preferred_element_type=dtype)
+    offsets = np.cumsum([k.a.shape[-1] for _, k in members])[:-1]
+    for (e, _), part in zip(members, jnp.split(t, offsets, axis=-1)):
+        ctx.shared[id(e)] = part
 
 
 def _apply_rule(eqn, invals, ctx: Context):
@@ -360,7 +408,8 @@ def _letters():
     return iter(string.ascii_letters)
 
 
-def _lora_dot(x, k: LoraValue, kc, kb, xc, xb, x_is_lhs: bool, ctx: Context, precision, pref, like=None):
+def _lora_dot(x, k: LoraValue, kc, kb, xc, xb, x_is_lhs: bool, ctx: Context, precision, pref, like=None,
+              pre=None):
     """``s·(x·A)·B`` (or ``s·(x·Bᵀ)·Aᵀ``) laid out exactly as ``dot_general``'s output."""
     roles = {k.tags[a].role for a in kc} - {"u"}
     n_role = lambda r: sum(t.role == r for t in k.tags)
@@ -426,8 +475,11 @@ def _lora_dot(x, k: LoraValue, kc, kb, xc, xb, x_is_lhs: bool, ctx: Context, pre
         base = explicit_entries(like) if like is not None else None
         y_kw = {"out_sharding": PartitionSpec(*[e for c, e in zip(out_l, base) if c not in unit_free])
                 if base is not None else product_spec(y_l, [(t_l, list(t_spec)), (second_l, ss)])}
-    t = jnp.einsum(f"{''.join(x_l)},{first_l}->{''.join(t_l)}", x, first.astype(dtype),
-                   precision=precision, preferred_element_type=dtype, **t_kw)
+    if pre is not None:  # x·A computed once for all kernels sharing this input
+        t = pre
+    else:
+        t = jnp.einsum(f"{''.join(x_l)},{first_l}->{''.join(t_l)}", x, first.astype(dtype),
+                       precision=precision, preferred_element_type=dtype, **t_kw)
     if k.scale != 1.0:
         t = t * jnp.asarray(k.scale, dtype)
     y = jnp.einsum(f"{''.join(t_l)},{second_l}->{''.join(y_l)}", t, second.astype(dtype),
@@ -454,7 +506,8 @@ def _dot_rule(eqn, invals, ctx):
     else:
         k, x, kc, kb, xc, xb, x_is_lhs = lhs, rhs, lc, lb, rc, rb, False
         base = C.bind(eqn, [lhs.dense(), rhs])[0]
-    y = _lora_dot(x, k, kc, kb, xc, xb, x_is_lhs, ctx, p.get("precision"), base.dtype, like=base)
+    pre = ctx.shared.pop(id(eqn), None) if x_is_lhs else None
+    y = _lora_dot(x, k, kc, kb, xc, xb, x_is_lhs, ctx, p.get("precision"), base.dtype, like=base, pre=pre)
     return [base + y.astype(base.dtype)]
 
 

@@ -590,3 +590,27 @@ def test_unsupported_op_names_op_and_kernel_and_merge_fallback():
     _, ap = jlora.inject({"w": p["w"], "v": {"kernel": jnp.ones((4, 4))}},
                          lambda p, x: f(p, x) @ p["v"]["kernel"], rank=2, example_args=(x,))
     assert any(path == "w/kernel" and "abs" in why for path, _, why in ap.report.skipped)
+
+
+def test_fused_shared_input_equals_unfused():
+    ks = jax.random.split(K(50), 4)
+    p = {n: {"kernel": jax.random.normal(k, (8, 6)) / 3} for n, k in zip(["q", "k", "v"], ks)}
+    p["o"] = {"kernel": jax.random.normal(ks[3], (6, 8)) / 3}
+
+    def attn(p, x):
+        q, k, v = (x @ p[n]["kernel"] for n in "qkv")
+        w = jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1)
+        return (w @ v) @ p["o"]["kernel"]
+
+    x = jax.random.normal(K(51), (2, 5, 8))
+    lp, apply = jlora.inject(p, attn, rank=3, example_args=(x,))
+    lp = randomize(lp, scale=0.3)
+    _, fused = jlora.inject(p, attn, rank=3, example_args=(x,), fuse_shared_inputs=True)
+    jaxpr = jax.make_jaxpr(fused)(lp, x)
+    n_dots = lambda j: sum(e.primitive.name == "dot_general" for e in j.jaxpr.eqns)
+    assert n_dots(jaxpr) == n_dots(jax.make_jaxpr(apply)(lp, x)) - 2  # one x·[A_q A_k A_v], not three
+    close(jax.jit(fused)(lp, x), attn(jlora.merge(lp), x), 1e-4)
+    g1 = jax.grad(lambda lp: jnp.sum(apply(lp, x) ** 2))(lp)
+    g2 = jax.grad(lambda lp: jnp.sum(fused(lp, x) ** 2))(lp)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        close(a, b, 1e-4)
