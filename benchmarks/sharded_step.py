@@ -5,7 +5,7 @@ weights replicated) or ``fsdp`` (``--mode fsdp``: every weight matrix split alon
 rows of each kernel; A and B follow their kernel as jlora places them). The batch is split over the
 same axis, ``--batch`` sequences per device, built per process with
 ``jax.make_array_from_process_local_data``. The model is the plain-JAX Llama-shaped decoder of
-``benchmarks/lora_step.py`` (a minimal copy below if that file cannot be imported); adapters on
+``benchmarks/lora_step.py``; adapters on
 q, k, v, o, gate, up, down; AdamW on the adapters only (``jlora.split`` / ``combine``).
 
 Prints, per run: compile time, median step time, tokens/s per device, and memory per device —
@@ -55,77 +55,13 @@ PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 # ----------------------------------------------------------------------------------------------
-# The model: lora_step.py's, or a minimal Llama-shaped decoder with the same parameter names.
-
-
-def _own_model():
-    @dataclasses.dataclass(frozen=True)
-    class Cfg:
-        d: int
-        layers: int
-        heads: int
-        ffn: int
-        vocab: int
-        seq: int
-        batch: int
-        rank: int
-        alpha: float
-        scan: bool
-        attn: str
-
-    def init_params(seed, c):
-        rng = np.random.default_rng(seed)  # on the host: no compile
-
-        def normal(shape, std):
-            return (rng.standard_normal(shape, np.float32) * std).astype(jnp.bfloat16)
-
-        shapes = {"q": (c.d, c.d), "k": (c.d, c.d), "v": (c.d, c.d), "o": (c.d, c.d),
-                  "gate": (c.d, c.ffn), "up": (c.d, c.ffn), "down": (c.ffn, c.d)}
-        layers = []
-        for _ in range(c.layers):
-            layer = {n: normal(s, 1 / math.sqrt(s[0])) for n, s in shapes.items()}
-            layer["ln1"] = layer["ln2"] = np.ones((c.d,), jnp.bfloat16)
-            layers.append(layer)
-        p = {"embed": normal((c.vocab, c.d), 0.02), "head": normal((c.d, c.vocab), 1 / math.sqrt(c.d))}
-        p["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers) if c.scan else layers
-        return p
-
-    def norm(x, w):
-        x32 = x.astype(jnp.float32)
-        return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)).astype(x.dtype) * w
-
-    def block(h, w, c):
-        b, t, _ = h.shape
-        x = norm(h, w["ln1"])
-        heads = lambda y: y.reshape(b, t, c.heads, c.d // c.heads)
-        att = jax.nn.dot_product_attention(heads(x @ w["q"]), heads(x @ w["k"]), heads(x @ w["v"]), is_causal=True)
-        h = h + att.reshape(b, t, c.d) @ w["o"]
-        x = norm(h, w["ln2"])
-        return h + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
-
-    def forward(params, tokens, c):
-        h = params["embed"][tokens]
-        if c.scan:
-            h = jax.lax.scan(lambda h, w: (block(h, w, c), None), h, params["layers"])[0]
-        else:
-            for w in params["layers"]:
-                h = block(h, w, c)
-        return (h @ params["head"]).astype(jnp.float32)
-
-    def xent(logits, tokens):
-        logp = jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-    return Cfg, init_params, forward, xent, "benchmarks/sharded_step.py (own minimal model)"
+# The model: lora_step.py's (one model for every benchmark, so the numbers compare).
 
 
 def load_model():
-    try:
-        from lora_step import Cfg, forward, init_params, xent  # the other benchmark's model
+    from lora_step import Cfg, forward, init_params, xent
 
-        return Cfg, init_params, forward, xent, "benchmarks/lora_step.py"
-    except Exception:  # not there, or its interface moved: use the minimal copy
-        return _own_model()
+    return Cfg, init_params, forward, xent, "benchmarks/lora_step.py"
 
 
 # ----------------------------------------------------------------------------------------------
