@@ -71,8 +71,7 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Small helpers shared with the PEFT export.
 # ------------------------------------------------------------------------------------------------
-def _is_quantized(x: Any) -> bool:
-    return callable(getattr(x, "dequantize", None))
+from jlora._quant import is_quantized as _is_quantized  # noqa: E402
 
 
 def _is_leafish(x: Any) -> bool:

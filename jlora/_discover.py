@@ -19,6 +19,10 @@ from jlora._node import Layout
 __all__ = ["Use", "discover", "layout_from_uses", "reshape_groups"]
 
 
+# Ops that keep a kernel's axes as they are; the interpreter has a rule for each (tested).
+PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard"})
+
+
 @dataclasses.dataclass(frozen=True)
 class Use:
     kind: str  # 'dot' | 'conv' | 'gather' | 'other' | 'operand' (both operands are params)
@@ -118,10 +122,7 @@ class _Analysis:
         p = eqn.params
         probes = [x for x in ins if isinstance(x, _Probe)]
         nout = len(eqn.outvars)
-        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard", "reduce_precision",
-                    "optimization_barrier") and len(ins) == nout:
-            return ins
-        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard"):
+        if name in PASS_THROUGH:  # the same ops the interpreter carries a kernel through unchanged
             return [ins[0]]
         x = ins[0]
         if name == "transpose":

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec
 
 from jlora import _compat as C
 from jlora._discover import reshape_groups
+from jlora._quant import is_quantized
 from jlora._sharding import constrain_factors, explicit_entries, product_spec
 
 __all__ = ["LoraValue", "UnsupportedOpError", "Context", "eval_jaxpr"]
@@ -61,8 +62,7 @@ class LoraValue:
 
     def dense(self) -> jax.Array:
         """The frozen base view as an array (dequantizing a quantized base here, per use)."""
-        deq = getattr(self.w0, "dequantize", None)
-        return deq() if callable(deq) else self.w0
+        return self.w0.dequantize() if is_quantized(self.w0) else self.w0
 
     def with_(self, **kw) -> "LoraValue":
         return dataclasses.replace(self, **kw)
@@ -72,11 +72,11 @@ class LoraValue:
         letters = iter(string.ascii_letters)
         view = [next(letters) for _ in self.tags]
         ns = self.ns
-        s_l = [None] * ns
-        i_l = [None] * (self.a.ndim - ns - 1)
-        o_l = [None] * (self.b.ndim - ns - 1)
+        slots = {"s": [None] * ns, "i": [None] * (self.a.ndim - ns - 1), "o": [None] * (self.b.ndim - ns - 1)}
         for t, c in zip(self.tags, view):
-            {"s": s_l, "i": i_l, "o": o_l}.get(t.role, [None] * 99)[t.idx] = c
+            if t.role in slots:  # unit axes have no factor axis
+                slots[t.role][t.idx] = c
+        s_l, i_l, o_l = slots["s"], slots["i"], slots["o"]
         out = "".join(c for t, c in zip(self.tags, view) if t.role != "u")
         d = jnp.einsum(f"{''.join(s_l)}{''.join(i_l)}Z,{''.join(s_l)}Z{''.join(o_l)}->{out}",
                        self.a.astype(jnp.float32), self.b.astype(jnp.float32),
@@ -246,10 +246,6 @@ def _fallback(eqn, invals, ctx: Context, reason: str):
         f"Leave this kernel out of `targets`, or pass `fallback='merge'` to inject to compute this "
         f"op with W0 + s·A·B materialised."
     )
-
-
-def _materialize_all(vals):
-    return [x.materialize() if isinstance(x, LoraValue) else x for x in vals]
 
 
 # -- view rules --------------------------------------------------------------------------------------
@@ -765,5 +761,3 @@ _GROUP_RULES = [
     (C.CUSTOM_VJP, _inline_rule),
     (C.REMAT, _remat_rule),
 ]
-
-RULE_NAMES = sorted(set(_RULES) | set().union(*(g for g, _ in _GROUP_RULES)))

@@ -12,14 +12,14 @@ import optax
 
 from jlora._node import LoraKernel, Trainable, delta, is_node
 from jlora._paths import path_str
+from jlora._quant import is_quantized
 
 __all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_kernels"]
 
 
 def _dense(w0: Any) -> jax.Array:
     """The dense value of a base kernel (dequantized if it is a quantized node)."""
-    deq = getattr(w0, "dequantize", None)
-    return deq() if callable(deq) else w0
+    return w0.dequantize() if is_quantized(w0) else w0
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -193,7 +193,7 @@ def summary(params: Any) -> str:
             rows.append((path, str(tuple(np.shape(x.value))), "full", "-", "-", str(n)))
         trainable += n
     total = 0
-    for leaf in jax.tree.leaves(params, is_leaf=lambda y: getattr(y, "dequantize", None) is not None):
+    for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
         total += int(math.prod(getattr(leaf, "shape", np.shape(leaf))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
