@@ -28,5 +28,5 @@ test-oldest:
 	$(PY) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q $(OLDEST_JAX) "optax>=0.2.4" "numpy>=1.26" pytest
 	.venv-oldest/bin/pip install -q --no-deps -e .
-	.venv-oldest/bin/python -m pytest -q tests/test_core.py tests/test_qlora.py tests/test_sharding.py \
-		jlora/_node.py jlora/_tree.py jlora/_paths.py jlora/_discover.py jlora/_quant.py jlora/_sharding.py
+	.venv-oldest/bin/python -m pytest -q tests/test_core.py tests/test_qlora.py tests/test_sharding.py tests/test_fused.py \
+		jlora/_node.py jlora/_tree.py jlora/_paths.py jlora/_discover.py jlora/_quant.py jlora/_sharding.py jlora/_fused.py

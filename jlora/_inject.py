@@ -130,13 +130,14 @@ class Apply:
     """
 
     def __init__(self, apply_fn: Callable, base_paths: list[str], base_shapes: list, fallback, report,
-                 fuse_shared_inputs: bool = False):
+                 fuse_shared_inputs: bool = False, fused_matmul: bool = False):
         self.apply_fn = apply_fn
         self._paths = base_paths
         self._shapes = base_shapes
         self.fallback = fallback
         self.report = report
         self.fuse_shared_inputs = fuse_shared_inputs
+        self.fused_matmul = bool(fused_matmul)
         self.__wrapped__ = apply_fn
         self.__name__ = getattr(apply_fn, "__name__", "apply") + "_lora"
         self.__doc__ = Apply.__doc__
@@ -185,7 +186,8 @@ class Apply:
                 inputs.append(lax.stop_gradient(x.dequantize()))
             else:
                 inputs.append(lax.stop_gradient(x))
-        ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.fuse_shared_inputs)
+        ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.fuse_shared_inputs,
+                      fused_matmul=self.fused_matmul)
         outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs + list(dyn), ctx)
         outs = [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
         return jax.tree.unflatten(out_tree, outs)
@@ -249,6 +251,7 @@ def inject(
     adapter_dtype: Any = jnp.float32,
     fallback: str | None = None,
     fuse_shared_inputs: bool = False,
+    fused_matmul: bool = False,
     verbose: bool = False,
 ) -> tuple[Any, Apply]:
     """Add LoRA adapters to every chosen kernel of ``params``; return ``(params, apply)``.
@@ -288,6 +291,13 @@ def inject(
       fuse_shared_inputs: experimental; compute ``x·A`` once for all adapted 2-D kernels that read
         the same input with the same contraction (q/k/v, gate/up): one matmul against
         ``[A_q A_k A_v]`` instead of three. Same results; measured in benchmarks/RESULTS.md.
+      fused_matmul: experimental; on an H100/H200 (sm_90), compute each ``x @ W`` of a plain 2-D
+        adapted kernel with one Pallas Mosaic GPU kernel that adds ``s·(x·A)·B`` to the base
+        matmul's output tiles before they are stored (and the same for ``dx`` in the backward),
+        instead of XLA's separate rank-r product and add. Applies to bf16/f16 matmuls whose shapes
+        divide the kernel's tiles, on one device, without adapter dropout; every other matmul, and
+        every other device, keeps the plain path (same function, to rounding). Not combinable
+        with ``fuse_shared_inputs``. Measured in benchmarks/RESULTS.md.
       verbose: print the report (also available as ``apply.report``).
 
     Returns:
@@ -306,6 +316,8 @@ def inject(
         True
     """
     _check_options(rank, alpha, dropout, bias, fallback, apply_fn)
+    if fuse_shared_inputs and fused_matmul:
+        raise ValueError("inject: fuse_shared_inputs and fused_matmul are alternatives; pass one of them.")
     example_kwargs = dict(example_kwargs or {})
     if not isinstance(example_args, (tuple, list)):
         raise TypeError("inject: example_args must be a tuple of apply_fn's arguments after params.")
@@ -416,7 +428,7 @@ def inject(
     report = Report(adapted=adapted, skipped=skipped, trained=[paths[i] for i in sorted(trained)],
                     rank=int(rank), scale=scale, trainable=n_train, total=total)
     base_shapes = [_shape(x) for x in leaves]
-    apply = Apply(apply_fn, paths, base_shapes, fallback, report, fuse_shared_inputs)
+    apply = Apply(apply_fn, paths, base_shapes, fallback, report, fuse_shared_inputs, fused_matmul)
     if verbose:
         print(report)
     return out, apply

@@ -125,13 +125,19 @@ class Context:
     counter: int = 0
     fuse: bool = False  # one x·[A_1 … A_n] for adapted kernels that share an input
     shared: dict = dataclasses.field(default_factory=dict)  # id(eqn) -> precomputed x·A
+    fused_matmul: bool = False  # the epilogue-fused Hopper kernel where it applies
 
     def next_key(self):
         self.counter += 1
         return jax.random.fold_in(self.rng, self.counter)
 
     def child(self, rng) -> "Context":
-        return Context(self.fallback, rng, 0, self.fuse)
+        return Context(self.fallback, rng, 0, self.fuse, fused_matmul=self.fused_matmul)
+
+    def loop_body(self, rng) -> "Context":
+        """The context of a scan/while body. The fused Hopper kernel stays off there: inside
+        lax.scan it measured slower than XLA's own matmuls on the H200 (benchmarks/RESULTS.md)."""
+        return Context(self.fallback, rng, 0, self.fuse, fused_matmul=False)
 
 
 def _dropout(x, rate: float, ctx: Context):
@@ -490,11 +496,42 @@ def _expand(shape, out_l, unit):
     return [1 if c in unit else next(it) for c in out_l]
 
 
+def _fused_dot(x, k: LoraValue, p, ctx: Context):
+    """``x @ W`` for a plain 2-D adapted kernel through :func:`jlora._fused.lora_matmul`, or None
+    where that path does not apply (then the general rule runs)."""
+    from jlora import _fused
+
+    (xc, kc), (xb, kb) = p["dimension_numbers"]
+    if (xb or kb or tuple(xc) != (x.ndim - 1,) or len(k.tags) != 2 or k.a.ndim != 2 or k.b.ndim != 2
+            or k.tags[kc[0]].role != "i" or {t.role for t in k.tags} != {"i", "o"}):
+        return None
+    if (k.dropout > 0 and ctx.rng is not None) or is_quantized(k.w0):
+        return None
+    pet = p.get("preferred_element_type")
+    if x.dtype != k.dtype or (pet is not None and jnp.dtype(pet) != x.dtype):
+        return None
+    prec = p.get("precision")
+    if prec is not None and any(q not in (None, lax.Precision.DEFAULT) for q in
+                                (prec if isinstance(prec, tuple) else (prec,))):
+        return None
+    if any(explicit_entries(t) is not None for t in (x, k.w0, k.a, k.b)):
+        return None
+    w0 = k.w0 if kc[0] == 0 else k.w0.T
+    m = int(np.prod(x.shape[:-1]))
+    if not (_fused.hopper_available() and _fused.supported(m, w0.shape[0], w0.shape[1], x.dtype)):
+        return None
+    return _fused.lora_matmul(x, w0, k.a, k.b, scale=k.scale, impl="mosaic")
+
+
 def _dot_rule(eqn, invals, ctx):
     lhs, rhs = invals
     p = eqn.params
     if isinstance(lhs, LoraValue) and isinstance(rhs, LoraValue):
         raise _NoRule("both operands are adapted kernels")
+    if ctx.fused_matmul and isinstance(rhs, LoraValue) and id(eqn) not in ctx.shared:
+        y = _fused_dot(lhs, rhs, p, ctx)
+        if y is not None:
+            return [y]
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     if isinstance(rhs, LoraValue):
         k, x, kc, kb, xc, xb, x_is_lhs = rhs, lhs, rc, rb, lc, lb, True
@@ -668,7 +705,7 @@ def _scan_rule(eqn, invals, ctx):
         xv = [sliced(v) for v in xs_rebuild(arrs)]
         it = iter(carry)
         cv = [c if isinstance(c, LoraValue) else next(it) for c in init]
-        sub = ctx.child(key) if key is not None else ctx
+        sub = ctx.loop_body(key)
         outs = eval_jaxpr(jaxpr, jconsts, list(consts) + cv + xv, sub)
         new_carry = [o for k, o in enumerate(outs[:nk]) if not isinstance(init[k], LoraValue)]
         return new_carry, [_out(o) for o in outs[nk:]]
@@ -705,12 +742,10 @@ def _while_rule(eqn, invals, ctx):
 
     def body_fun(state):
         carry, key = state
+        sub_key = None
         if key is not None:
             key, sub_key = jax.random.split(key)
-            sub = ctx.child(sub_key)
-        else:
-            sub = ctx
-        outs = eval_jaxpr(bj, bconsts, list(body_c) + full(carry), sub)
+        outs = eval_jaxpr(bj, bconsts, list(body_c) + full(carry), ctx.loop_body(sub_key))
         return [_out(o) for k, o in enumerate(outs) if not isinstance(init[k], LoraValue)], key
 
     carry, _ = lax.while_loop(cond_fun, body_fun, (plain, key0))
