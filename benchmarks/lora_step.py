@@ -13,6 +13,8 @@ Variants (all on the same plain-JAX model, bf16 weights, same tokens):
                ``targets``), bf16 adapters, grads w.r.t. the adapters via ``jlora.split``/``combine``,
                AdamW (optax) on the adapters.
   jlora_f32    the same with jlora's default float32 adapters.
+  jlora_fused  ``jlora`` with ``inject(..., fused_matmul=True)``: the rank-r update inside the base
+               matmul's epilogue (Pallas Mosaic GPU kernel; sm_90 only, else the same as ``jlora``).
 
 For each variant: trace / lower / compile time (``jax.jit(step).trace(...).lower().compile()``), the
 median step time over ``--steps`` interleaved repetitions (after warm-up), tokens/s, the ratio to
@@ -57,17 +59,17 @@ except Exception as _e:  # pragma: no cover - depends on the state of the packag
     _JLORA_IMPORT_ERROR = f"import jlora: {type(_e).__name__}: {_e}"
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
-VARIANTS = ("floor", "handwritten", "merged", "full", "jlora", "jlora_f32")
+VARIANTS = ("floor", "handwritten", "merged", "full", "jlora", "jlora_f32", "jlora_fused")
 # Phase 1 (compile + first step + memory) runs in this order: expected peak memory ascending, so
 # that the allocator's process-wide peak is most often set by the variant just run.
-MEMORY_ORDER = ("floor", "handwritten", "jlora", "jlora_f32", "merged", "full")
-JLORA_VARIANTS = ("jlora", "jlora_f32")
+MEMORY_ORDER = ("floor", "handwritten", "jlora", "jlora_f32", "jlora_fused", "merged", "full")
+JLORA_VARIANTS = ("jlora", "jlora_f32", "jlora_fused")
 GIB = 2.0**30
 
 # First-step check tolerances (bf16 compute): relative error of the loss, and the largest
 # per-kernel relative L2 error of dA and dB, against the hand-written reference.
 LOSS_RTOL = 2e-2
-GRAD_RTOL = {"jlora": 5e-2, "jlora_f32": 5e-2, "merged": 1e-1}
+GRAD_RTOL = {"jlora": 5e-2, "jlora_f32": 5e-2, "jlora_fused": 5e-2, "merged": 1e-1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,14 +609,15 @@ def main(argv=None) -> int:
         for v in want_jlora:
             status[v] = f"skipped: jlora.inject not importable ({why_not})"
     elif want_jlora:
-        for v, dt in (("jlora", jnp.bfloat16), ("jlora_f32", jnp.float32)):
-            if v not in want_jlora and not (v == "jlora" and "jlora_f32" in want_jlora):
+        for v, dt in (("jlora", jnp.bfloat16), ("jlora_f32", jnp.float32), ("jlora_fused", jnp.bfloat16)):
+            if v not in want_jlora and not (v == "jlora" and want_jlora):
                 continue
             try:
                 t0 = time.perf_counter()
                 lp, apply = inject(params, apply_fn, c.rank, alpha=alpha, targets=list(PROJ), key=jax.random.PRNGKey(2),
                                    example_args=(tokens,), adapter_dtype=dt,
-                                   **({"fuse_shared_inputs": True} if a.jlora_fuse else {}))
+                                   **({"fuse_shared_inputs": True} if a.jlora_fuse else {}),
+                                   **({"fused_matmul": True} if v == "jlora_fused" else {}))
                 jax.block_until_ready(lp)
                 extra[f"{v}_inject_s"] = time.perf_counter() - t0
                 print(f"# inject ({v}) {extra[f'{v}_inject_s']:.2f} s", flush=True)
@@ -654,7 +657,7 @@ def main(argv=None) -> int:
             run.step, run.state, run.const = full_step(c, tx), (own, jax.jit(tx.init)(own)), None
         else:
             lp, apply = jl_params[name]
-            lp = set_jlora_pairs(lp, pairs, jnp.bfloat16 if name == "jlora" else jnp.float32)
+            lp = set_jlora_pairs(lp, pairs, jnp.float32 if name == "jlora_f32" else jnp.bfloat16)
             adapters, base = jlora.split(lp)
             run.step, run.state, run.const = jlora_step(apply, tx), (adapters, jax.jit(tx.init)(adapters)), base
         return run
@@ -700,7 +703,7 @@ def main(argv=None) -> int:
     checks: dict[str, dict] = {}
     if not a.no_check:
         hw = runs.get("handwritten")
-        for name in ("jlora", "jlora_f32", "merged"):
+        for name in ("jlora", "jlora_f32", "jlora_fused", "merged"):
             if name in runs:
                 if hw is None:
                     checks[name] = {"ref": None, "note": "no handwritten run to compare with"}
