@@ -9,7 +9,7 @@ True
 """
 
 from jlora._checkpoint import CheckpointError, Restored, TrainCheckpointer, load_adapters, save_adapters
-from jlora._inject import Apply, Report, inject
+from jlora._inject import Apply, FusedReport, Report, inject
 from jlora._interpret import UnsupportedOpError
 from jlora._node import Layout, LoraKernel, Trainable
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Apply",
     "CheckpointError",
+    "FusedReport",
     "Int8Tensor",
     "LLAMA_MODULE_MAP",
     "Layout",

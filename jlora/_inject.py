@@ -54,6 +54,29 @@ class Report:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class FusedReport:
+    """With ``inject(..., fused_matmul=True)``: which adapted matmuls of the last traced call took
+    the fused kernel, and why the others did not (``apply.fused_report``)."""
+
+    matmuls: list[tuple[str, str | None]]  # (kernel path, None if fused else the reason), distinct
+
+    @property
+    def fused(self) -> int:
+        return sum(why is None for _, why in self.matmuls)
+
+    def __str__(self) -> str:
+        lines = [f"jlora fused_matmul: {self.fused} of {len(self.matmuls)} adapted matmuls fused"]
+        plain: dict[str, list[str]] = {}
+        for path, why in self.matmuls:
+            if why is not None:
+                plain.setdefault(why, []).append(path)
+        for why, paths in plain.items():
+            shown = ", ".join(dict.fromkeys(paths))
+            lines.append(f"  - {len(paths)} plain: {why} ({shown})")
+        return "\n".join(lines)
+
+
 # -- argument handling shared by inject and apply --------------------------------------------------
 
 
@@ -127,6 +150,9 @@ class Apply:
 
     Extra keyword, consumed here and not passed on: ``lora_rng`` — a PRNG key that turns on
     adapter dropout (``B·A·dropout(x)``, as PEFT); without it dropout is off (evaluation).
+
+    With ``inject(..., fused_matmul=True)``, ``apply.fused_report`` (a :class:`FusedReport`) says,
+    after each traced call, which adapted matmuls took the fused kernel and why the others did not.
     """
 
     def __init__(self, apply_fn: Callable, base_paths: list[str], base_shapes: list, fallback, report,
@@ -138,6 +164,7 @@ class Apply:
         self.report = report
         self.fuse_shared_inputs = fuse_shared_inputs
         self.fused_matmul = bool(fused_matmul)
+        self.fused_report: FusedReport | None = None  # with fused_matmul: the last trace's choices
         self.__wrapped__ = apply_fn
         self.__name__ = getattr(apply_fn, "__name__", "apply") + "_lora"
         self.__doc__ = Apply.__doc__
@@ -189,6 +216,8 @@ class Apply:
         ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.fuse_shared_inputs,
                       fused_matmul=self.fused_matmul)
         outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs + list(dyn), ctx)
+        if self.fused_matmul:  # a loop body may be traced more than once: one entry per distinct choice
+            self.fused_report = FusedReport(list(dict.fromkeys(ctx.fused_log)))
         outs = [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
         return jax.tree.unflatten(out_tree, outs)
 
@@ -296,8 +325,10 @@ def inject(
         matmul's output tiles before they are stored (and the same for ``dx`` in the backward),
         instead of XLA's separate rank-r product and add. Applies to bf16/f16 matmuls whose shapes
         divide the kernel's tiles, on one device, without adapter dropout; every other matmul, and
-        every other device, keeps the plain path (same function, to rounding). Not combinable
-        with ``fuse_shared_inputs``. Measured in benchmarks/RESULTS.md.
+        every other device, keeps the plain path (same function, to rounding); matmuls inside
+        ``lax.scan``/``while`` bodies keep it too (the kernel measured slower there).
+        ``apply.fused_report`` lists what took the kernel and why the rest did not. Not
+        combinable with ``fuse_shared_inputs``. Measured in benchmarks/RESULTS.md.
       verbose: print the report (also available as ``apply.report``).
 
     Returns:

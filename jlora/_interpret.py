@@ -126,18 +126,21 @@ class Context:
     fuse: bool = False  # one x·[A_1 … A_n] for adapted kernels that share an input
     shared: dict = dataclasses.field(default_factory=dict)  # id(eqn) -> precomputed x·A
     fused_matmul: bool = False  # the epilogue-fused Hopper kernel where it applies
+    in_loop: bool = False  # inside a scan/while body
+    fused_log: list = dataclasses.field(default_factory=list)  # (kernel path, None | why not fused)
 
     def next_key(self):
         self.counter += 1
         return jax.random.fold_in(self.rng, self.counter)
 
-    def child(self, rng) -> "Context":
-        return Context(self.fallback, rng, 0, self.fuse, fused_matmul=self.fused_matmul)
+    def child(self, rng, *, in_loop: bool = False) -> "Context":
+        return Context(self.fallback, rng, 0, self.fuse, fused_matmul=self.fused_matmul,
+                       in_loop=self.in_loop or in_loop, fused_log=self.fused_log)
 
     def loop_body(self, rng) -> "Context":
         """The context of a scan/while body. The fused Hopper kernel stays off there: inside
         lax.scan it measured slower than XLA's own matmuls on the H200 (benchmarks/RESULTS.md)."""
-        return Context(self.fallback, rng, 0, self.fuse, fused_matmul=False)
+        return self.child(rng, in_loop=True)
 
 
 def _dropout(x, rate: float, ctx: Context):
@@ -497,30 +500,38 @@ def _expand(shape, out_l, unit):
 
 
 def _fused_dot(x, k: LoraValue, p, ctx: Context):
-    """``x @ W`` for a plain 2-D adapted kernel through :func:`jlora._fused.lora_matmul`, or None
-    where that path does not apply (then the general rule runs)."""
+    """``(x @ W, None)`` for a plain 2-D adapted kernel through :func:`jlora._fused.lora_matmul`, or
+    ``(None, why not)`` where that path does not apply (then the general rule runs)."""
     from jlora import _fused
 
+    if ctx.in_loop:
+        return None, "inside a lax.scan/while body (measured slower there)"
     (xc, kc), (xb, kb) = p["dimension_numbers"]
     if (xb or kb or tuple(xc) != (x.ndim - 1,) or len(k.tags) != 2 or k.a.ndim != 2 or k.b.ndim != 2
             or k.tags[kc[0]].role != "i" or {t.role for t in k.tags} != {"i", "o"}):
-        return None
-    if (k.dropout > 0 and ctx.rng is not None) or is_quantized(k.w0):
-        return None
+        return None, "not a plain x @ W of a 2-D kernel"
+    if k.dropout > 0 and ctx.rng is not None:
+        return None, "adapter dropout is on"
+    if is_quantized(k.w0):
+        return None, "quantized base"
     pet = p.get("preferred_element_type")
     if x.dtype != k.dtype or (pet is not None and jnp.dtype(pet) != x.dtype):
-        return None
+        return None, f"mixed dtypes (x {x.dtype}, kernel {k.dtype}, result {pet})"
     prec = p.get("precision")
     if prec is not None and any(q not in (None, lax.Precision.DEFAULT) for q in
                                 (prec if isinstance(prec, tuple) else (prec,))):
-        return None
+        return None, f"precision {prec}"
     if any(explicit_entries(t) is not None for t in (x, k.w0, k.a, k.b)):
-        return None
+        return None, "sharded (explicit mesh axes)"
+    if not _fused.hopper_available():
+        return None, f"no sm_90 GPU ({jax.devices()[0].device_kind})"
     w0 = k.w0 if kc[0] == 0 else k.w0.T
-    m = int(np.prod(x.shape[:-1]))
-    if not (_fused.hopper_available() and _fused.supported(m, w0.shape[0], w0.shape[1], x.dtype)):
-        return None
-    return _fused.lora_matmul(x, w0, k.a, k.b, scale=k.scale, impl="mosaic")
+    m, (kk, n) = int(np.prod(x.shape[:-1])), w0.shape
+    if not _fused.supported(m, kk, n, x.dtype):
+        t = _fused.DEFAULT_TILES
+        return None, (f"{x.dtype} ({m}, {kk}) @ ({kk}, {n}): the kernel takes bf16/f16 with M a multiple "
+                      f"of {t.tile_m} and K, N multiples of {2 * t.tile_n}")
+    return _fused.lora_matmul(x, w0, k.a, k.b, scale=k.scale, impl="mosaic"), None
 
 
 def _dot_rule(eqn, invals, ctx):
@@ -528,8 +539,9 @@ def _dot_rule(eqn, invals, ctx):
     p = eqn.params
     if isinstance(lhs, LoraValue) and isinstance(rhs, LoraValue):
         raise _NoRule("both operands are adapted kernels")
-    if ctx.fused_matmul and isinstance(rhs, LoraValue) and id(eqn) not in ctx.shared:
-        y = _fused_dot(lhs, rhs, p, ctx)
+    if ctx.fused_matmul and isinstance(rhs, LoraValue):
+        y, why = _fused_dot(lhs, rhs, p, ctx)
+        ctx.fused_log.append((rhs.path, why))
         if y is not None:
             return [y]
     (lc, rc), (lb, rb) = p["dimension_numbers"]

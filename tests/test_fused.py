@@ -130,6 +130,26 @@ def test_fused_path_equals_merged_model(fake_hopper):
     # forward: both adapted matmuls took the path; the 8-wide head is not a multiple of the tiles
     assert sorted(fake_hopper) == sorted([((128, D), (D, H)), ((128, H), (H, D))])
     assert _rel(out.astype(F32), _reference(params, x)) < 2e-2  # bf16 activations
+    rep = apply.fused_report
+    assert rep.fused == 2 and rep.matmuls == [("up/kernel", None), ("down/kernel", None)]
+    assert "2 of 2 adapted matmuls fused" in str(rep)
+
+
+def test_fused_report_says_why_not(fake_hopper):
+    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, fused_matmul=True)  # head too
+    apply(params, _x())
+    (path, why), = [m for m in apply.fused_report.matmuls if m[1] is not None]
+    assert path == "head/kernel" and "(128, 256) @ (256, 8)" in why and "multiples of 256" in why
+    assert "2 of 3" in str(apply.fused_report) and "head/kernel" in str(apply.fused_report)
+
+
+def test_fused_report_on_cpu():
+    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, fused_matmul=True)
+    apply(params, _x())
+    assert apply.fused_report.fused == 0
+    assert all("no sm_90 GPU" in why for _, why in apply.fused_report.matmuls)
+    _, plain = jlora.inject(_mlp_params(), mlp, rank=4)
+    assert plain.fused_report is None
 
 
 def test_fused_gradients_equal_plain_path(fake_hopper):
@@ -154,11 +174,13 @@ def test_fused_path_not_taken_where_it_does_not_apply(fake_hopper):
     params, apply = jlora.inject(_mlp_params(F32), mlp, rank=4, targets=["up"], fused_matmul=True)
     apply(params, _x(F32))
     assert not fake_hopper
+    assert "float32" in apply.fused_report.matmuls[0][1]
     # adapter dropout in training: the plain path applies it
     params, apply = jlora.inject(_mlp_params(), mlp, rank=4, targets=["up"], dropout=0.1,
                                  fused_matmul=True)
     apply(params, _x(), lora_rng=jax.random.key(3))
     assert not fake_hopper
+    assert apply.fused_report.matmuls == [("up/kernel", "adapter dropout is on")]
     apply(params, _x())  # no key: dropout off, the path applies
     assert len(fake_hopper) == 1
 
@@ -177,6 +199,7 @@ def test_fused_path_off_inside_scan(fake_hopper):
     x = _x()
     out = apply(params, x)
     assert not fake_hopper  # measured slower inside lax.scan on the H200: left to XLA there
+    assert apply.fused_report.matmuls == [("w", "inside a lax.scan/while body (measured slower there)")]
     merged = jlora.merge(params)
     assert _rel(out.astype(F32), scanned(jax.tree.map(lambda t: t.astype(F32), merged), x.astype(F32))) < 2e-2
 
