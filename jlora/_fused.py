@@ -12,8 +12,8 @@ kernel over ``W0ᵀ`` (one transposed copy of the weight per step, a few MB). ``
 
 The kernel is a Pallas Mosaic GPU kernel (wgmma, TMA copies, warp-specialized, persistent), so it
 needs an sm_90 GPU (H100/H200) and shapes divisible by its tiles (:func:`supported`).
-``impl="xla"`` is the same function, custom VJP included, written with plain ``jnp``: the path on
-every other device, and the reference in tests.
+``impl="xla"`` is the same function, custom VJP included, written with plain ``jnp``: the reference
+in tests (wherever the kernel does not apply, the interpreter uses its general LoRA rule instead).
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ _mosaic_call = jax.jit(_mosaic_fused, static_argnames=("tiles",))
 
 
 # The custom VJP takes x with its leading axes (reshaped to 2-D inside): its residual is then the very
-# array the rest of the model keeps for its own backward, not a reshaped twin (under lax.scan, a twin
-# is stacked per layer as a second copy of every adapted input; measured on the H200).
+# array the rest of the model keeps for its own backward, not a reshaped twin (under lax.scan a twin
+# was stacked per layer as a second copy of the adapted inputs, seen in the H200's optimized HLO).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _lora_matmul(x, w0, a, b, scale, impl, tiles):
     return _fwd(x, w0, a, b, scale, impl, tiles)[0]
