@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lora_matmul", "supported", "hopper_available", "Tiles"]
+__all__ = ["lora_matmul", "supported", "unavailable", "Tiles"]
 
 
 class Tiles(NamedTuple):
@@ -150,16 +150,25 @@ def supported(m: int, k: int, n: int, dtype, *, tiles: Tiles | None = None) -> b
 
 
 @functools.lru_cache(maxsize=None)
-def hopper_available() -> bool:
-    """True when JAX's default device is an sm_90 GPU with Pallas' Mosaic GPU backend."""
+def unavailable() -> str | None:
+    """Why the kernel cannot run in this process, or None when it can.
+
+    It needs JAX's default device to be an sm_90 GPU with Pallas' Mosaic GPU backend, and exactly one
+    visible device: the kernel is a custom call that XLA cannot partition, so under sharding it would
+    be replicated (every operand gathered) rather than fail.
+    """
     try:
-        dev = jax.devices()[0]
+        devs = jax.devices()
+        dev = devs[0]
         if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9"):
-            return False
+            return f"no sm_90 GPU ({dev.device_kind})"
+        if len(devs) > 1:
+            return (f"{len(devs)} devices visible; the kernel runs on one device only "
+                    f"(e.g. CUDA_VISIBLE_DEVICES=0)")
         from jax.experimental.pallas import mosaic_gpu  # noqa: F401
-    except Exception:  # no GPU backend, or a JAX without Mosaic GPU
-        return False
-    return True
+    except Exception as e:  # no GPU backend, or a JAX without Mosaic GPU
+        return f"Pallas Mosaic GPU unavailable ({type(e).__name__})"
+    return None
 
 
 def _pad_rank(t, axis: int, align: int):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from jlora import _compat as C
@@ -27,6 +28,9 @@ from jlora._quant import is_quantized
 from jlora._sharding import constrain_factors, explicit_entries, product_spec
 
 __all__ = ["LoraValue", "UnsupportedOpError", "Context", "eval_jaxpr"]
+
+
+XA_NAME = "jlora_xa"  # jax.ad_checkpoint name of every adapter's rank-r product x·A
 
 
 class UnsupportedOpError(NotImplementedError):
@@ -485,6 +489,7 @@ def _lora_dot(x, k: LoraValue, kc, kb, xc, xb, x_is_lhs: bool, ctx: Context, pre
     else:
         t = jnp.einsum(f"{''.join(x_l)},{first_l}->{''.join(t_l)}", x, first.astype(dtype),
                        precision=precision, preferred_element_type=dtype, **t_kw)
+    t = checkpoint_name(t, XA_NAME)  # the rank-r product: a remat policy can keep it by this name
     if k.scale != 1.0:
         t = t * jnp.asarray(k.scale, dtype)
     y = jnp.einsum(f"{''.join(t_l)},{second_l}->{''.join(y_l)}", t, second.astype(dtype),
@@ -523,8 +528,9 @@ def _fused_dot(x, k: LoraValue, p, ctx: Context):
         return None, f"precision {prec}"
     if any(explicit_entries(t) is not None for t in (x, k.w0, k.a, k.b)):
         return None, "sharded (explicit mesh axes)"
-    if not _fused.hopper_available():
-        return None, f"no sm_90 GPU ({jax.devices()[0].device_kind})"
+    why = _fused.unavailable()
+    if why:
+        return None, why
     w0 = k.w0 if kc[0] == 0 else k.w0.T
     m, (kk, n) = int(np.prod(x.shape[:-1])), w0.shape
     if not _fused.supported(m, kk, n, x.dtype):

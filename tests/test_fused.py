@@ -64,7 +64,7 @@ def test_supported_shapes():
 def test_no_hopper_here():
     # CI and this suite run on CPUs: the option must then leave every matmul on the plain path.
     assert jax.devices()[0].platform == "cpu"
-    assert not _fused.hopper_available()
+    assert _fused.unavailable().startswith("no sm_90 GPU")
 
 
 # -- the interpreter's dispatch, with the kernel replaced by plain jnp -----------------------------
@@ -81,7 +81,7 @@ def fake_hopper(monkeypatch):
         out = jnp.dot(x, w, preferred_element_type=F32) + jnp.dot(u, v, preferred_element_type=F32)
         return out.astype(x.dtype)
 
-    monkeypatch.setattr(_fused, "hopper_available", lambda: True)
+    monkeypatch.setattr(_fused, "unavailable", lambda: None)
     monkeypatch.setattr(_fused, "_mosaic_call", fake_call)
     return calls
 
@@ -207,3 +207,19 @@ def test_fused_path_off_inside_scan(fake_hopper):
 def test_fused_and_shared_input_fusion_are_exclusive():
     with pytest.raises(ValueError, match="alternatives"):
         jlora.inject(_mlp_params(), mlp, rank=4, fuse_shared_inputs=True, fused_matmul=True)
+
+
+def test_kernel_refuses_several_devices(monkeypatch):
+    """Under sharding XLA would replicate the custom call: the kernel is for one visible device."""
+
+    class FakeH200:
+        platform, compute_capability, device_kind = "gpu", "9.0", "NVIDIA H200"
+
+    _fused.unavailable.cache_clear()
+    try:
+        monkeypatch.setattr(jax, "devices", lambda *a: [FakeH200(), FakeH200()])
+        why = _fused.unavailable()
+    finally:
+        monkeypatch.undo()
+        _fused.unavailable.cache_clear()
+    assert why.startswith("2 devices visible") and "CUDA_VISIBLE_DEVICES" in why
