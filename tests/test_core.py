@@ -621,3 +621,28 @@ def test_discovery_and_interpreter_agree_on_pass_through_ops():
     from jlora._interpret import _RULES
 
     assert PASS_THROUGH <= set(_RULES)  # inject never adapts a kernel that apply cannot compute with
+
+
+def test_rank_r_product_is_named_for_remat_policies(capsys):
+    """x·A carries the checkpoint name 'jlora_xa': a remat policy that names it keeps it."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    params = {"l1": {"kernel": jnp.ones((16, 32))}, "l2": {"kernel": jnp.ones((32, 4))}}
+    x = jnp.ones((5, 16))
+
+    def model(policy_names):
+        policy = jax.checkpoint_policies.save_only_these_names(*policy_names)
+
+        def f(p, x):
+            layer = jax.checkpoint(lambda h, w: jnp.tanh(h @ w), policy=policy)
+            return layer(layer(x, p["l1"]["kernel"]), p["l2"]["kernel"])
+
+        return f
+
+    for names, expected in ((("jlora_xa",), 2), (("something_else",), 0)):
+        f = model(names)
+        lp, app = jlora.inject(params, f, rank=3, example_args=(x,))
+        tr, fr = jlora.split(lp)
+        print_saved_residuals(lambda t: jnp.sum(app(jlora.combine(t, fr), x)), tr)
+        out = capsys.readouterr().out
+        assert out.count("f32[5,3] named 'jlora_xa'") == expected, out
