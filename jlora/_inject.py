@@ -17,7 +17,9 @@ from jlora._discover import discover, layout_from_uses
 from jlora._interpret import Context, LoraValue, Tag, eval_jaxpr
 from jlora._node import Layout, LoraKernel, Trainable, is_node
 from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest, path_str
+from jlora._quant import dense, is_quantized
 from jlora._sharding import init_factors
+from jlora._tree import is_unit
 
 __all__ = ["inject", "Apply", "Report"]
 
@@ -87,7 +89,7 @@ def _is_dynamic(x: Any) -> bool:
 def _spec(x: Any):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
-    if _is_quantized(x):
+    if is_quantized(x):
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
     weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
     try:
@@ -128,13 +130,9 @@ def _base_view(params):
     return jax.tree.map(one, params, is_leaf=is_node)
 
 
-from jlora._quant import is_quantized as _is_quantized  # noqa: E402
-
-
 def _flat_nodes(params):
     """Flatten with LoraKernel/Trainable/quantized nodes as leaves: (paths, leaves, treedef)."""
-    is_leaf = lambda x: is_node(x) or _is_quantized(x)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_unit)
     return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
@@ -209,10 +207,8 @@ class Apply:
                 inputs.append(_lora_value(p, x))
             elif isinstance(x, Trainable):
                 inputs.append(x.value)
-            elif _is_quantized(x):
-                inputs.append(lax.stop_gradient(x.dequantize()))
             else:
-                inputs.append(lax.stop_gradient(x))
+                inputs.append(lax.stop_gradient(dense(x)))
         ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.fuse_shared_inputs,
                       fused_matmul=self.fused_matmul)
         outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs + list(dyn), ctx)
@@ -360,7 +356,7 @@ def inject(
 
     paths, leaves, treedef = _flat_nodes(params)
     match = make_matcher(targets)
-    is_float = [(_is_quantized(x) or _is_float(x)) and len(_shape(x)) >= 1 for x in leaves]
+    is_float = [(is_quantized(x) or _is_float(x)) and len(_shape(x)) >= 1 for x in leaves]
     layouts: dict[int, Layout] = {}
     skipped: list[tuple[str, tuple, str]] = []
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -24,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 from jlora import _compat as C
 from jlora._discover import reshape_groups
-from jlora._quant import is_quantized
+from jlora._quant import dense, is_quantized
 from jlora._sharding import constrain_factors, explicit_entries, product_spec
 
 __all__ = ["LoraValue", "UnsupportedOpError", "Context", "eval_jaxpr"]
@@ -66,7 +65,7 @@ class LoraValue:
 
     def dense(self) -> jax.Array:
         """The frozen base view as an array (dequantizing a quantized base here, per use)."""
-        return self.w0.dequantize() if is_quantized(self.w0) else self.w0
+        return dense(self.w0)
 
     def with_(self, **kw) -> "LoraValue":
         return dataclasses.replace(self, **kw)
@@ -194,6 +193,13 @@ def _shared_input_groups(jaxpr) -> dict[int, list]:
     return {id(e): g for g in by_x.values() if len(g) > 1 for e in g}
 
 
+def _is_matrix_on_input(k, contracted) -> bool:
+    """``k`` is a plain 2-D (in, out) kernel view, no stack or unit axes, contracted on its input
+    axis alone: the form both matmul fast paths (shared-input fusion, the fused kernel) take."""
+    return (isinstance(k, LoraValue) and len(contracted) == 1 and k.ns == 0
+            and sorted(t.role for t in k.tags) == ["i", "o"] and k.tags[contracted[0]].role == "i")
+
+
 def _fuse_shared_input(group, env, ctx: Context) -> None:
     """Compute ``x·A`` for every fusable adapted kernel of ``group`` with one matmul.
 
@@ -209,8 +215,7 @@ def _fuse_shared_input(group, env, ctx: Context) -> None:
     members = []
     for e in group:
         k = env.get(e.invars[1])
-        if (isinstance(k, LoraValue) and len(k.tags) == 2 and k.ns == 0 and k.tags[rc[0]] == Tag("i", 0)
-                and not (k.dropout > 0 and ctx.rng is not None)):
+        if _is_matrix_on_input(k, rc) and not (k.dropout > 0 and ctx.rng is not None):
             members.append((e, k))
     dtypes = {k.dtype for _, k in members}
     if len(members) < 2 or len(dtypes) != 1:
@@ -275,8 +280,18 @@ def _unary_w0(fn):
 
 
 def _convert(eqn, invals, ctx):
-    x = invals[0]
-    return [x.with_(w0=x.dense().astype(eqn.params["new_dtype"]))]
+    x, dt = invals[0], eqn.params["new_dtype"]
+    # a quantized base stays quantized: it is dequantized (to dt) only where it is computed with
+    return [x.with_(w0=x.w0.with_dtype(dt) if is_quantized(x.w0) else x.w0.astype(dt))]
+
+
+def _base_product(k: "LoraValue", f):
+    """``f(W0)``: the frozen model's own product with the kernel. A quantized base is dequantized
+    inside a ``jax.checkpoint`` that saves nothing, so the backward keeps the stored codes and
+    dequantizes again, never a dense copy of the kernel (QLoRA's memory saving, in training too)."""
+    if not is_quantized(k.w0):
+        return f(k.w0)
+    return jax.checkpoint(lambda w: f(dense(w)), policy=jax.checkpoint_policies.nothing_saveable)(k.w0)
 
 
 def _transpose_rule(eqn, invals, ctx):
@@ -512,8 +527,7 @@ def _fused_dot(x, k: LoraValue, p, ctx: Context):
     if ctx.in_loop:
         return None, "inside a lax.scan/while body (measured slower there)"
     (xc, kc), (xb, kb) = p["dimension_numbers"]
-    if (xb or kb or tuple(xc) != (x.ndim - 1,) or len(k.tags) != 2 or k.a.ndim != 2 or k.b.ndim != 2
-            or k.tags[kc[0]].role != "i" or {t.role for t in k.tags} != {"i", "o"}):
+    if xb or kb or tuple(xc) != (x.ndim - 1,) or not _is_matrix_on_input(k, kc):
         return None, "not a plain x @ W of a 2-D kernel"
     if k.dropout > 0 and ctx.rng is not None:
         return None, "adapter dropout is on"
@@ -553,10 +567,10 @@ def _dot_rule(eqn, invals, ctx):
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     if isinstance(rhs, LoraValue):
         k, x, kc, kb, xc, xb, x_is_lhs = rhs, lhs, rc, rb, lc, lb, True
-        base = C.bind(eqn, [lhs, rhs.dense()])[0]
+        base = _base_product(rhs, lambda w: C.bind(eqn, [lhs, w])[0])
     else:
         k, x, kc, kb, xc, xb, x_is_lhs = lhs, rhs, lc, lb, rc, rb, False
-        base = C.bind(eqn, [lhs.dense(), rhs])[0]
+        base = _base_product(lhs, lambda w: C.bind(eqn, [w, rhs])[0])
     pre = ctx.shared.pop(id(eqn), None) if x_is_lhs else None
     y = _lora_dot(x, k, kc, kb, xc, xb, x_is_lhs, ctx, p.get("precision"), base.dtype, like=base, pre=pre)
     return [base + y.astype(base.dtype)]
@@ -575,7 +589,7 @@ def _conv_rule(eqn, invals, ctx):
         raise _NoRule("its output-feature axis is not the adapter's only output axis")
     if any(t.role not in "iu" for a, t in enumerate(k.tags) if a != o_ax):
         raise _NoRule("its input/spatial axes are not the adapter's input axes")
-    base = C.bind(eqn, [x, k.dense()])[0]
+    base = _base_product(k, lambda w: C.bind(eqn, [x, w])[0])
     dtype = k.dtype
     r = k.a.shape[-1]
     n_i = k.a.ndim - 1
@@ -615,7 +629,7 @@ def _gather_rule(eqn, invals, ctx):
     other = 1 - g
     if p["slice_sizes"][other] != k.w0.shape[other]:
         raise _NoRule("only gathering whole rows or columns of a 2-D kernel has a LoRA rule")
-    base = C.bind(eqn, [k.dense(), idx])[0]
+    base = _base_product(k, lambda w: C.bind(eqn, [w, idx])[0])
     dtype = k.dtype
     # F1: the factor holding the gathered axis, laid out like the view with `other` replaced by r.
     if k.tags[g].role == "o":

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import statistics
@@ -273,6 +274,12 @@ class QuantizedKernel:
 
     def dequantize(self) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def with_dtype(self, dtype: Any) -> "QuantizedKernel":
+        """The same stored arrays, dequantizing to ``dtype`` (a cast that stays quantized)."""
+        out = copy.copy(self)
+        out._dtype = np.dtype(dtype)
+        return out
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -654,6 +661,11 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedKernel)
 
 
+def dense(x: Any) -> Any:
+    """``x.dequantize()`` for a quantized kernel node, ``x`` itself otherwise (one leaf)."""
+    return x.dequantize() if isinstance(x, QuantizedKernel) else x
+
+
 _DEFAULT_NAMES = ("kernel", "weight")
 _METHODS = ("nf4", "int8")
 
@@ -775,5 +787,5 @@ def dequantize(tree: Any) -> Any:
         ((64, 64), True)
     """
     return jax.tree.map(
-        lambda x: x.dequantize() if is_quantized(x) else x, tree, is_leaf=is_quantized
+        dense, tree, is_leaf=is_quantized
     )

@@ -12,14 +12,14 @@ import optax
 
 from jlora._node import LoraKernel, Trainable, delta, is_node
 from jlora._paths import path_str
-from jlora._quant import is_quantized
+from jlora._quant import dense, is_quantized
 
 __all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_kernels"]
 
 
-def _dense(w0: Any) -> jax.Array:
-    """The dense value of a base kernel (dequantized if it is a quantized node)."""
-    return w0.dequantize() if is_quantized(w0) else w0
+def is_unit(x: Any) -> bool:
+    """A leaf for jlora's own flattening: a LoraKernel/Trainable node or a quantized kernel."""
+    return is_node(x) or is_quantized(x)
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -95,7 +95,7 @@ def merge(params: Any) -> Any:
 
     def one(x):
         if isinstance(x, LoraKernel):
-            w0 = _dense(x.w0)
+            w0 = dense(x.w0)
             d = delta(x.a, x.b, x.layout, jnp.float32)
             return (w0.astype(jnp.float32) + x.scale * d).astype(w0.dtype)
         if isinstance(x, Trainable):
