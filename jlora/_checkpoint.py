@@ -34,11 +34,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jlora._node import Layout, LoraKernel, Trainable, is_node
+from jlora._node import Layout, LoraKernel, Trainable
 from jlora._paths import nearest, path_str
+from jlora._quant import _shape
 from jlora._sharding import place_factors, place_like
+from jlora._tree import is_unit, iter_kernels
 
 __all__ = [
     "CheckpointError",
@@ -71,16 +74,9 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Small helpers shared with the PEFT export.
 # ------------------------------------------------------------------------------------------------
-from jlora._quant import is_quantized as _is_quantized  # noqa: E402
-
-
-def _is_leafish(x: Any) -> bool:
-    return is_node(x) or _is_quantized(x)
-
-
 def _flat(params: Any) -> list[tuple[str, Any]]:
     """``(path, leaf)`` with jlora nodes and quantized kernels kept whole."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leafish)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_unit)
     return [(path_str(p), x) for p, x in flat]
 
 
@@ -94,8 +90,13 @@ def _dtype_name(x: Any) -> str:
         return str(dt)
 
 
-def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in getattr(x, "shape", np.shape(x)))
+def _plain(x: Any) -> Any:
+    """The base value under a jlora node (a LoraKernel's ``w0``, a Trainable's value), or ``x``."""
+    if isinstance(x, LoraKernel):
+        return x.w0
+    if isinstance(x, Trainable):
+        return x.value
+    return x
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -106,23 +107,11 @@ def _digest(x: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush a directory tree to disk (best effort: a crash of the process needs none of it,
-    a power cut does)."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(d: Path) -> None:
+def _fsync(path: PathLike) -> None:
+    """Flush a file or directory (its entries) to disk; best effort: a crash of the process needs
+    none of it, a power cut does."""
     with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -134,9 +123,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return True  # it exists (PermissionError included: another user's process)
 
 
 def _cleanup_stale(target: Path, *, backups: bool = False) -> None:
@@ -211,9 +198,10 @@ def _atomic_directory(directory: PathLike, *, overwrite: bool) -> Iterator[Path]
     tmp = target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
-        if not tmp.is_dir():
-            raise RuntimeError(f"internal error: nothing was written to {tmp}")
-        _fsync_tree(tmp)
+        for dirpath, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(dirpath, name))
+            _fsync(dirpath)
         _commit(tmp, target, overwrite)
         _cleanup_stale(target, backups=True)
     finally:
@@ -239,7 +227,7 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(target.parent)
+    _fsync(target.parent)
 
 
 def _resolve(directory: PathLike) -> Path:
@@ -272,7 +260,7 @@ def _collect(params: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
     entries: dict[str, Any] = {}
     fingerprint: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
-    for path, x in _flat(params):
+    for path, x in iter_kernels(params):
         if isinstance(x, LoraKernel):
             if x.a is None or x.b is None:
                 raise ValueError(f"{path}: LoraKernel without A/B (a split-off base?) cannot be saved.")
@@ -289,7 +277,7 @@ def _collect(params: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
                 "b_shape": list(b.shape),
             }
             fingerprint[path] = {"shape": list(_shape(x.w0)), "dtype": _dtype_name(x.w0)}
-        elif isinstance(x, Trainable):
+        else:  # Trainable
             if x.value is None:
                 raise ValueError(f"{path}: Trainable(None) (a split-off base?) cannot be saved.")
             v = _to_numpy(x.value)
@@ -327,8 +315,9 @@ def _make_config(params: Any, metadata: Optional[Mapping[str, Any]]) -> tuple[di
 
 
 def _check_config(config: Any, where: Path) -> dict:
-    if not isinstance(config, dict) or config.get("format") != _FORMAT:
-        raise CheckpointError(f"{where} is not a jlora adapter config (format={_get(config, 'format')!r}).")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if fmt != _FORMAT:
+        raise CheckpointError(f"{where} is not a jlora adapter config (format={fmt!r}).")
     version = config.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"{where}: format_version {version!r} is not an integer.")
@@ -345,27 +334,17 @@ def _check_config(config: Any, where: Path) -> dict:
     return config
 
 
-def _get(d: Any, k: str) -> Any:
-    return d.get(k) if isinstance(d, dict) else None
-
-
 def _abstract(config: dict) -> dict[str, jax.ShapeDtypeStruct]:
     out = {}
     for path, e in config["adapters"].items():
         if e.get("kind") == "lora":
-            out[f"{path}/a"] = jax.ShapeDtypeStruct(tuple(e["a_shape"]), np.dtype(_np_dtype(e["dtype"])))
-            out[f"{path}/b"] = jax.ShapeDtypeStruct(tuple(e["b_shape"]), np.dtype(_np_dtype(e["dtype"])))
+            out[f"{path}/a"] = jax.ShapeDtypeStruct(tuple(e["a_shape"]), jnp.dtype(e["dtype"]))
+            out[f"{path}/b"] = jax.ShapeDtypeStruct(tuple(e["b_shape"]), jnp.dtype(e["dtype"]))
         elif e.get("kind") == "full":
-            out[f"{path}/value"] = jax.ShapeDtypeStruct(tuple(e["shape"]), np.dtype(_np_dtype(e["dtype"])))
+            out[f"{path}/value"] = jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]))
         else:
             raise CheckpointError(f"adapter {path!r} has unknown kind {e.get('kind')!r}.")
     return out
-
-
-def _np_dtype(name: str):
-    import jax.numpy as jnp
-
-    return jnp.dtype(name)
 
 
 def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) -> Any:
@@ -376,7 +355,7 @@ def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) 
     """
     entries: dict = config["adapters"]
     fingerprint: dict = config["base_fingerprint"]
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_leafish)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_unit)
     paths = [path_str(p) for p, _ in flat]
     index = {p: i for i, p in enumerate(paths)}
     for path in entries:
@@ -387,7 +366,7 @@ def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) 
             )
     leaves = []
     for (_, x), path in zip(flat, paths):
-        plain = x.w0 if isinstance(x, LoraKernel) else x.value if isinstance(x, Trainable) else x
+        plain = _plain(x)
         e = entries.get(path)
         if e is None:
             leaves.append(plain)
@@ -582,9 +561,6 @@ def load_adapters(directory: PathLike, base: Any) -> Any:
         raise CheckpointError(f"{ckpt}/{_ADAPTERS_ITEM} could not be read (missing or corrupt files): {e}") from e
     finally:
         ckptr.close()
-    missing = sorted(set(target) - set(restored))
-    if missing:
-        raise CheckpointError(f"{ckpt}/{_ADAPTERS_ITEM}: array {missing[0]!r} is missing.")
     _verify(config, restored, ckpt)
     return _rebuild(base, config, restored, where=str(ckpt))
 
@@ -604,7 +580,7 @@ def _flat_state(opt_state: Any) -> tuple[dict[str, np.ndarray], list[str]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
     arrays, names = {}, []
     for i, (p, x) in enumerate(flat):
-        arrays[f"{i:06d}"] = np.asarray(jax.device_get(x))
+        arrays[f"{i:06d}"] = _to_numpy(x)
         names.append(jax.tree_util.keystr(p))
     return arrays, names
 
@@ -762,13 +738,7 @@ class TrainCheckpointer:
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory} (have {self.all_steps()}).")
         where = self.directory / str(step)
-        try:
-            config = self._manager.restore(
-                step, args=ocp.args.Composite(**{_CONFIG_ITEM: ocp.args.JsonRestore()})
-            )[_CONFIG_ITEM]
-        except Exception as e:
-            raise CheckpointError(f"{where}: config could not be read: {e}") from e
-        config = _check_config(config, where)
+        config = _read_config(where)
         items = {_ADAPTERS_ITEM: ocp.args.StandardRestore(_abstract(config))}
 
         opt_treedef = opt_like_leaves = None
@@ -795,7 +765,7 @@ class TrainCheckpointer:
             if names:
                 items[_OPT_ITEM] = ocp.args.StandardRestore(
                     {
-                        f"{i:06d}": jax.ShapeDtypeStruct(tuple(s), np.dtype(_np_dtype(d)))
+                        f"{i:06d}": jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d))
                         for i, (s, d) in enumerate(zip(saved["shapes"], saved["dtypes"]))
                     }
                 )
@@ -811,10 +781,7 @@ class TrainCheckpointer:
             got = restored[_OPT_ITEM] if _OPT_ITEM in items else {}
             leaves = [got[f"{i:06d}"] for i in range(len(opt_like_leaves))]
             # Keep each leaf's placement (sharding) from opt_state_like where it has one.
-            leaves = [
-                jax.device_put(v, x.sharding) if isinstance(x, jax.Array) else v
-                for v, x in zip(leaves, opt_like_leaves)
-            ]
+            leaves = [place_like(x, v) for v, x in zip(leaves, opt_like_leaves)]
             opt_state = jax.tree_util.tree_unflatten(opt_treedef, leaves)
         return Restored(params, opt_state, step)
 

@@ -29,15 +29,17 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._checkpoint import _atomic_directory, _flat, _is_leafish, _shape
-from jlora._node import Layout, LoraKernel, Trainable
-from jlora._paths import nearest, path_str
+from jlora._checkpoint import _atomic_directory, _flat, _plain, _shape, _to_numpy
+from jlora._tree import is_unit
+from jlora._node import Layout, LoraKernel, Trainable, is_node
+from jlora._paths import leaf_name, nearest, path_str
+from jlora._sharding import place_factors, place_like
 
 __all__ = ["LLAMA_MODULE_MAP", "ModuleMap", "export_peft", "import_peft"]
 
@@ -90,7 +92,11 @@ class _Resolver:
 
     def __call__(self, path: str) -> Optional[str]:
         if self._fn is not None:
-            name = self._fn(path)
+            try:
+                name = self._fn(path)
+            except Exception as e:  # the user's own error, with the path it was called on
+                e.add_note(f"(raised by module_map({path!r}); it should return None for paths it does not map)")
+                raise
             if name is not None and not isinstance(name, str):
                 raise TypeError(f"module_map({path!r}) returned {name!r}, not a str or None.")
             return name
@@ -99,12 +105,6 @@ class _Resolver:
             if m:
                 return m.expand(repl)
         return None
-
-    def quiet(self, path: str) -> Optional[str]:
-        try:
-            return self(path)
-        except Exception:  # a user callable may raise for paths it does not know
-            return None
 
 
 def _fields(template: str) -> int:
@@ -137,16 +137,12 @@ def _resolver(module_map: ModuleMap, paths: Sequence[str], what: str) -> tuple[_
 
 
 def _param_name(path: str) -> tuple[str, bool]:
-    leaf = path.rsplit("/", 1)[-1]
+    leaf = leaf_name(path)
     if leaf not in _PARAM_NAMES:
         raise ValueError(
             f"{path!r}: no torch parameter name for a leaf named {leaf!r} (known: {sorted(_PARAM_NAMES)})."
         )
     return _PARAM_NAMES[leaf]
-
-
-def _np(x: Any) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
 
 
 def _num(x: float) -> Union[int, float]:
@@ -237,7 +233,7 @@ def export_peft(
     from jlora import __version__
 
     flat = _flat(params)
-    adapted = [(p, x) for p, x in flat if isinstance(x, (LoraKernel, Trainable))]
+    adapted = [(p, x) for p, x in flat if is_node(x)]
     if not adapted:
         raise ValueError("params hold no adapters (no LoraKernel or Trainable node) to export.")
     resolve, builtin = _resolver(module_map, [p for p, _ in adapted], "export_peft")
@@ -257,7 +253,7 @@ def export_peft(
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}  # torch module name -> jlora path
     lora: dict[str, tuple[int, float, float]] = {}  # module -> (r, alpha, dropout)
-    save_modules: set[str] = set()
+    save_modules: dict[str, str] = {}  # torch module name -> jlora path of the Trainable leaf
 
     def claim(name: str, path: str) -> None:
         if name in owner and owner[name] != path:
@@ -272,14 +268,14 @@ def export_peft(
             continue
         if x.a is None or x.b is None:
             raise ValueError(f"export_peft: {path!r} is a LoraKernel without A/B.")
-        if path.rsplit("/", 1)[-1] == "embedding":
+        if leaf_name(path) == "embedding":
             raise ValueError(
                 f"export_peft: {path!r} is an embedding table (a tied output head?); PEFT's LoRA "
                 f"on embeddings has another layout (lora_embedding_A/B), which export_peft does not write."
             )
         ns = len(x.layout.stack)
         template = template_of(path, ns)
-        a, b = _np(x.a), _np(x.b)
+        a, b = _to_numpy(x.a), _to_numpy(x.b)
         r = int(a.shape[-1])
         for idx in np.ndindex(*a.shape[:ns]):
             name = _expand(template, idx)
@@ -292,7 +288,7 @@ def export_peft(
     # Leaves trained in full -> modules_to_save, with every parameter of their module.
     universe: dict[str, list[tuple[str, Any]]] = collections.defaultdict(list)
     for path, x in flat:
-        t = resolve.quiet(path)
+        t = resolve(path)
         if t is not None:
             universe[t].append((path, x))
     done_templates: set[str] = set()
@@ -306,11 +302,8 @@ def export_peft(
         ns = _fields(template)
         for mpath, leaf in universe[template]:
             if isinstance(leaf, LoraKernel):
-                raise ValueError(
-                    f"export_peft: {path!r} is trained in full but {mpath!r} of the same torch module "
-                    f"is LoRA-adapted; PEFT cannot express both on one module."
-                )
-            value = _np(leaf.value if isinstance(leaf, Trainable) else leaf)
+                continue  # LoRA on a module trained in full is refused below
+            value = _to_numpy(_plain(leaf))
             if value.ndim < ns:
                 raise ValueError(f"export_peft: {mpath!r} has fewer axes than the {ns} stack axes of {template!r}.")
             pname, transpose = _param_name(mpath)
@@ -321,12 +314,15 @@ def export_peft(
                         raise ValueError(f"export_peft: {mpath!r} is not a 2-D kernel (shape {v.shape}).")
                     v = v.T
                 name = _expand(template, idx)
-                claim(name, mpath if name not in owner else owner[name])
                 tensors[f"{base_model_prefix}{name}.{pname}"] = cast(v)
-                save_modules.add(name)
-    clash = sorted(set(lora) & save_modules)
+                save_modules[name] = path
+    clash = sorted(set(lora) & set(save_modules))
     if clash:
-        raise ValueError(f"export_peft: torch module {clash[0]!r} is both LoRA-adapted and trained in full.")
+        name = clash[0]
+        raise ValueError(
+            f"export_peft: torch module {name!r} is both LoRA-adapted ({owner[name]!r}) and trained in "
+            f"full ({save_modules[name]!r}); PEFT cannot express both on one module."
+        )
 
     if lora:
         (r0, alpha0), _ = collections.Counter((r, al) for r, al, _ in lora.values()).most_common(1)[0]
@@ -350,7 +346,7 @@ def export_peft(
         for t, leaves in universe.items():
             ns = _fields(t)
             for _, leaf in leaves:
-                shape = _shape(leaf.w0 if isinstance(leaf, LoraKernel) else leaf)
+                shape = _shape(_plain(leaf))
                 for idx in np.ndindex(*shape[:ns]):
                     n = _expand(t, idx)
                     all_names[n.rsplit(".", 1)[-1]].add(n)
@@ -439,6 +435,15 @@ def _load_peft_config(file: Path) -> dict:
     return config
 
 
+class _Mapped(NamedTuple):
+    """A base leaf that module_map names (see import_peft)."""
+
+    template: str
+    stack: tuple[int, ...]  # the leaf's axes that the template's '{}' fields index
+    layout: Optional[Layout]  # LoRA factors' layout; None where the in/out axes are ambiguous
+    stack_shape: tuple[int, ...]
+
+
 def import_peft(
     directory: PathLike,
     base: Any,
@@ -507,7 +512,7 @@ def import_peft(
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"import_peft: {st_file} could not be read: {e}") from None
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_leafish)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_unit)
     paths = [path_str(p) for p, _ in flat]
     leaves = [x for _, x in flat]
     if module_map is None:
@@ -519,25 +524,35 @@ def import_peft(
     else:
         resolve = _Resolver(module_map)
 
-    # torch module name -> (leaf index, stack index); all base leaves a module name maps to.
-    where: dict[str, list[tuple[int, tuple[int, ...]]]] = collections.defaultdict(list)
-    templates: dict[int, str] = {}
+    # Each base leaf module_map names, once: its template, the axes the template's fields index
+    # and, for LoRA, its layout (None where the in/out axes are ambiguous).
+    mapped: dict[int, _Mapped] = {}
+    # (torch module name, torch parameter name) -> [(leaf index, stack index)]; the parameter name
+    # is None for a leaf name jlora does not know (it may be the module's weight).
+    where: dict[tuple[str, Optional[str]], list[tuple[int, tuple[int, ...]]]] = collections.defaultdict(list)
     for i, (path, x) in enumerate(zip(paths, leaves)):
-        t = resolve.quiet(path)
+        t = resolve(path)
         if t is None:
             continue
-        templates[i] = t
         ns = _fields(t)
         shape = _shape(_plain(x))
         if isinstance(x, LoraKernel) and len(x.layout.stack) == ns:
-            stack_shape = tuple(shape[a] for a in x.layout.stack)
+            m = _Mapped(t, x.layout.stack, x.layout, tuple(shape[a] for a in x.layout.stack))
+        elif len(shape) < ns:
+            raise ValueError(
+                f"import_peft: {path!r} has shape {shape}, fewer axes than the {ns} '{{}}' fields of "
+                f"its module name {t!r}."
+            )
         else:
-            stack_shape = shape[:ns]
-        for idx in np.ndindex(*stack_shape):
-            where[_expand(t, idx)].append((i, idx))
+            layout = Layout(tuple(range(ns)), (ns,), (ns + 1,)) if len(shape) == ns + 2 else None
+            m = _Mapped(t, tuple(range(ns)), layout, shape[:ns])
+        mapped[i] = m
+        pname = _PARAM_NAMES.get(leaf_name(path), (None,))[0]
+        for idx in np.ndindex(*m.stack_shape):
+            where[_expand(t, idx), pname].append((i, idx))
 
     def known_modules() -> list[str]:
-        return sorted(where)
+        return sorted({module for module, _ in where})
 
     lora: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     saved: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
@@ -580,7 +595,7 @@ def import_peft(
                     f"import_peft: key {base_model_prefix}{name}.lora_{part}.weight is missing "
                     f"(its lora_{other} is present)."
                 )
-        targets = where.get(name)
+        targets = where.get((name, "weight"), []) + where.get((name, None), [])
         if not targets:
             raise ValueError(
                 f"import_peft: key {key!r}: module {name!r} has no kernel in base (nearest modules: "
@@ -605,22 +620,16 @@ def import_peft(
 
     new = list(_plain(x) for x in leaves)
     for i, parts in per_leaf.items():
-        x, path = leaves[i], paths[i]
+        path, (template, _, layout, stack_shape) = paths[i], mapped[i]
         w0 = new[i]
         shape = _shape(w0)
-        ns = _fields(templates[i])
-        if isinstance(x, LoraKernel) and len(x.layout.stack) == ns:
-            layout = x.layout
-        elif len(shape) == ns + 2:
-            layout = Layout(tuple(range(ns)), (ns,), (ns + 1,))
-        else:
+        if layout is None:
             raise ValueError(
                 f"import_peft: base kernel {path!r} has shape {shape}; which of its axes are inputs "
                 f"and which outputs is ambiguous. Pass params injected by jlora.inject(..., "
                 f"example_args=...) as base: their recorded layouts are used."
             )
-        stack_shape = tuple(shape[a] for a in layout.stack)
-        in_flat = math.prod(shape[a] for a in layout.in_)
+        in_flat = layout.fan_in(shape)
         out_flat = math.prod(shape[a] for a in layout.out)
         first = next(iter(parts.values()))
         r, scale = first[2], first[3]
@@ -629,7 +638,7 @@ def import_peft(
         for idx in np.ndindex(*stack_shape):
             if idx not in parts:
                 raise ValueError(
-                    f"import_peft: key {base_model_prefix}{_expand(templates[i], idx)}.lora_A.weight "
+                    f"import_peft: key {base_model_prefix}{_expand(template, idx)}.lora_A.weight "
                     f"is missing: the stacked kernel {path!r} is adapted in other layers, and a "
                     f"stacked kernel needs an adapter in every layer."
                 )
@@ -647,26 +656,23 @@ def import_peft(
                 raise ValueError(f"import_peft: key {kb!r} has shape {lb.shape}, expected {(out_flat, r)} for {path!r}.")
             a, b = _from_torch(la.astype(np.float32), lb.astype(np.float32), layout, shape)
             a_full[idx], b_full[idx] = a, b
-        new[i] = LoraKernel(
-            w0,
-            jnp.asarray(a_full, dtype=dtype),
-            jnp.asarray(b_full, dtype=dtype),
-            layout=layout,
-            scale=scale,
-            dropout=dropout,
-        )
+        # Sharded like the base they are loaded over, as load_adapters does.
+        a, b = place_factors(w0, layout, a_full.astype(jnp.dtype(dtype)), b_full.astype(jnp.dtype(dtype)))
+        new[i] = LoraKernel(w0, jnp.asarray(a), jnp.asarray(b), layout=layout, scale=scale, dropout=dropout)
 
     # modules_to_save -> Trainable leaves
     used: set[tuple[str, str]] = set()
-    for i, t in templates.items():
-        ns = _fields(t)
-        hits = [(idx, _expand(t, idx)) for idx in np.ndindex(*_shape(new[i])[:ns])]
+    for i, (template, stack, _, stack_shape) in mapped.items():
+        hits = [(idx, _expand(template, idx)) for idx in np.ndindex(*stack_shape)]
         if not any(name in saved for _, name in hits):
             continue
         if isinstance(new[i], LoraKernel):
             raise ValueError(f"import_peft: {paths[i]!r} is both LoRA-adapted and in modules_to_save.")
         pname, transpose = _param_name(paths[i])
-        value = np.array(_np(new[i]))
+        plain = new[i]
+        # Stack axes first (they may sit elsewhere in a base LoraKernel's w0), so value[idx] is a layer.
+        lead = tuple(range(len(stack)))
+        value = np.moveaxis(np.array(_to_numpy(plain)), stack, lead)
         for idx, name in hits:
             key = f"{base_model_prefix}{name}.{pname}"
             if pname not in saved.get(name, {}):
@@ -677,7 +683,8 @@ def import_peft(
                 raise ValueError(f"import_peft: key {key!r} has shape {v.shape}, expected {value[idx].shape}.")
             value[idx] = v
             used.add((name, pname))
-        new[i] = Trainable(jnp.asarray(value, dtype=_shape_dtype(leaves[i])))
+        value = np.moveaxis(value, lead, stack)  # dtype is plain's: np.array kept it
+        new[i] = Trainable(jnp.asarray(place_like(plain, value)))
     for module, ps in saved.items():
         for pname in ps:
             if (module, pname) not in used:
@@ -686,15 +693,3 @@ def import_peft(
                     f"leaf in base (nearest modules: {nearest(module, known_modules(), 3)})."
                 )
     return jax.tree_util.tree_unflatten(treedef, new)
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, LoraKernel):
-        return x.w0
-    if isinstance(x, Trainable):
-        return x.value
-    return x
-
-
-def _shape_dtype(x: Any) -> Any:
-    return getattr(_plain(x), "dtype", None)

@@ -99,10 +99,14 @@ def test_roundtrip_over_plain_base(tmp_path):
     restored = load_adapters(tmp_path / "ck", base)
     _assert_same_adapters(restored, params)
     assert jax.tree.structure(restored) == jax.tree.structure(params)
-    # The restored params compute the same merged weights (bitwise: same inputs, same ops).
-    jax.tree.map(np.testing.assert_array_equal, jlora.merge(restored), jlora.merge(params))
-    # And differ from the base where adapters are nonzero (the test is not vacuous).
-    assert not np.allclose(jlora.merge(restored)["params"]["dense"]["kernel"], base["params"]["dense"]["kernel"])
+    # The restored adapters act as W0 + s·A·B with the saved A, B and scale (written out by hand),
+    # which differs from the base (the test is not vacuous).
+    k = params["params"]["dense"]["kernel"]
+    w0 = np.asarray(base["params"]["dense"]["kernel"])
+    want = w0 + 2.0 * np.asarray(k.a) @ np.asarray(k.b)
+    got = np.asarray(jlora.merge(restored)["params"]["dense"]["kernel"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, w0)
 
 
 def test_directory_contents_and_config(tmp_path):
@@ -297,8 +301,24 @@ def test_corrupt_arrays(saved, how):
             for i in range(len(b) // 3, len(b), 7):
                 b[i] ^= 0x5A
         p.write_bytes(bytes(b))
-    with pytest.raises(CheckpointError, match="corrupt|could not be read"):
+    # TensorStore notices unreadable files before the digests are compared.
+    with pytest.raises(CheckpointError, match=r"adapters could not be read \(missing or corrupt files\)"):
         load_adapters(d, base)
+
+
+def test_wrong_arrays_fail_the_digest_check(tmp_path):
+    """Readable arrays of the right shapes that are not the ones saved (another checkpoint's files
+    copied in) are caught by the sha256 in the config."""
+    import shutil
+
+    base = _base()
+    save_adapters(tmp_path / "one", _inject(base, seed=1))
+    save_adapters(tmp_path / "two", _inject(base, seed=2))
+    shutil.rmtree(tmp_path / "one" / "adapters")
+    shutil.copytree(tmp_path / "two" / "adapters", tmp_path / "one" / "adapters")
+    _assert_same_adapters(load_adapters(tmp_path / "two", base), _inject(base, seed=2))  # readable
+    with pytest.raises(CheckpointError, match=r"array '.*' is corrupt \(its sha256 does not match the config\)"):
+        load_adapters(tmp_path / "one", base)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,8 +376,16 @@ _TREE = textwrap.dedent(
 )
 
 
-def _spawn(tmp_path, directory, seed, mode):
+def _big_tree(tmp_path):
+    """``big_tree(seed, adapters)`` of _TREE, also written to ``tmp_path`` for the writer process."""
     (tmp_path / "crash_tree.py").write_text(_TREE)
+    namespace = {}
+    exec(_TREE, namespace)
+    return namespace["big_tree"]
+
+
+def _spawn(tmp_path, directory, seed, mode):
+    """The writer process (after ``_big_tree(tmp_path)``), saving ``big_tree(seed)`` to ``directory``."""
     (tmp_path / "writer.py").write_text(_WRITER)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen(
@@ -389,18 +417,27 @@ def _partial_data(work: Path) -> bool:
     return False
 
 
-def _old_ok(directory, tmp_path):
-    sys.path.insert(0, str(tmp_path))
+def _kill_after(proc, wait):
+    """SIGKILL the writer once ``wait()`` returns; it must have died of it, before finishing."""
     try:
-        from crash_tree import big_tree
+        wait()
+        proc.kill()  # SIGKILL
+        proc.wait(30)
     finally:
-        sys.path.remove(str(tmp_path))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert "DONE" not in proc.stdout.read()
+
+
+def _old_ok(directory, big_tree):
+    """``directory`` holds the previous checkpoint, ``big_tree(0)``."""
     got = load_adapters(directory, big_tree(0, adapters=False))
     want = big_tree(0, adapters=True)
     np.testing.assert_array_equal(got["dense"]["kernel"].a, want["dense"]["kernel"].a)
     for i in (0, 23):
         np.testing.assert_array_equal(got[f"block_{i}"]["w"].value, want[f"block_{i}"]["w"].value)
-    return big_tree
 
 
 @pytest.mark.parametrize("mode", ["during_write", "before_commit"])
@@ -409,36 +446,23 @@ def test_sigkill_midway_keeps_previous_checkpoint(tmp_path, mode):
     work.mkdir()
     target = work / "ckpt"
     # The previous checkpoint (seed 0), written normally.
-    sys.path.insert(0, str(tmp_path))
-    (tmp_path / "crash_tree.py").write_text(_TREE)
-    try:
-        from crash_tree import big_tree
-    finally:
-        sys.path.remove(str(tmp_path))
+    big_tree = _big_tree(tmp_path)
     save_adapters(target, big_tree(0, adapters=True))
 
+    def during_write():
+        _wait_for(proc, "START")
+        # Kill as soon as array data has started to land in the temporary directory, i.e.
+        # while Orbax is writing into it.
+        t0 = time.time()
+        while not _partial_data(work):
+            assert proc.poll() is None and time.time() - t0 < 60, "writer finished or stalled"
+            time.sleep(0.001)
+
     proc = _spawn(tmp_path, target, 1, "plain" if mode == "during_write" else mode)
-    try:
-        if mode == "during_write":
-            _wait_for(proc, "START")
-            # Kill as soon as array data has started to land in the temporary directory, i.e.
-            # while Orbax is writing into it.
-            t0 = time.time()
-            while not _partial_data(work):
-                assert proc.poll() is None and time.time() - t0 < 60, "writer finished or stalled"
-                time.sleep(0.001)
-        else:
-            _wait_for(proc, "COMMIT")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    assert "DONE" not in proc.stdout.read()
+    _kill_after(proc, during_write if mode == "during_write" else lambda: _wait_for(proc, "COMMIT"))
 
     # The previous checkpoint is intact, and nothing half-written is visible under the name.
-    _old_ok(target, tmp_path)
+    _old_ok(target, big_tree)
     visible = [n for n in os.listdir(work) if not n.startswith(".")]
     assert visible == ["ckpt"]
     leftovers = [n for n in os.listdir(work) if n.startswith(".")]
@@ -459,24 +483,13 @@ def test_sigkill_between_fallback_renames_recovers_old(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     target = work / "ckpt"
-    (tmp_path / "crash_tree.py").write_text(_TREE)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        from crash_tree import big_tree
-    finally:
-        sys.path.remove(str(tmp_path))
+    big_tree = _big_tree(tmp_path)
     save_adapters(target, big_tree(0, adapters=True))
     proc = _spawn(tmp_path, target, 1, "between_renames")
-    try:
-        _wait_for(proc, "RENAMED")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_after(proc, lambda: _wait_for(proc, "RENAMED"))
     assert not target.exists()
     with pytest.warns(UserWarning, match="interrupted overwrite"):
-        _old_ok(target, tmp_path)
+        _old_ok(target, big_tree)
     save_adapters(target, big_tree(2, adapters=True))
     assert os.listdir(work) == ["ckpt"]
 
@@ -486,13 +499,18 @@ def test_overwrite_uses_atomic_exchange_on_linux(tmp_path, monkeypatch):
         pytest.skip("renameat2 is Linux-only")
     from jlora import _checkpoint as C
 
-    calls = []
+    results = []
     real = C._exchange
-    monkeypatch.setattr(C, "_exchange", lambda a, b: calls.append((a, b)) or real(a, b))
+
+    def exchange(a, b):
+        results.append(real(a, b))
+        return results[-1]
+
+    monkeypatch.setattr(C, "_exchange", exchange)
     base = _base()
     save_adapters(tmp_path / "ck", _inject(base, 1))
     save_adapters(tmp_path / "ck", _inject(base, 2), overwrite=True)
-    assert len(calls) == 1
+    assert results == [True]  # renameat2 swapped them (False would be the two-rename fallback)
     _assert_same_adapters(load_adapters(tmp_path / "ck", base), _inject(base, 2))
 
 
@@ -583,10 +601,15 @@ def test_resume_from_step_3_is_bitwise(tmp_path):
 
 
 def test_train_checkpointer_keeps_last_k_and_restores_latest(tmp_path):
-    base, _ = _tiny_problem()
+    base, batches = _tiny_problem()
     params = _fresh_params(base, 0)
     tx = jlora.optimizer(optax.adam(1e-2), params)
-    opt_state = tx.init(params)
+    # The state after real updates (every moment nonzero, count 2), not tx.init's zeros.
+    step = _make_step(tx)
+    p, opt_state, _ = step(params, tx.init(params), *batches[0])
+    _, opt_state, _ = step(p, opt_state, *batches[1])
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), opt_state, tx.init(params))
+    assert all(jax.tree.leaves(moved))
     with TrainCheckpointer(tmp_path / "run", every=1, keep=2) as ckpt:
         for i in range(1, 6):
             p = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, LoraKernel))
@@ -594,9 +617,10 @@ def test_train_checkpointer_keeps_last_k_and_restores_latest(tmp_path):
             p["l2"]["kernel"] = LoraKernel(k.w0, k.a, k.b + i, layout=k.layout, scale=k.scale)
             ckpt.save(i, p, opt_state)
         assert ckpt.all_steps() == [4, 5]
-        got = ckpt.restore(base, opt_state)
+        got = ckpt.restore(base, tx.init(params))  # restored into a fresh state
         assert got.step == 5
         np.testing.assert_array_equal(got.params["l2"]["kernel"].b, np.full((2, 3), 5.0))
+        assert jax.tree.structure(got.opt_state) == jax.tree.structure(opt_state)
         jax.tree.map(np.testing.assert_array_equal, got.opt_state, opt_state)
         # Adapters only.
         assert ckpt.restore(base).opt_state is None
@@ -625,24 +649,33 @@ def test_async_train_checkpointer(tmp_path):
     base, _ = _tiny_problem()
     params = _fresh_params(base, 0)
     tx = jlora.optimizer(optax.adam(1e-2), params)
+    adapters, frozen = jlora.split(params)
+
+    def at(i):  # params and optimizer state that differ at every step
+        state = jax.tree.map(lambda x: x + i, tx.init(params))
+        return jlora.combine(jax.tree.map(lambda x: x + i, adapters), frozen), state
+
     with TrainCheckpointer(tmp_path / "run", every=2, keep=1, async_save=True) as ckpt:
         for i in range(1, 5):
-            ckpt.save(i, params, tx.init(params))
+            p, s = at(i)
+            ckpt.save(i, p, s)
+            # The arrays were copied to host before save returned: freeing them now (as a donating
+            # train step would) must not change what is written in the background.
+            for x in jax.tree.leaves((jlora.split(p)[0], s)):
+                x.delete()
         got = ckpt.restore(base, tx.init(params))
     assert got.step == 4
-    _assert_same_adapters(got.params, params)
+    want_params, want_state = at(4)
+    _assert_same_adapters(got.params, want_params)
+    jax.tree.map(np.testing.assert_array_equal, got.opt_state, want_state)
 
 
 # ------------------------------------------------------------------------------------------------
-# With jlora.inject (once it exists): save, load, and the restored params run in `apply`.
+# With jlora.inject: save, load, and the restored params run in `apply`.
 # ------------------------------------------------------------------------------------------------
 def test_with_inject_and_apply(tmp_path):
-    try:
-        inject = jlora.inject
-    except (AttributeError, ImportError):
-        pytest.skip("jlora.inject is not available yet")
     base, batches = _tiny_problem()
-    params, apply = inject(base, _model, rank=4, key=jax.random.key(0), example_args=(batches[0][0],))
+    params, apply = jlora.inject(base, _model, rank=4, key=jax.random.key(0), example_args=(batches[0][0],))
     # Make B nonzero so that the adapters matter.
     params = jax.tree.map(
         lambda x: LoraKernel(x.w0, x.a, x.b + 0.1, layout=x.layout, scale=x.scale, dropout=x.dropout)

@@ -24,6 +24,7 @@ import pytest
 
 import jlora
 from jlora import Layout, LoraKernel, Trainable
+from jlora import _peft
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -210,13 +211,18 @@ def test_multi_axis_layouts_flatten_row_major(tmp_path):
     d = export_peft(tmp_path / "m", params, module_map=lambda p: p.split("/")[0])
     st = _load(d)
     merged = jlora.merge(params)
-    for name, (shape, layout) in shapes.items():
-        # Reference: the torch weight of kernel W is W with its input axes (in kernel order)
-        # flattened into columns and output axes into rows.
-        dW = np.asarray(merged[name]["kernel"] - base[name]["kernel"])
-        perm = sorted(layout.out) + sorted(layout.in_)
-        n_out = math.prod(shape[i] for i in layout.out)
-        want = dW.transpose(perm).reshape(n_out, -1)
+
+    def torch_weight(name, W):
+        """The (out, in) torch.nn.Linear weight of kernel W, element by element: e.g. "t" (H, D, K)
+        is torch.nn.Linear(D, H*K) with weight[h*K + k, d] = W[h, d, k]."""
+        if name == "q":  # (D, H, K) -> Linear(D, H*K)
+            return np.array([[W[d, h, k] for d in range(D)] for h in range(H) for k in range(K)])
+        if name == "o":  # (H, K, D) -> Linear(H*K, D)
+            return np.array([[W[h, k, d] for h in range(H) for k in range(K)] for d in range(D)])
+        return np.array([[W[h, d, k] for d in range(D)] for h in range(H) for k in range(K)])
+
+    for name in shapes:
+        want = torch_weight(name, np.asarray(merged[name]["kernel"] - base[name]["kernel"]))
         got = 0.5 * st[f"base_model.model.{name}.lora_B.weight"] @ st[f"base_model.model.{name}.lora_A.weight"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # Multi-axis kernels need their layouts on import: pass injected params as the base.
@@ -230,9 +236,8 @@ def test_multi_axis_layouts_flatten_row_major(tmp_path):
 
 def test_dict_module_map_and_prefix(tmp_path):
     rng = np.random.default_rng(0)
-    w0 = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
-    params = {"encoder": {"blocks": [{"attn": {"w": LoraKernel(w0, jnp.ones((4, 2)), jnp.ones((2, 3)),
-                                                              layout=Layout((), (0,), (1,)), scale=1.0)}}]}}
+    w0, a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((4, 3), (4, 2), (2, 3)))
+    params = {"encoder": {"blocks": [{"attn": {"w": LoraKernel(w0, a, b, layout=Layout((), (0,), (1,)), scale=1.0)}}]}}
     mm = {r"encoder/blocks/(\d+)/attn/w": r"encoder.layer.\1.attention.query"}
     d = export_peft(tmp_path / "x", params, module_map=mm, base_model_prefix="")
     assert sorted(_load(d)) == ["encoder.layer.0.attention.query.lora_A.weight",
@@ -240,7 +245,8 @@ def test_dict_module_map_and_prefix(tmp_path):
     cfg = _cfg(d)
     assert cfg["task_type"] is None and cfg["target_modules"] == ["query"]
     back = import_peft(d, {"encoder": {"blocks": [{"attn": {"w": w0}}]}}, module_map=mm, base_model_prefix="")
-    np.testing.assert_array_equal(back["encoder"]["blocks"][0]["attn"]["w"].a, np.ones((4, 2)))
+    np.testing.assert_array_equal(back["encoder"]["blocks"][0]["attn"]["w"].a, a)
+    np.testing.assert_array_equal(back["encoder"]["blocks"][0]["attn"]["w"].b, b)
 
 
 def test_export_errors(tmp_path):
@@ -377,13 +383,6 @@ def test_import_corrupt_files(exported):
         import_peft(d, base)
 
 
-def test_import_rslora_scale(exported):
-    d, base = exported
-    _edit_config(d, use_rslora=True, lora_alpha=6)
-    p = import_peft(d, base)
-    assert p["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"].scale == pytest.approx(6 / math.sqrt(2))
-
-
 def test_import_replaces_existing_adapters(exported):
     d, base = exported
     injected = _adapt(_llama_tree(n_layers=2), ["q_proj", "up_proj"], rank=3, seed=9)
@@ -394,17 +393,82 @@ def test_import_replaces_existing_adapters(exported):
 
 
 def test_builtin_map_covers_both_layouts():
-    import re
-
-    def name(path):
-        for k, v in LLAMA_MODULE_MAP.items():
-            m = re.fullmatch(k, path)
-            if m:
-                return m.expand(v)
-
+    name = _peft._Resolver(LLAMA_MODULE_MAP)
     assert name("params/layers_12/self_attn/q_proj/kernel") == "model.layers.12.self_attn.q_proj"
     assert name("layers/mlp/down_proj/kernel") == "model.layers.{0}.mlp.down_proj"
     assert name("params/lm_head/kernel") == "lm_head"
+    assert name("layers_3/post_attention_layernorm/scale") == "model.layers.3.post_attention_layernorm"
+    assert name("params/layers/input_layernorm/scale") == "model.layers.{0}.input_layernorm"
+    assert name("params/layers_0/self_attn/q_proj/bias") is None
+
+
+def test_target_modules_sees_stacked_trainable_layers(tmp_path):
+    # A stacked leaf trained in full names one module per layer. The short name "0" would make
+    # PEFT adapt model.layers.0 too, so the LoRA modules x.0 / x.1 need their full names.
+    k = lambda: LoraKernel(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)),  # noqa: E731
+                           layout=Layout((), (0,), (1,)), scale=1.0)
+    params = {"x": [{"kernel": k()}, {"kernel": k()}], "norm": {"scale": Trainable(jnp.ones((2, 3)))}}
+    mm = {r"x/(\d+)/kernel": r"x.\1", r"norm/scale": "model.layers.{0}"}
+    cfg = _cfg(export_peft(tmp_path / "p", params, module_map=mm))
+    assert cfg["modules_to_save"] == ["model.layers.0", "model.layers.1"]
+    assert cfg["target_modules"] == ["x.0", "x.1"]
+
+
+def test_import_module_with_kernel_and_bias(tmp_path):
+    # module_map names a module's kernel and bias alike (as a torch module has both); lora_A/B go
+    # to the kernel, and a bias in modules_to_save to the bias.
+    rng = np.random.default_rng(0)
+    base = {"lin": {"kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), "bias": jnp.zeros(3)},
+            "head": {"kernel": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32), "bias": jnp.zeros(5)}}
+    mm = lambda p: p.split("/")[0]  # noqa: E731
+    params = _randomize({"lin": {"kernel": LoraKernel(base["lin"]["kernel"], jnp.zeros((4, 2)), jnp.zeros((2, 3)),
+                                                      layout=Layout((), (0,), (1,)), scale=1.5),
+                                 "bias": base["lin"]["bias"]},
+                         "head": {"kernel": base["head"]["kernel"], "bias": Trainable(jnp.arange(5.0))}})
+    d = export_peft(tmp_path / "p", params, module_map=mm)
+    assert _cfg(d)["modules_to_save"] == ["head"]
+    back = import_peft(d, base, module_map=mm)
+    got = back["lin"]["kernel"]
+    assert isinstance(got, LoraKernel) and got.scale == 1.5
+    np.testing.assert_array_equal(got.a, params["lin"]["kernel"].a)
+    np.testing.assert_array_equal(got.b, params["lin"]["kernel"].b)
+    assert isinstance(back["head"]["bias"], Trainable) and isinstance(back["head"]["kernel"], Trainable)
+    np.testing.assert_array_equal(back["head"]["bias"].value, np.arange(5.0))
+
+
+def test_module_map_errors_propagate(tmp_path):
+    k = LoraKernel(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), layout=Layout((), (0,), (1,)), scale=1.0)
+    names = {"lin/kernel": "lin"}
+    with pytest.raises(KeyError, match="other"):
+        export_peft(tmp_path / "p", {"lin": {"kernel": k}, "other": {"w": jnp.zeros(3)}}, module_map=names.__getitem__)
+    d = export_peft(tmp_path / "p", {"lin": {"kernel": k}}, module_map=names.__getitem__)
+    with pytest.raises(KeyError, match="other"):
+        import_peft(d, {"lin": {"kernel": k.w0}, "other": {"w": jnp.zeros(3)}}, module_map=names.__getitem__)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+def test_import_places_adapters_like_sharded_base(tmp_path):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jlora._sharding import adapter_shardings
+
+    mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    rng = np.random.default_rng(0)
+    w0 = jax.device_put(jnp.asarray(rng.standard_normal((8, 6)), jnp.float32), NamedSharding(mesh, P("x", None)))
+    scale = jax.device_put(jnp.ones(6), NamedSharding(mesh, P("x")))
+    base = {"lin": {"kernel": w0}, "norm": {"scale": scale}}
+    layout = Layout((), (0,), (1,))
+    params = _randomize({"lin": {"kernel": LoraKernel(w0, jnp.zeros((8, 2)), jnp.zeros((2, 6)), layout=layout, scale=1.0)},
+                         "norm": {"scale": Trainable(scale * 2)}})
+    mm = lambda p: p.split("/")[0]  # noqa: E731
+    back = import_peft(export_peft(tmp_path / "p", params, module_map=mm), base, module_map=mm)
+    got = back["lin"]["kernel"]
+    sa, sb = adapter_shardings(w0.sharding, layout, 2)
+    assert len(got.a.sharding.device_set) == 2
+    assert got.a.sharding.is_equivalent_to(sa, 2) and got.b.sharding.is_equivalent_to(sb, 2)
+    assert back["norm"]["scale"].value.sharding.is_equivalent_to(scale.sharding, 1)
+    np.testing.assert_array_equal(got.a, params["lin"]["kernel"].a)
+    np.testing.assert_array_equal(back["norm"]["scale"].value, 2 * np.ones(6))
 
 
 # ================================================================================================
