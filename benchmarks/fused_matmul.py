@@ -24,13 +24,15 @@ import statistics
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (os.path.dirname(_HERE), _HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import lora_step as L  # noqa: E402
 from jlora._fused import DEFAULT_TILES, Tiles, lora_matmul, supported  # noqa: E402
 
 # name -> tile configuration of the Hopper kernel (Tiles' fields: tile_m, tile_n per warpgroup,
@@ -159,9 +161,8 @@ def main(argv=None):
                   f"{fb_ms:8.3f} {fb_ms / base['fwdbwd_ms']:7.3f} "
                   f"{r.get('err_fwd', 0):8.1e} {r.get('err_bwd', 0):8.1e}")
     if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump({"jax": jax.__version__, "device": str(jax.devices()[0]), "m": args.m,
-                       "rank": args.rank, "rows": rows}, fh, indent=1)
+        L.write_json(args.json_path, {"env": L.environment(), "jax": jax.__version__, "device": str(jax.devices()[0]),
+                                      "m": args.m, "rank": args.rank, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -51,12 +51,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-try:  # the benchmark's other variants must run even while jlora itself does not import
-    import jlora
-    _JLORA_IMPORT_ERROR = None
-except Exception as _e:  # pragma: no cover - depends on the state of the package
-    jlora = None
-    _JLORA_IMPORT_ERROR = f"import jlora: {type(_e).__name__}: {_e}"
+import jlora  # noqa: E402
+from jlora._paths import path_str  # noqa: E402
+from jlora._tree import iter_kernels  # noqa: E402
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 VARIANTS = ("floor", "handwritten", "merged", "full", "jlora", "jlora_f32", "jlora_fused")
@@ -273,59 +270,49 @@ def attn_flops_fwd_per_token(c: Cfg) -> float:
 # Adapters
 
 
-def _path_str(path) -> str:
-    parts = []
-    for e in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(e, attr):
-                parts.append(str(getattr(e, attr)))
-                break
-        else:
-            parts.append(str(e))
-    return "/".join(parts)
-
-
-def _is_kernel(x) -> bool:
-    return jlora is not None and isinstance(x, jlora.LoraKernel)
-
-
-def _is_pair(x) -> bool:
-    return _is_kernel(x) or (isinstance(x, dict) and set(x) == {"a", "b"})
+def _is_handwritten_pair(x) -> bool:
+    return isinstance(x, dict) and set(x) == {"a", "b"}
 
 
 def adapter_pairs(tree) -> dict[str, tuple[Any, Any]]:
     """``{path: (A, B)}`` for a jlora tree (LoraKernel nodes) or a hand-written one ({'a', 'b'})."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_pair)
-    out = {}
-    for path, x in flat:
-        if _is_kernel(x):
-            out[_path_str(path)] = (x.a, x.b)
-        elif isinstance(x, dict):
-            out[_path_str(path)] = (x["a"], x["b"])
+    out = {path: (k.a, k.b) for path, k in iter_kernels(tree) if isinstance(k, jlora.LoraKernel)}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_handwritten_pair)
+    out.update({path_str(path): (x["a"], x["b"]) for path, x in flat if _is_handwritten_pair(x)})
     return out
 
 
-def handwritten_from_pairs(pairs: dict[str, tuple[Any, Any]], c: Cfg, dtype=DT):
-    """The hand-written adapter tree (mirroring params['layers']) from ``{path: (A, B)}``."""
+def adapter_shapes(c: Cfg) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{path: (A's shape, B's shape)}`` of the adapter on every projection (paths as in ``params``)."""
+    r, shapes = c.rank, c.proj_shapes()
+    if c.scan:
+        return {f"layers/{n}": ((c.layers, i, r), (c.layers, r, o)) for n, (i, o) in shapes.items()}
+    return {f"layers/{l}/{n}": ((i, r), (r, o)) for l in range(c.layers) for n, (i, o) in shapes.items()}
 
-    def get(path, a_shape, b_shape):
+
+def check_pair_shapes(pairs: dict[str, tuple[Any, Any]], c: Cfg) -> None:
+    """Raise unless ``pairs`` has an A (…, in, r) and a B (…, r, out) at every projection's path."""
+    for path, (a_shape, b_shape) in adapter_shapes(c).items():
         if path not in pairs:
             raise KeyError(f"no adapter at {path!r}; have {sorted(pairs)[:8]}...")
         a, b = pairs[path]
         if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
             raise ValueError(f"{path}: A{tuple(a.shape)} B{tuple(b.shape)}, expected A{a_shape} B{b_shape}")
-        # copies: the step donates its state, and the same pairs seed several variants
-        return {"a": jnp.array(a, dtype, copy=True), "b": jnp.array(b, dtype, copy=True)}
 
-    r, shapes = c.rank, c.proj_shapes()
+
+def handwritten_from_pairs(pairs: dict[str, tuple[Any, Any]], c: Cfg, dtype=DT):
+    """The hand-written adapter tree (mirroring params['layers']) from ``{path: (A, B)}``."""
+    check_pair_shapes(pairs, c)
+    # copies: the step donates its state, and the same pairs seed several variants
+    get = lambda path: {"a": jnp.array(pairs[path][0], dtype, copy=True),
+                        "b": jnp.array(pairs[path][1], dtype, copy=True)}
     if c.scan:
-        L = c.layers
-        return {n: get(f"layers/{n}", (L, i, r), (L, r, o)) for n, (i, o) in shapes.items()}
-    return [{n: get(f"layers/{l}/{n}", (i, r), (r, o)) for n, (i, o) in shapes.items()} for l in range(c.layers)]
+        return {n: get(f"layers/{n}") for n in PROJ}
+    return [{n: get(f"layers/{l}/{n}") for n in PROJ} for l in range(c.layers)]
 
 
 def own_init_pairs(seed: int, c: Cfg) -> dict[str, tuple[Any, Any]]:
-    """A ~ N(0, 1/fan_in), B = 0 (jlora's documented init), when jlora.inject is not there.
+    """A ~ N(0, 1/fan_in), B = 0 (jlora's documented init), for a run without a jlora variant.
 
     Host-side numpy (adapters are small): no per-shape XLA compiles for eager random ops.
     """
@@ -358,35 +345,14 @@ def set_jlora_pairs(lora_params, pairs, dtype):
 
     def visit(path, x):
         if isinstance(x, jlora.LoraKernel):
-            a, b = pairs[_path_str(path)]
+            a, b = pairs[path_str(path)]
             if tuple(a.shape) != tuple(x.a.shape) or tuple(b.shape) != tuple(x.b.shape):
-                raise ValueError(f"{_path_str(path)}: shapes differ from the reference adapters")
+                raise ValueError(f"{path_str(path)}: shapes differ from the reference adapters")
             return jlora.LoraKernel(x.w0, jnp.array(a, dtype, copy=True), jnp.array(b, dtype, copy=True), layout=x.layout,
                                     scale=x.scale, dropout=x.dropout)
         return x
 
     return jax.tree_util.tree_map_with_path(visit, lora_params, is_leaf=lambda x: isinstance(x, jlora.LoraKernel))
-
-
-def jlora_scale(lora_params) -> float:
-    scales = {
-        x.scale
-        for x in jax.tree.leaves(lora_params, is_leaf=lambda y: isinstance(y, jlora.LoraKernel))
-        if isinstance(x, jlora.LoraKernel)
-    }
-    if len(scales) != 1:
-        raise ValueError(f"expected one LoRA scale across kernels, got {sorted(scales)}")
-    return scales.pop()
-
-
-def get_inject():
-    """``jlora.inject`` or the reason it is not available yet."""
-    if jlora is None:
-        return None, _JLORA_IMPORT_ERROR
-    try:
-        return jlora.inject, None
-    except Exception as e:  # ImportError until jlora/_inject.py lands
-        return None, f"{type(e).__name__}: {e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,36 +368,31 @@ def floor_step(c: Cfg):
     return step
 
 
-def lora_step(c: Cfg, tx, mode: str, scale: float):
-    def step(state, params, tokens):
-        lora, opt = state
-        f = lambda lo: xent(forward(params, tokens, c, lora=lo, mode=mode, scale=scale), tokens)
-        loss, g = jax.value_and_grad(f)(lora)
-        upd, opt = tx.update(g, opt, lora)
-        return (optax.apply_updates(lora, upd), opt), loss, g
+def optax_step(loss_fn: Callable, tx, *, grads: bool = True):
+    """``step(state, const, tokens) -> ((params, opt), loss, grads)``: ``jax.value_and_grad`` of
+    ``loss_fn(params, const, tokens)`` w.r.t. ``params``, then ``tx.update`` and ``optax.apply_updates``.
+    ``grads=False`` gives None for the gradients (they are then not an output of the step)."""
+
+    def step(state, const, tokens):
+        params, opt = state
+        loss, g = jax.value_and_grad(loss_fn)(params, const, tokens)
+        upd, opt = tx.update(g, opt, params)
+        return (optax.apply_updates(params, upd), opt), loss, (g if grads else None)
 
     return step
+
+
+def lora_step(c: Cfg, tx, mode: str, scale: float):
+    return optax_step(
+        lambda lora, params, tokens: xent(forward(params, tokens, c, lora=lora, mode=mode, scale=scale), tokens), tx)
 
 
 def full_step(c: Cfg, tx):
-    def step(state, _unused, tokens):
-        params, opt = state
-        loss, g = jax.value_and_grad(lambda p: xent(forward(p, tokens, c), tokens))(params)
-        upd, opt = tx.update(g, opt, params)
-        return (optax.apply_updates(params, upd), opt), loss, None
-
-    return step
+    return optax_step(lambda params, _unused, tokens: xent(forward(params, tokens, c), tokens), tx, grads=False)
 
 
 def jlora_step(apply: Callable, tx):
-    def step(state, base, tokens):
-        adapters, opt = state
-        f = lambda ad: xent(apply(jlora.combine(ad, base), tokens), tokens)
-        loss, g = jax.value_and_grad(f)(adapters)
-        upd, opt = tx.update(g, opt, adapters)
-        return (optax.apply_updates(adapters, upd), opt), loss, g
-
-    return step
+    return optax_step(lambda adapters, base, tokens: xent(apply(jlora.combine(adapters, base), tokens), tokens), tx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,14 +434,29 @@ def compile_run(run: Run, tokens):
     run.compiled = compiled
     run.res.update(trace_s=t1 - t0, lower_s=t2 - t1, compile_s=t3 - t2)
     try:
-        ma = compiled.memory_analysis()
-        arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
-        alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
-        run.res.update(xla_argument_bytes=arg, xla_output_bytes=out, xla_alias_bytes=alias, xla_temp_bytes=temp,
-                       xla_total_bytes=arg + out - alias + temp,
-                       xla_peak_bytes=int(getattr(ma, "peak_memory_in_bytes", 0) or 0) or None)
+        run.res.update(xla_memory(compiled))
     except Exception as e:  # not every backend reports it
         run.res["xla_memory_error"] = f"{type(e).__name__}: {e}"
+
+
+def xla_memory(compiled) -> dict:
+    """XLA's static memory plan of a compiled step (``compiled.memory_analysis()``), in bytes:
+    argument, output, alias, temp, and ``xla_total_bytes`` = argument + output − alias (donated
+    buffers reused) + temp. Raises where the backend reports no analysis."""
+    ma = compiled.memory_analysis()
+    arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
+    return dict(xla_argument_bytes=arg, xla_output_bytes=out, xla_alias_bytes=alias, xla_temp_bytes=temp,
+                xla_total_bytes=arg + out - alias + temp,
+                xla_peak_bytes=int(getattr(ma, "peak_memory_in_bytes", 0) or 0) or None)
+
+
+def xla_plan_bytes(compiled) -> int | None:
+    """:func:`xla_memory`'s total (argument + output − alias + temp bytes), None where there is none."""
+    try:
+        return xla_memory(compiled)["xla_total_bytes"]
+    except Exception:
+        return None
 
 
 def call(run: Run, tokens):
@@ -559,7 +535,7 @@ def environment() -> dict:
         "jax": jax.__version__,
         "jaxlib": jaxlib_version,
         "optax": optax.__version__,
-        "jlora": getattr(jlora, "__version__", None) if jlora is not None else _JLORA_IMPORT_ERROR,
+        "jlora": getattr(jlora, "__version__", None),
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
@@ -570,7 +546,7 @@ def environment() -> dict:
     }
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=1, default=str)
@@ -599,43 +575,43 @@ def main(argv=None) -> int:
     runs: dict[str, Run] = {}
     status: dict[str, str] = {}  # variant -> "ok" | "skipped: ..." | "FAILED: ..."
 
-    # Adapters: jlora's A (and its scale) when jlora.inject is there, so that handwritten, merged
-    # and both jlora variants start from identical A and B; B is then set to small random values.
-    inject, why_not = get_inject()
+    # Adapters: jlora's A when a jlora variant runs, so that handwritten, merged and the jlora
+    # variants start from identical A and B; B is then set to small random values. jlora and
+    # jlora_f32 share one inject (set_jlora_pairs casts A and B to each one's dtype; apply takes the
+    # dtype from the nodes); jlora_fused needs its own (fused_matmul=True).
     want_jlora = [v for v in a.variants if v in JLORA_VARIANTS]
-    jl_params, scale = {}, alpha / c.rank
-    pairs = None
-    if want_jlora and inject is None:
-        for v in want_jlora:
-            status[v] = f"skipped: jlora.inject not importable ({why_not})"
-    elif want_jlora:
-        for v, dt in (("jlora", jnp.bfloat16), ("jlora_f32", jnp.float32), ("jlora_fused", jnp.bfloat16)):
-            if v not in want_jlora and not (v == "jlora" and want_jlora):
-                continue
-            try:
-                t0 = time.perf_counter()
-                lp, apply = inject(params, apply_fn, c.rank, alpha=alpha, targets=list(PROJ), key=jax.random.PRNGKey(2),
-                                   example_args=(tokens,), adapter_dtype=dt,
-                                   **({"fuse_shared_inputs": True} if a.jlora_fuse else {}),
-                                   **({"fused_matmul": True} if v == "jlora_fused" else {}))
-                jax.block_until_ready(lp)
-                extra[f"{v}_inject_s"] = time.perf_counter() - t0
-                print(f"# inject ({v}) {extra[f'{v}_inject_s']:.2f} s", flush=True)
-                jl_params[v] = (lp, apply)
-            except Exception as e:
+    jl_params, scale, pairs = {}, alpha / c.rank, None  # scale: what inject gives every kernel
+    injects = [([v for v in ("jlora", "jlora_f32") if v in want_jlora], {}),
+               (["jlora_fused"] if "jlora_fused" in want_jlora else [], {"fused_matmul": True})]
+    for names, kw in injects:
+        if not names:
+            continue
+        try:
+            t0 = time.perf_counter()
+            lp, apply = jlora.inject(params, apply_fn, c.rank, alpha=alpha, targets=list(PROJ),
+                                     key=jax.random.PRNGKey(2), example_args=(tokens,), adapter_dtype=jnp.bfloat16,
+                                     **({"fuse_shared_inputs": True} if a.jlora_fuse else {}), **kw)
+            jax.block_until_ready(lp)
+            inject_s = time.perf_counter() - t0
+        except Exception as e:
+            for v in names:
                 status[v] = f"FAILED: inject: {type(e).__name__}: {e}"
-                traceback.print_exc()
-        src = jl_params.get("jlora")
-        if src is not None:
-            try:
-                scale = jlora_scale(src[0])
-                pairs = {k: (np.asarray(jax.device_get(x), np.float32), np.asarray(jax.device_get(y), np.float32))
-                         for k, (x, y) in adapter_pairs(src[0]).items()}
-                handwritten_from_pairs(pairs, c)  # the layout check: A (…, in, r), B (…, r, out)
-            except Exception as e:
-                for v in want_jlora:
-                    status.setdefault(v, f"FAILED: adapters not in the expected layout: {e}")
-                pairs = None
+            traceback.print_exc()
+            continue
+        print(f"# inject ({', '.join(names)}) {inject_s:.2f} s", flush=True)
+        for v in names:
+            extra[f"{v}_inject_s"] = inject_s
+            jl_params[v] = (lp, apply)
+    if jl_params:
+        src = next(iter(jl_params.values()))[0]
+        try:
+            pairs = {k: (np.asarray(jax.device_get(x), np.float32), np.asarray(jax.device_get(y), np.float32))
+                     for k, (x, y) in adapter_pairs(src).items()}
+            check_pair_shapes(pairs, c)  # the layout: A (…, in, r), B (…, r, out)
+        except Exception as e:
+            for v in want_jlora:
+                status.setdefault(v, f"FAILED: adapters not in the expected layout: {e}")
+            pairs = None
     if pairs is None:
         pairs = own_init_pairs(2, c)
         extra["adapter_init"] = "benchmark's own (A ~ N(0, 1/fan_in))"
@@ -687,7 +663,7 @@ def main(argv=None) -> int:
     if a.json_path:  # a partial record now, in case the timed phase is cut short (the final one replaces it)
         partial = {n: dict(r.res, first_loss=r.first_loss, status=status.get(n)) for n, r in runs.items()}
         partial.update({n: {"status": st} for n, st in status.items() if n not in runs})
-        _write_json(a.json_path, {"env": env, "config": dataclasses.asdict(c), "args": vars(a), "extra": extra,
+        write_json(a.json_path, {"env": env, "config": dataclasses.asdict(c), "args": vars(a), "extra": extra,
                                   "partial": True, "results": partial})
 
     # Phase 2: timed steps, interleaved A B C … C B A … so that drift on a shared machine hits all.
@@ -738,8 +714,8 @@ def main(argv=None) -> int:
         results[name] = row
 
     print()
-    print(f"| variant | trace s | lower s | compile s | step ms (median) | min–max ms | tok/s | × floor "
-          f"| XLA GiB (arg+out−alias+temp) | XLA temp GiB | peak Δ GiB | first-step check |")
+    print("| variant | trace s | lower s | compile s | step ms (median) | min–max ms | tok/s | × floor "
+          "| XLA GiB (arg+out−alias+temp) | XLA temp GiB | peak Δ GiB | first-step check |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     f = lambda x, spec: "-" if x is None else format(x, spec)
     for name, row in results.items():
@@ -762,17 +738,16 @@ def main(argv=None) -> int:
         fl = (4 * matmul_params(c) + 3 * attn_flops_fwd_per_token(c)) * tokens_per_step
         print(f"floor achieved {fl / (floor_ms / 1e3) / 1e12:.1f} TFLOP/s (4·P + 3·attn per token)")
     fl_row = results.get("floor", {})
+    ftc = fl_row["trace_s"] + fl_row["lower_s"] + fl_row["compile_s"] if fl_row.get("status") == "ok" else None
     for name in JLORA_VARIANTS:
         row = results.get(name, {})
         if row.get("status") == "ok":
             tc = row["trace_s"] + row["lower_s"] + row["compile_s"]
             line = f"{name}: inject {extra.get(f'{name}_inject_s', float('nan')):.2f} s; trace+lower+compile {tc:.2f} s"
-            if fl_row.get("status") == "ok":
-                ftc = fl_row["trace_s"] + fl_row["lower_s"] + fl_row["compile_s"]
+            if ftc:
                 line += (f" vs floor (base forward+backward) {ftc:.2f} s (× {tc / ftc:.2f}); "
                          f"trace alone {row['trace_s']:.2f} s vs {fl_row['trace_s']:.2f} s")
-            row["trace_compile_vs_floor"] = (tc / (fl_row["trace_s"] + fl_row["lower_s"] + fl_row["compile_s"])
-                                             if fl_row.get("status") == "ok" else None)
+            row["trace_compile_vs_floor"] = tc / ftc if ftc else None
             print(line)
     if on_gpu:
         print("peak Δ: allocator peak during the first step minus bytes in use before it (state, base, and every "
@@ -781,7 +756,7 @@ def main(argv=None) -> int:
     out = {"env": env, "config": dataclasses.asdict(c), "args": {k: v for k, v in vars(a).items()},
            "extra": extra, "results": results}
     if a.json_path:
-        _write_json(a.json_path, out)
+        write_json(a.json_path, out)
         print(f"wrote {a.json_path}")
 
     failed = [n for n, s in status.items() if s.startswith("FAILED")]

@@ -179,7 +179,8 @@ def main(argv=None) -> int:
 
     f = lambda x, spec: "-" if x is None else format(x, spec)
     peak = None if res["peak_bytes"] is None else res["peak_bytes"] / GIB
-    print(f"# peft_step  torch {torch.__version__}  {dev.type}:{environment(dev)['device_name']}")
+    env = environment(dev)
+    print(f"# peft_step  torch {torch.__version__}  {dev.type}:{env['device_name']}")
     print("| variant | first step s (incl. compile) | step ms (median) | min–max ms | tok/s | × floor "
           "| peak GiB (steady) | trainable |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     if a.json_path:
         os.makedirs(os.path.dirname(os.path.abspath(a.json_path)), exist_ok=True)
         with open(a.json_path, "w") as fh:
-            json.dump({"env": environment(dev), "args": vars(a), "results": {name: res}}, fh, indent=1)
+            json.dump({"env": env, "args": vars(a), "results": {name: res}}, fh, indent=1)
         print(f"wrote {a.json_path}")
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -54,14 +53,12 @@ def main(argv=None) -> int:
     apply_fn = functools.partial(L.forward, c=c)
     tx = optax.adamw(1e-4)
     rows = []
-    base_step = None
     for v in a.variants.split(","):
         t0 = time.perf_counter()
         src = params
         bpp = 2.0
         if v.startswith("qlora"):
-            is_proj = lambda path, leaf: path.rsplit("/", 1)[-1] in L.PROJ
-            src = jlora.quantize(params, method=v.split("_")[1], targets=is_proj)
+            src = jlora.quantize(params, method=v.split("_")[1], targets=list(L.PROJ))
             qs = [x for x in jax.tree.leaves(src, is_leaf=jlora.is_quantized) if jlora.is_quantized(x)]
             bpp = sum(x.nbytes for x in qs) / sum(x.size for x in qs)
             jax.block_until_ready(src)
@@ -71,9 +68,8 @@ def main(argv=None) -> int:
         state = (ad, tx.init(ad))
         step = jax.jit(L.jlora_step(apply, tx), donate_argnums=0)
         compiled = step.lower(state, base, tokens).compile()
-        ma = compiled.memory_analysis()
-        plan = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                + ma.temp_size_in_bytes) / 2**30 if ma is not None else float("nan")
+        plan_bytes = L.xla_plan_bytes(compiled)
+        plan = float("nan") if plan_bytes is None else plan_bytes / 2**30
         setup = time.perf_counter() - t0
         state, loss, _ = compiled(state, base, tokens)
         jax.block_until_ready(loss)
@@ -84,20 +80,22 @@ def main(argv=None) -> int:
             jax.block_until_ready(loss)
             times.append(time.perf_counter() - t)
         ms = statistics.median(times[2:]) * 1e3
-        base_step = base_step or ms
         base_gib = sum(x.nbytes for x in jax.tree.leaves(base)) / 2**30
-        rows.append({"variant": v, "bytes_per_param": bpp, "step_ms": ms, "x_lora": ms / base_step,
+        rows.append({"variant": v, "bytes_per_param": bpp, "step_ms": ms, "x_lora": None,
                      "base_GiB": base_gib, "xla_plan_GiB": plan, "setup_s": setup, "loss": float(loss)})
         print(f"{v}: {ms:.2f} ms, {bpp:.3f} B/param, base {base_gib:.2f} GiB, plan {plan:.2f} GiB", flush=True)
         del state, base, lp, ad, src
+    lora_ms = next((r["step_ms"] for r in rows if r["variant"] == "lora_bf16"), None)
+    for r in rows:  # relative to the unquantized base, whatever order the variants ran in
+        r["x_lora"] = r["step_ms"] / lora_ms if lora_ms else None
     print("\n| variant | bytes / base param | base GiB | step ms | × lora_bf16 | XLA plan GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['bytes_per_param']:.3f} | {r['base_GiB']:.2f} | {r['step_ms']:.2f} | "
-              f"{r['x_lora']:.3f} | {r['xla_plan_GiB']:.2f} |")
+              f"{'-' if r['x_lora'] is None else format(r['x_lora'], '.3f')} | {r['xla_plan_GiB']:.2f} |")
     if a.json_path:
-        with open(a.json_path, "w") as fh:
-            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind, "rows": rows}, fh, indent=1)
+        L.write_json(a.json_path, {"env": L.environment(), "jax": jax.__version__,
+                                   "device": jax.devices()[0].device_kind, "rows": rows})
     return 0
 
 

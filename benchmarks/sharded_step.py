@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import statistics
@@ -48,6 +47,8 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jlora  # noqa: E402
+import lora_step as L  # noqa: E402
+from jlora._tree import iter_kernels  # noqa: E402
 
 MIB = 2.0**20
 TINY = {"d": 64, "layers": 2, "heads": 4, "ffn": 128, "vocab": 256, "seq": 16, "rank": 4}
@@ -59,9 +60,7 @@ PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def load_model():
-    from lora_step import Cfg, forward, init_params, xent
-
-    return Cfg, init_params, forward, xent, "benchmarks/lora_step.py"
+    return L.Cfg, L.init_params, L.forward, L.xent, "benchmarks/lora_step.py"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,35 +195,24 @@ def main(argv=None) -> int:
                        opt)  # scalars (the step count) on all devices
     opt_shardings = jax.tree.map(lambda x: x.sharding, opt)
 
-    def step(state, base, tokens):
-        adapters, opt = state
-        loss, g = jax.value_and_grad(lambda ad: xent(apply(jlora.combine(ad, base), tokens), tokens))(adapters)
-        upd, opt = tx.update(g, opt, adapters)
-        return (optax.apply_updates(adapters, upd), opt), loss
-
-    jitted = jax.jit(step, out_shardings=((ad_shardings, opt_shardings), NamedSharding(mesh, P())), donate_argnums=0)
+    jitted = jax.jit(L.jlora_step(apply, tx), donate_argnums=0,
+                     out_shardings=((ad_shardings, opt_shardings), replicated, ad_shardings))
     t0 = time.perf_counter()
     lowered = jitted.lower((adapters, opt), base, tokens)
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0 - t_lower
-    plan = None
-    try:
-        ma = compiled.memory_analysis()
-        plan = (int(ma.argument_size_in_bytes) + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes)
-                + int(ma.temp_size_in_bytes))
-    except Exception:
-        pass
+    plan = L.xla_plan_bytes(compiled)
 
     state = (adapters, opt)
     losses = []
     for _ in range(max(a.warmup, 1)):
-        state, loss = compiled(state, base, tokens)
+        state, loss, _ = compiled(state, base, tokens)
         losses.append(float(loss))
     times = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
-        state, loss = compiled(state, base, tokens)
+        state, loss, _ = compiled(state, base, tokens)
         jax.block_until_ready((state, loss))
         times.append(time.perf_counter() - t0)
     losses.append(float(loss))
@@ -234,23 +222,22 @@ def main(argv=None) -> int:
     resident = resident_bytes((base, state))
     res_max = max(resident.values()) if resident else 0
     peak = allocator_peak()
-    is_lk = lambda y: isinstance(y, jlora.LoraKernel)
-    path, k = next((pth, x) for pth, x in jax.tree_util.tree_flatten_with_path(lp, is_leaf=is_lk)[0] if is_lk(x))
+    path, k = next((pth, x) for pth, x in iter_kernels(lp) if isinstance(x, jlora.LoraKernel))
     spec = lambda arr: tuple(arr.sharding.spec) if hasattr(arr.sharding, "spec") else arr.sharding
     say(f"# init {t_init:.2f} s, inject {t_inject:.2f} s, trace+lower {t_lower:.2f} s, compile {t_compile:.2f} s")
-    say(f"# e.g. {jax.tree_util.keystr(path)}: W0 {spec(k.w0)}, A {spec(k.a)}, B {spec(k.b)}")
+    say(f"# e.g. {path}: W0 {spec(k.w0)}, A {spec(k.a)}, B {spec(k.b)}")
     say(f"mode {a.mode}  devices {n}  step {med * 1e3:.2f} ms (median of {len(times)})  "
         f"tokens/s/device {tok_dev:,.0f}  tokens/s {tok_dev * n:,.0f}")
     say(f"memory/device: allocator peak {'n/a' if peak is None else f'{peak / MIB:,.1f} MiB'}  "
         f"XLA plan {'n/a' if plan is None else f'{plan / MIB:,.1f} MiB'}  "
         f"resident weights+adapters+opt {res_max / MIB:,.2f} MiB  loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     if a.json_path and lead:
-        with open(a.json_path, "w") as f:
-            json.dump({"mode": a.mode, "devices": n, "processes": jax.process_count(), "backend": jax.default_backend(),
-                       "model": model_src, "shape": dataclasses.asdict(c) if dataclasses.is_dataclass(c) else str(c),
-                       "step_ms": med * 1e3, "times_ms": [t * 1e3 for t in times], "tokens_per_s_per_device": tok_dev,
-                       "allocator_peak_bytes": peak, "xla_plan_bytes": plan, "resident_bytes_max": res_max,
-                       "lower_s": t_lower, "compile_s": t_compile, "inject_s": t_inject, "init_s": t_init, "losses": losses}, f, indent=1)
+        L.write_json(a.json_path, {
+            "env": L.environment(), "mode": a.mode, "devices": n, "processes": jax.process_count(),
+            "backend": jax.default_backend(), "model": model_src, "shape": dataclasses.asdict(c),
+            "step_ms": med * 1e3, "times_ms": [t * 1e3 for t in times], "tokens_per_s_per_device": tok_dev,
+            "allocator_peak_bytes": peak, "xla_plan_bytes": plan, "resident_bytes_max": res_max,
+            "lower_s": t_lower, "compile_s": t_compile, "inject_s": t_inject, "init_s": t_init, "losses": losses})
     if not all(math.isfinite(x) for x in losses):
         print("non-finite loss", losses, file=sys.stderr)
         return 1

@@ -182,20 +182,6 @@ def _init_fn(a_shape, b_shape, dtype, std, shardings, platform):
     return jax.jit(init, **kw)
 
 
-def _traced_sharding(w0: Any) -> NamedSharding | None:
-    """Inside a trace: ``w0``'s NamedSharding if its type carries mesh axes (explicit sharding)."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None or not C.is_tracer(w0):
-        return None
-    try:
-        sharding = typeof(w0).sharding
-    except Exception:  # pragma: no cover - old JAX
-        return None
-    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
-        return sharding
-    return None
-
-
 def init_factors(
     key: jax.Array, w0: Any, layout: Layout, rank: int, dtype: Any, std: float
 ) -> tuple[jax.Array, jax.Array]:
@@ -225,11 +211,10 @@ def init_factors(
     else:
         platform = jax.default_backend()
     a, b = _init_fn(a_shape, b_shape, jnp.dtype(dtype), float(std), shardings, platform)(key)
-    traced = _traced_sharding(w0)
-    if traced is not None:
-        sa, sb = adapter_specs(traced.spec, layout)
-        a = jax.sharding.reshard(a, NamedSharding(traced.mesh, sa))
-        b = jax.sharding.reshard(b, NamedSharding(traced.mesh, sb))
+    traced = _explicit_sharding(w0) if C.is_tracer(w0) else None
+    if traced is not None and any(e is not None for e in traced.spec):
+        sa, sb = adapter_shardings(traced, layout, len(shape))
+        a, b = jax.sharding.reshard(a, sa), jax.sharding.reshard(b, sb)
     return a, b
 
 
@@ -325,10 +310,10 @@ def constrain_factors(eqn, a: jax.Array, b: jax.Array, roles: Sequence[tuple[str
 # -- explicit sharding mode (mesh axes in the types) --------------------------------------------
 
 
-def explicit_entries(x: Any) -> list[Any] | None:
-    """Per-axis spec entries of ``x``'s type when it is sharded over *Explicit* mesh axes
+def _explicit_sharding(x: Any) -> NamedSharding | None:
+    """The NamedSharding of ``x``'s type when its mesh has *Explicit* axes
     (``jax.sharding.AxisType.Explicit``, the default of ``jax.make_mesh`` on current JAX); None in
-    JAX's automatic (propagation) mode, where XLA chooses the shardings."""
+    JAX's automatic (propagation) mode, where XLA chooses the shardings, or on a JAX too old to say."""
     explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
     typeof = getattr(jax, "typeof", None)
     if explicit is None or typeof is None:
@@ -341,7 +326,14 @@ def explicit_entries(x: Any) -> list[Any] | None:
         return None
     if not any(t == explicit for t in getattr(sharding.mesh, "axis_types", ())):
         return None
-    return _entries(sharding.spec, len(np.shape(x)))
+    return sharding
+
+
+def explicit_entries(x: Any) -> list[Any] | None:
+    """Per-axis spec entries of ``x``'s type when it is sharded over *Explicit* mesh axes; None in
+    JAX's automatic (propagation) mode (see :func:`_explicit_sharding`)."""
+    sharding = _explicit_sharding(x)
+    return None if sharding is None else _entries(sharding.spec, len(np.shape(x)))
 
 
 def product_spec(out: Sequence[str], operands: Sequence[tuple[Sequence[str], list[Any] | None]]) -> PartitionSpec:
