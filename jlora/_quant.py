@@ -136,8 +136,6 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 
 def _nbytes(x: Any) -> int:
-    if x is None:
-        return 0
     dt = getattr(x, "dtype", None)
     itemsize = np.dtype(dt).itemsize if dt is not None else np.asarray(x).dtype.itemsize
     return int(math.prod(_shape(x))) * itemsize
@@ -154,6 +152,35 @@ def _pad_last(x: jax.Array, multiple: int) -> jax.Array:
     if pad == 0:
         return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """``stack + (n,)`` -> ``stack + (n_blocks, block_size)``, zero-padded to whole blocks."""
+    x = _pad_last(x, block_size)
+    return x.reshape(x.shape[:-1] + (-1, block_size))
+
+
+def _from_blocks(blocks: jax.Array, n: int) -> jax.Array:
+    """``stack + (n_blocks, block_size)`` -> ``stack + (n,)``, the padding dropped."""
+    return blocks.reshape(blocks.shape[:-2] + (-1,))[..., :n]
+
+
+def _int8_block_encode(
+    blocks: jax.Array, round_scale: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Symmetric absmax int8 per block (last axis): ``(q, s)`` with ``q = round(x / s)``
+    clipped to ``[-127, 127]`` and float32 ``s = absmax / 127`` (rounded up to 16 significant
+    bits with ``round_scale``)."""
+    scale = jnp.max(jnp.abs(blocks), axis=-1) / 127.0
+    if round_scale:
+        scale = _round_up_16bit(scale)
+    q = jnp.clip(jnp.round(blocks / _absmax_scale(scale)[..., None]), -127, 127)
+    return q.astype(jnp.int8), scale
+
+
+def _int8_block_decode(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """Inverse of :func:`_int8_block_encode`: float32 ``q * s`` per block."""
+    return q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
 
 
 def _check_input(x: Any, what: str) -> jax.Array:
@@ -197,9 +224,7 @@ def _round_up_16bit(s: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("block_size", "double_quant"))
 def _nf4_encode(x: jax.Array, block_size: int, double_quant: bool) -> tuple[jax.Array, ...]:
     stack, _ = _split_stack(x.shape)
-    flat = x.astype(jnp.float32).reshape(stack + (-1,))
-    flat = _pad_last(flat, block_size)
-    blocks = flat.reshape(stack + (-1, block_size))
+    blocks = _to_blocks(x.astype(jnp.float32).reshape(stack + (-1,)), block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=-1)  # stack + (nb,)
     xn = blocks / _absmax_scale(absmax)[..., None]
     # code = number of midpoints strictly below the value: one fused elementwise pass.
@@ -209,12 +234,9 @@ def _nf4_encode(x: jax.Array, block_size: int, double_quant: bool) -> tuple[jax.
     if not double_quant:
         return codes, absmax
     mean = jnp.mean(absmax, axis=-1)  # stack
-    centered = _pad_last(absmax - mean[..., None], _DQ_BLOCK)
-    cblocks = centered.reshape(stack + (-1, _DQ_BLOCK))
-    scale = _round_up_16bit(jnp.max(jnp.abs(cblocks), axis=-1) / 127.0)  # stack + (nd,)
-    q = jnp.clip(jnp.round(cblocks / _absmax_scale(scale)[..., None]), -127, 127)
-    q = q.astype(jnp.int8).reshape(stack + (-1,))[..., : absmax.shape[-1]]
-    return codes, q, scale, mean
+    centered = _to_blocks(absmax - mean[..., None], _DQ_BLOCK)
+    q, scale = _int8_block_encode(centered, round_scale=True)  # scale: stack + (nd,)
+    return codes, _from_blocks(q, absmax.shape[-1]), scale, mean
 
 
 @jax.jit
@@ -222,10 +244,8 @@ def _nf4_absmax(scales: tuple[jax.Array, ...]) -> jax.Array:
     if len(scales) == 1:
         return jnp.asarray(scales[0], jnp.float32)
     q, scale, mean = scales
-    nb = q.shape[-1]
-    qb = _pad_last(q.astype(jnp.float32), _DQ_BLOCK)
-    qb = qb.reshape(qb.shape[:-1] + (-1, _DQ_BLOCK)) * scale[..., None]
-    return qb.reshape(qb.shape[:-2] + (-1,))[..., :nb] + mean[..., None]
+    centered = _int8_block_decode(_to_blocks(q, _DQ_BLOCK), scale)
+    return _from_blocks(centered, q.shape[-1]) + mean[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "slice_shape", "dtype"))
@@ -239,20 +259,62 @@ def _nf4_decode(
     stack = codes.shape[:-1]
     idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(stack + (-1,))
     vals = jnp.take(jnp.asarray(NF4_CODEBOOK, jnp.float32), idx.astype(jnp.int32))
-    vals = vals.reshape(stack + (-1, block_size)) * _nf4_absmax(scales)[..., None]
+    vals = _to_blocks(vals, block_size) * _nf4_absmax(scales)[..., None]
     n = int(math.prod(slice_shape))
-    return vals.reshape(stack + (-1,))[..., :n].reshape(stack + slice_shape).astype(dtype)
+    return _from_blocks(vals, n).reshape(stack + slice_shape).astype(dtype)
 
 
 class QuantizedKernel:
     """The array-like surface shared by quantized kernel nodes.
 
-    A subclass stores its arrays as pytree children, sets ``_dtype`` (what :meth:`dequantize`
-    returns) and defines ``shape`` and ``dequantize()``; ``jlora.inject`` and ``apply`` accept any
+    A subclass stores its arrays as attributes named by ``_children`` (the pytree children, in
+    order; the first one has the stack dims then one more axis) and its static data as
+    attributes named by ``_aux`` (which includes ``_dtype``, what :meth:`dequantize` returns);
+    it defines ``slice_shape`` and ``dequantize()`` and registers itself with
+    ``jax.tree_util.register_pytree_with_keys_class``. ``jlora.inject`` and ``apply`` accept any
     such node in place of a kernel.
     """
 
+    _children: tuple[str, ...] = ()
+    _aux: tuple[str, ...] = ("_dtype",)
     _dtype: np.dtype
+    slice_shape: tuple[int, ...]
+
+    # A subclass whose children are not plain attributes overrides these three.
+    def _child_names(self) -> tuple[str, ...]:
+        return self._children
+
+    def _child_values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, n) for n in self._children)
+
+    def _set_children(self, children: tuple[Any, ...]) -> None:
+        for name, value in zip(self._children, children):
+            setattr(self, name, value)
+
+    # -- pytree protocol ---------------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        ga = jax.tree_util.GetAttrKey
+        children = tuple(zip(map(ga, self._child_names()), self._child_values()))
+        return children, tuple(getattr(self, n) for n in self._aux)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        for name, value in zip(cls._aux, aux):
+            setattr(obj, name, value)
+        obj._set_children(tuple(children))
+        return obj
+
+    # -- array-like properties ---------------------------------------------------------------------
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The leading dims of independently quantized slices (read off the first child)."""
+        return _shape(self._child_values()[0])[:-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dequantized shape, ``stack_shape + slice_shape``."""
+        return self.stack_shape + self.slice_shape
 
     @property
     def dtype(self) -> np.dtype:
@@ -280,6 +342,15 @@ class QuantizedKernel:
         out = copy.copy(self)
         out._dtype = np.dtype(dtype)
         return out
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        # After a tree map (e.g. to per-leaf labels) the children are not arrays: shape unknown.
+        known = hasattr(self._child_values()[0], "shape")
+        shape = self.shape if known else "?"
+        return f"{type(self).__name__}(shape={shape}, dtype={self._dtype.name}{self._repr_extra()})"
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -321,6 +392,7 @@ class NF4Tensor(QuantizedKernel):
     """
 
     __slots__ = ("codes", "scales", "slice_shape", "_dtype", "block_size")
+    _aux = ("slice_shape", "_dtype", "block_size")
 
     def __init__(
         self,
@@ -383,38 +455,22 @@ class NF4Tensor(QuantizedKernel):
         arrays = _nf4_encode(x, block_size=int(block_size), double_quant=bool(double_quant))
         return cls(arrays[0], arrays[1:], slice_shape=slice_shape, dtype=out, block_size=block_size)
 
-    # -- pytree protocol ---------------------------------------------------------------------------
-    def tree_flatten_with_keys(self):
-        ga = jax.tree_util.GetAttrKey
-        names = ("absmax_q", "absmax_scale", "absmax_mean") if self.double_quant else ("absmax",)
-        children = ((ga("codes"), self.codes),) + tuple(
-            (ga(n), s) for n, s in zip(names, self.scales)
-        )
-        return children, (self.slice_shape, self._dtype, self.block_size)
+    # Children: ``codes`` then the ``scales`` tuple, keyed by what each scale array is.
+    def _child_names(self) -> tuple[str, ...]:
+        if self.double_quant:
+            return ("codes", "absmax_q", "absmax_scale", "absmax_mean")
+        return ("codes", "absmax")
 
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        obj.slice_shape, obj._dtype, obj.block_size = aux
-        obj.codes = children[0]
-        obj.scales = tuple(children[1:])
-        return obj
+    def _child_values(self) -> tuple[Any, ...]:
+        return (self.codes, *self.scales)
 
-    # -- array-like properties -------------------------------------------------------------------
+    def _set_children(self, children: tuple[Any, ...]) -> None:
+        self.codes, self.scales = children[0], tuple(children[1:])
+
     @property
     def double_quant(self) -> bool:
         """Whether the absmax constants are stored double-quantized."""
         return len(self.scales) == 3
-
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        """The leading dims of independently quantized slices (read off ``codes``)."""
-        return _shape(self.codes)[:-1]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The dequantized shape, ``stack_shape + slice_shape``."""
-        return self.stack_shape + self.slice_shape
 
     def absmax(self) -> jax.Array:
         """The per-block absmax constants, float32 ``stack + (n_blocks,)`` (dequantized)."""
@@ -438,15 +494,8 @@ class NF4Tensor(QuantizedKernel):
             dtype=self._dtype,
         )
 
-    def __repr__(self) -> str:
-        try:
-            shape = self.shape
-        except Exception:  # children that are not arrays (e.g. after a tree map to None)
-            shape = ("?",)
-        return (
-            f"NF4Tensor(shape={shape}, dtype={self._dtype}, block_size={self.block_size}, "
-            f"double_quant={self.double_quant})"
-        )
+    def _repr_extra(self) -> str:
+        return f", block_size={self.block_size}, double_quant={self.double_quant}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +514,7 @@ def _int8_encode(
         scale = amax / 127.0
         q = jnp.clip(jnp.round(xf / _absmax_scale(scale)), -127, 127).astype(jnp.int8)
         return q.reshape(stack + (-1,)), jnp.squeeze(scale, reduce_axis)
-    blocks = _pad_last(xf.reshape(stack + (-1,)), block_size).reshape(stack + (-1, block_size))
-    scale = jnp.max(jnp.abs(blocks), axis=-1) / 127.0
-    q = jnp.clip(jnp.round(blocks / _absmax_scale(scale)[..., None]), -127, 127).astype(jnp.int8)
+    q, scale = _int8_block_encode(_to_blocks(xf.reshape(stack + (-1,)), block_size))
     return q.reshape(stack + (-1,)), scale
 
 
@@ -489,8 +536,8 @@ def _int8_decode(
         out = q.reshape(stack + slice_shape).astype(jnp.float32) * scale
     else:
         n = int(math.prod(slice_shape))
-        blocks = q.reshape(stack + (-1, block_size)).astype(jnp.float32) * scale[..., None]
-        out = blocks.reshape(stack + (-1,))[..., :n].reshape(stack + slice_shape)
+        out = _from_blocks(_int8_block_decode(_to_blocks(q, block_size), scale), n)
+        out = out.reshape(stack + slice_shape)
     return out.astype(dtype)
 
 
@@ -519,6 +566,8 @@ class Int8Tensor(QuantizedKernel):
     """
 
     __slots__ = ("q", "scale", "slice_shape", "_dtype", "block_size", "channel_axis")
+    _children = ("q", "scale")
+    _aux = ("slice_shape", "_dtype", "block_size", "channel_axis")
 
     def __init__(
         self,
@@ -591,30 +640,6 @@ class Int8Tensor(QuantizedKernel):
             q, scale, slice_shape=slice_shape, dtype=out, block_size=bs, channel_axis=channel_axis
         )
 
-    # -- pytree protocol ---------------------------------------------------------------------------
-    def tree_flatten_with_keys(self):
-        ga = jax.tree_util.GetAttrKey
-        children = ((ga("q"), self.q), (ga("scale"), self.scale))
-        return children, (self.slice_shape, self._dtype, self.block_size, self.channel_axis)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        obj.slice_shape, obj._dtype, obj.block_size, obj.channel_axis = aux
-        obj.q, obj.scale = children
-        return obj
-
-    # -- array-like properties -------------------------------------------------------------------
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        """The leading dims of independently quantized slices (read off ``q``)."""
-        return _shape(self.q)[:-1]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The dequantized shape, ``stack_shape + slice_shape``."""
-        return self.stack_shape + self.slice_shape
-
     def dequantize(self) -> jax.Array:
         """The dense kernel, of :attr:`shape` and :attr:`dtype`. Pure ``jnp``; jit-friendly.
 
@@ -633,17 +658,10 @@ class Int8Tensor(QuantizedKernel):
             dtype=self._dtype,
         )
 
-    def __repr__(self) -> str:
-        try:
-            shape = self.shape
-        except Exception:
-            shape = ("?",)
-        how = (
-            f"per-channel axis={self.channel_axis}"
-            if self.block_size is None
-            else f"block_size={self.block_size}"
-        )
-        return f"Int8Tensor(shape={shape}, dtype={self._dtype}, {how})"
+    def _repr_extra(self) -> str:
+        if self.block_size is None:
+            return f", per-channel axis={self.channel_axis}"
+        return f", block_size={self.block_size}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,12 +768,6 @@ def quantize(
         if not chosen or len(shape) < 2 or math.prod(shape) < min_size:
             out.append(leaf)
             continue
-        dt = np.dtype(leaf.dtype)
-        if not jnp.issubdtype(dt, jnp.floating):
-            raise ValueError(
-                f"quantize: {path!r} has dtype {dt}; only floating kernels can be quantized "
-                f"(narrow `targets` to leave it out)."
-            )
         try:
             if method == "nf4":
                 node = NF4Tensor.from_array(
@@ -768,10 +780,10 @@ def quantize(
         out.append(node)
 
     if targets is not None and matched == 0:
-        probe = targets if isinstance(targets, str) else ""
+        near = nearest(targets if isinstance(targets, str) else str(targets), paths)
         raise ValueError(
             f"quantize: targets {describe_targets(targets)} matched no array leaf. "
-            f"Some paths: {nearest(probe, paths) if probe else paths[:5]}."
+            f"Some paths: {near}."
         )
     return jax.tree_util.tree_unflatten(treedef, out)
 

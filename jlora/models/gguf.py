@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._quant import QuantizedKernel
+from jlora._quant import QuantizedKernel, _shape
 
 from jlora.models.llama import LlamaConfig, stack_layer_params
 
@@ -169,23 +169,26 @@ _BLOCK = {
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
-def _unpermute_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's per-head interleaving of q/k rows (torch ``(out, in)`` weight).
+def _rope_rows(out: int, n_head: int) -> np.ndarray:
+    """Row order undoing llama.cpp's per-head interleaving of q/k rows (torch ``(out, in)``).
 
-    llama.cpp stores, within each head, row ``2*i + j`` = transformers' row ``j*d/2 + i``.
+    llama.cpp stores, within each head, row ``2*i + j`` = transformers' row ``j*d/2 + i``;
+    ``weight[_rope_rows(out, n_head)]`` is the weight in transformers' order.
     """
-    out, inp = weight.shape
     head = out // n_head
-    return weight.reshape(n_head, head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+    return np.arange(out).reshape(n_head, head // 2, 2).swapaxes(1, 2).reshape(out)
+
+
+def _numpy_shape(tensor: Any) -> tuple[int, ...]:
+    """The tensor's logical shape in numpy order (``tensor.shape`` is ggml's ne, innermost first)."""
+    return tuple(int(n) for n in reversed(list(tensor.shape)))
 
 
 def _dequantize(tensor: Any) -> np.ndarray:
     from gguf.quants import dequantize
 
     data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-    # tensor.shape is ggml's ne (innermost first); numpy order is the reverse.
-    shape = tuple(int(n) for n in reversed(list(tensor.shape)))
-    return data.reshape(shape)
+    return data.reshape(_numpy_shape(tensor))
 
 
 def _set(tree: dict, path: Sequence[str], value: Any) -> None:
@@ -212,9 +215,9 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
         "ffn_norm": (d,),
     }
 
-    def check(name: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
-        if value.shape != shape:
-            raise ValueError(f"GGUF tensor {name} has shape {value.shape}, expected {shape}.")
+    def check(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+        if shape != want:
+            raise ValueError(f"GGUF tensor {name} has shape {shape}, expected {want}.")
 
     def put(path: Sequence[str], value: np.ndarray) -> None:
         # Converted one tensor at a time, so only one float32 copy is alive at once.
@@ -224,40 +227,35 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
 
     for tensor in reader.tensors:
         name = tensor.name
-        m = _BLOCK_NAME.match(name)
-        if quantized and m and _BLOCK.get(m.group(2), (0, 0, False))[2] \
-                and tensor.tensor_type == GGMLQuantizationType.Q4_1:
-            layer, kind = int(m.group(1)), m.group(2)
-            out_dim, in_dim = expected[kind]
-            raw = np.asarray(tensor.data).reshape(out_dim, in_dim // 32, 20)
-            if kind in ("attn_q", "attn_k"):  # the RoPE row permutation, applied to whole rows
-                heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
-                rows = _unpermute_rope_rows(np.arange(out_dim)[:, None], heads)[:, 0]
-                raw = raw[rows]
-            module, leaf, _ = _BLOCK[kind]
-            _set(params, (f"layers_{layer}", *module, leaf), Q4_1Kernel.from_raw(raw, dtype=dtype))
-            continue
-        value = _dequantize(tensor)
-        if name == "token_embd.weight":
-            check(name, value, (cfg.vocab_size, d))
-            put(("embed_tokens", "embedding"), value)
-        elif name == "output_norm.weight":
-            check(name, value, (d,))
-            put(("norm", "scale"), value)
-        elif name == "output.weight":
-            check(name, value, (cfg.vocab_size, d))
-            put(("lm_head", "kernel"), value.T)
-        elif (m := _BLOCK_NAME.match(name)) and m.group(2) in _BLOCK:
+        if (m := _BLOCK_NAME.match(name)) and m.group(2) in _BLOCK:
             layer, kind = int(m.group(1)), m.group(2)
             if layer >= cfg.num_layers:
                 raise ValueError(f"GGUF tensor {name} is past block_count={cfg.num_layers}.")
-            check(name, value, expected[kind])
-            if kind == "attn_q":
-                value = _unpermute_rope_rows(value, cfg.num_heads)
-            elif kind == "attn_k":
-                value = _unpermute_rope_rows(value, cfg.num_kv_heads)
+            check(name, _numpy_shape(tensor), expected[kind])
             module, leaf, linear = _BLOCK[kind]
-            put((f"layers_{layer}", *module, leaf), value.T if linear else value)
+            path = (f"layers_{layer}", *module, leaf)
+            rows: Any = slice(None)
+            if kind in ("attn_q", "attn_k"):  # the RoPE row permutation, on whole rows
+                heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+                rows = _rope_rows(expected[kind][0], heads)
+            if quantized and linear and tensor.tensor_type == GGMLQuantizationType.Q4_1:
+                out_dim, in_dim = expected[kind]
+                raw = np.asarray(tensor.data).reshape(out_dim, in_dim // 32, 20)
+                _set(params, path, Q4_1Kernel.from_raw(raw[rows], dtype=dtype))
+            else:
+                value = _dequantize(tensor)[rows]
+                put(path, value.T if linear else value)
+            continue
+        value = _dequantize(tensor)
+        if name == "token_embd.weight":
+            check(name, value.shape, (cfg.vocab_size, d))
+            put(("embed_tokens", "embedding"), value)
+        elif name == "output_norm.weight":
+            check(name, value.shape, (d,))
+            put(("norm", "scale"), value)
+        elif name == "output.weight":
+            check(name, value.shape, (cfg.vocab_size, d))
+            put(("lm_head", "kernel"), value.T)
         else:
             raise ValueError(f"Unexpected tensor {name!r} in a llama GGUF file (biases? MoE?).")
 
@@ -336,6 +334,8 @@ class Q4_1Kernel(QuantizedKernel):
         ((32, 2), [1.0, 2.0])
     """
 
+    _children = ("d", "m", "qs")
+
     def __init__(self, d, m, qs, *, dtype=jnp.float32):
         self.d, self.m, self.qs = d, m, qs
         self._dtype = np.dtype(dtype)
@@ -349,21 +349,16 @@ class Q4_1Kernel(QuantizedKernel):
         m = raw[..., 2:4].copy().view(np.float16)[..., 0]
         return cls(jnp.asarray(d), jnp.asarray(m), jnp.asarray(raw[..., 4:20]), dtype=dtype)
 
-    def tree_flatten_with_keys(self):
-        ga = jax.tree_util.GetAttrKey
-        return ((ga("d"), self.d), (ga("m"), self.m), (ga("qs"), self.qs)), self._dtype
-
-    @classmethod
-    def tree_unflatten(cls, dtype, children):
-        obj = object.__new__(cls)
-        obj.d, obj.m, obj.qs = children
-        obj._dtype = dtype
-        return obj
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The leading dims of a stack of layers (read off ``d``, ``(..., out, blocks)``)."""
+        return _shape(self.d)[:-2]
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        *stack, out, blocks = np.shape(self.d)
-        return (*stack, blocks * 32, out)
+    def slice_shape(self) -> tuple[int, ...]:
+        """The Flax kernel shape of one layer, ``(in, out)``."""
+        *_, out, blocks = _shape(self.d)
+        return (blocks * 32, out)
 
     def dequantize(self) -> jax.Array:
         qs = jnp.asarray(self.qs)
@@ -371,9 +366,6 @@ class Q4_1Kernel(QuantizedKernel):
         w = codes * jnp.asarray(self.d, jnp.float32)[..., None] + jnp.asarray(self.m, jnp.float32)[..., None]
         *stack, out, blocks, _ = w.shape
         return jnp.swapaxes(w.reshape(*stack, out, blocks * 32), -1, -2).astype(self._dtype)
-
-    def __repr__(self) -> str:
-        return f"Q4_1Kernel(shape={self.shape}, dtype={self._dtype.name})"
 
 
 # ----------------------------------------------------------------------------------------------
