@@ -13,7 +13,7 @@ Variants (all on the same plain-JAX model, bf16 weights, same tokens):
                ``targets``), bf16 adapters, grads w.r.t. the adapters via ``jlora.split``/``combine``,
                AdamW (optax) on the adapters.
   jlora_f32    the same with jlora's default float32 adapters.
-  jlora_fused  ``jlora`` with ``inject(..., fused_matmul=True)``: the rank-r update inside the base
+  jlora_fused  ``jlora`` with ``inject(..., matmul="pallas")``: the rank-r update inside the base
                matmul's epilogue (Pallas Mosaic GPU kernel; sm_90 only, else the same as ``jlora``).
 
 For each variant: trace / lower / compile time (``jax.jit(step).trace(...).lower().compile()``), the
@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="attention: jax.nn.dot_product_attention with cuDNN (auto on GPU) or XLA (auto elsewhere), or hand-written")
     m = p.add_argument_group("measurement")
     m.add_argument("--jlora-fuse", action="store_true",
-                   help="inject(..., fuse_shared_inputs=True): one x·[A_q A_k A_v] and x·[A_gate A_up]")
+                   help="inject(..., matmul="shared_xa"): one x·[A_q A_k A_v] and x·[A_gate A_up]")
     m.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     m.add_argument("--steps", type=int, default=10, help="timed steps per variant (interleaved across variants)")
     m.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after the first (compiling) one")
@@ -578,11 +578,11 @@ def main(argv=None) -> int:
     # Adapters: jlora's A when a jlora variant runs, so that handwritten, merged and the jlora
     # variants start from identical A and B; B is then set to small random values. jlora and
     # jlora_f32 share one inject (set_jlora_pairs casts A and B to each one's dtype; apply takes the
-    # dtype from the nodes); jlora_fused needs its own (fused_matmul=True).
+    # dtype from the nodes); jlora_fused needs its own (matmul="pallas").
     want_jlora = [v for v in a.variants if v in JLORA_VARIANTS]
     jl_params, scale, pairs = {}, alpha / c.rank, None  # scale: what inject gives every kernel
     injects = [([v for v in ("jlora", "jlora_f32") if v in want_jlora], {}),
-               (["jlora_fused"] if "jlora_fused" in want_jlora else [], {"fused_matmul": True})]
+               (["jlora_fused"] if "jlora_fused" in want_jlora else [], {"matmul": "pallas"})]
     for names, kw in injects:
         if not names:
             continue
@@ -590,7 +590,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             lp, apply = jlora.inject(params, apply_fn, c.rank, alpha=alpha, targets=list(PROJ),
                                      key=jax.random.PRNGKey(2), example_args=(tokens,), adapter_dtype=jnp.bfloat16,
-                                     **({"fuse_shared_inputs": True} if a.jlora_fuse else {}), **kw)
+                                     **({"matmul": "shared_xa"} if a.jlora_fuse else {}), **kw)
             jax.block_until_ready(lp)
             inject_s = time.perf_counter() - t0
         except Exception as e:

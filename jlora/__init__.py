@@ -9,7 +9,9 @@ True
 """
 
 from jlora._checkpoint import CheckpointError, Restored, TrainCheckpointer, load_adapters, save_adapters
-from jlora._inject import Apply, FusedReport, Report, inject
+from jlora._apply import Apply
+from jlora._inject import inject
+from jlora._report import FusedReport, Report
 from jlora._interpret import UnsupportedOpError
 from jlora._node import Layout, LoraKernel, Trainable
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft

@@ -16,7 +16,7 @@ from typing import Any
 from jlora import _compat as C
 from jlora._node import Layout
 
-__all__ = ["Use", "discover", "layout_from_uses", "reshape_groups"]
+__all__ = ["Use", "discover", "gather_form", "gather_layout", "layout_from_uses", "reshape_groups"]
 
 
 # Ops that keep a kernel's axes as they are; the interpreter has a rule for each (tested).
@@ -168,8 +168,12 @@ class _Analysis:
             return [self.dot(eqn, ins)]
         if name == "conv_general_dilated":
             return [self.conv(eqn, ins)]
-        if name == "gather" and isinstance(x, _Probe):
-            self.add(x, Use("gather", name, C.where(eqn)))
+        if name == "gather" and isinstance(x, _Probe) and not any(isinstance(q, _Probe) for q in ins[1:]):
+            axis, why = gather_form(p["dimension_numbers"], p["slice_sizes"], eqn.invars[0].aval.shape)
+            if axis is None or x.removed or any(not t for t in x.tags):
+                self.other(x, eqn, why or "gathers from a sliced or reshaped kernel")
+                return [None]
+            self.add(x, Use("gather", name, C.where(eqn), in_=x.tags[axis], out=x.tags[1 - axis]))
             return [None]
         if name in C.JIT or name in C.CUSTOM_JVP or name in C.CUSTOM_VJP or name in C.REMAT:
             inner, _ = C.inner_jaxpr(eqn)
@@ -255,6 +259,39 @@ def discover(closed_jaxpr, n_leaves: int, candidates: list[int]) -> dict[int, li
         env[i] = _Probe(i, tuple(frozenset({k}) for k in range(nd)), frozenset())
     a.run(jaxpr, env)
     return {i: a.uses[i] for i in candidates}
+
+
+def gather_form(dimension_numbers, slice_sizes, shape) -> tuple[int | None, str]:
+    """``(axis, "")`` when a gather reads whole rows (axis 0) or columns (axis 1) of a 2-D kernel —
+    the only gather with a LoRA rule — else ``(None, why not)``.
+
+    Example:
+        >>> import jax.numpy as jnp, jax
+        >>> eqn = jax.make_jaxpr(lambda e, i: e[i])(jnp.ones((10, 4)), jnp.array([1, 2])).eqns[-1]
+        >>> gather_form(eqn.params["dimension_numbers"], eqn.params["slice_sizes"], (10, 4))
+        (0, '')
+    """
+    dn = dimension_numbers
+    if (len(shape) != 2 or len(dn.start_index_map) != 1
+            or tuple(dn.collapsed_slice_dims) != tuple(dn.start_index_map)
+            or getattr(dn, "operand_batching_dims", ())):
+        return None, "only gathering whole rows or columns of a 2-D kernel has a LoRA rule"
+    g = dn.start_index_map[0]
+    if slice_sizes[1 - g] != shape[1 - g]:
+        return None, "only gathering whole rows or columns of a 2-D kernel has a LoRA rule"
+    return g, ""
+
+
+def gather_layout(uses: list[Use], ndim: int) -> tuple[Layout | None, str]:
+    """The layout of a table read only by gathers (an embedding): A on the gathered axis, B on the
+    other, as PEFT's LoRA on embeddings; ``(None, reason)`` if it is used any other way."""
+    bad = [u for u in uses if u.kind != "gather"]
+    if bad:
+        return None, f"used by {bad[0].op} at {bad[0].where}, which has no LoRA rule"
+    first = uses[0]
+    if any((u.in_, u.out) != (first.in_, first.out) for u in uses) or ndim != 2:
+        return None, "gathered along different axes"
+    return Layout(stack=(), in_=tuple(sorted(first.in_)), out=tuple(sorted(first.out))), ""
 
 
 def layout_from_uses(uses: list[Use], ndim: int) -> tuple[Layout | None, str]:

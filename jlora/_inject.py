@@ -1,262 +1,255 @@
-"""``inject``: pair kernels with adapters, and the ``apply`` that computes with them unmerged."""
+"""``inject``: pair chosen kernels with adapters, in four phases.
+
+1. **Options** — every option is checked in Python before anything is traced (:class:`_Options`).
+2. **Classify** — which leaves are kernels and what their layout is: read off a trace of
+   ``apply_fn`` with ``example_args`` (:func:`_choose_traced`), or by the 2-D convention without
+   them (:func:`_choose_by_convention`); then every ``targets`` entry must have chosen something.
+3. **Trained in full** — ``bias=`` and ``full=`` (:func:`_choose_trained`).
+4. **Build** — A (Gaussian) and B (zeros) placed like each kernel, the nodes, the report.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
+import re
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from jlora import _compat as C
-from jlora._discover import discover, layout_from_uses
-from jlora._interpret import Context, LoraValue, Tag, eval_jaxpr
+from jlora._apply import MATMUL_PATHS, Apply
+from jlora._discover import discover, gather_layout, layout_from_uses
 from jlora._node import Layout, LoraKernel, Trainable, is_node
-from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest, path_str
-from jlora._quant import dense, is_quantized
+from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest
+from jlora._quant import is_quantized
+from jlora._report import Report
 from jlora._sharding import init_factors
-from jlora._tree import is_unit
+from jlora._trace import Flat, shape_of, trace
 
-__all__ = ["inject", "Apply", "Report"]
+__all__ = ["inject", "EMBEDDING_NAMES"]
 
 KERNEL_NAMES = ("kernel", "weight", "w", "W")
 BIAS_NAMES = ("bias", "b")
+#: Without ``example_args``, a 2-D leaf with a path component matching this is taken for an
+#: embedding table (read by a gather, not a matmul weight) and left alone unless targeted.
+EMBEDDING_NAMES = r"^(embed.*|.*embedding.*|wte|wpe)$"
+_EMBEDDING = re.compile(EMBEDDING_NAMES, re.IGNORECASE)
+_CONVENTION = "without example_args: every 2-D floating leaf, as (in, out); embedding-named tables left out"
+_TRACED = "traced: every leaf apply_fn uses as a matmul/conv weight"
 
 
-# -- the report ----------------------------------------------------------------------------------
+# -- phase 1: options ----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Report:
-    """What ``inject`` adapted, and what it left alone and why."""
-
-    adapted: list[tuple[str, tuple[int, ...], str]]  # (path, shape, layout)
-    skipped: list[tuple[str, tuple[int, ...], str]]  # (path, shape, reason)
-    trained: list[str]  # leaves trained in full
+@dataclasses.dataclass(frozen=True)
+class _Options:
     rank: int
     scale: float
-    trainable: int
-    total: int
+    dropout: float
+    bias: str
+    fallback: str | None
+    adapter_dtype: Any
+    matmul: str
 
-    def __str__(self) -> str:
-        lines = [f"jlora: adapted {len(self.adapted)} kernels with rank {self.rank}, scale {self.scale:g}"]
-        for p, s, lay in self.adapted:
-            lines.append(f"  + {p} {list(s)} ({lay})")
-        for p in self.trained:
-            lines.append(f"  * {p} (trained in full)")
-        for p, s, why in self.skipped:
-            lines.append(f"  - {p} {list(s)}: {why}")
-        pct = 100.0 * self.trainable / max(self.total, 1)
-        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                     f"trainable%: {pct:.4f}")
-        return "\n".join(lines)
+    @classmethod
+    def check(cls, *, rank, alpha, rslora, dropout, bias, fallback, adapter_dtype, matmul) -> "_Options":
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+            raise ValueError(f"inject: rank must be a positive integer, got {rank!r}.")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                  or not math.isfinite(alpha) or alpha <= 0):
+            raise ValueError(f"inject: alpha must be a positive number, got {alpha!r}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"inject: dropout must be in [0, 1), got {dropout!r}.")
+        if bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"inject: bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
+        if fallback not in (None, "merge"):
+            raise ValueError(f"inject: fallback must be None or 'merge', got {fallback!r}.")
+        if matmul not in MATMUL_PATHS:
+            raise ValueError(f"inject: matmul must be one of {MATMUL_PATHS}, got {matmul!r}.")
+        alpha = float(rank if alpha is None else alpha)
+        scale = alpha / (math.sqrt(rank) if rslora else rank)
+        return cls(int(rank), scale, float(dropout), bias, fallback, _adapter_dtype(adapter_dtype), matmul)
+
+
+def _adapter_dtype(dt: Any) -> Any:
+    if dt is None:
+        return None
+    try:
+        dt = jnp.dtype(dt)
+    except TypeError:
+        raise TypeError(f"inject: adapter_dtype {dt!r} is not a dtype.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"inject: adapter_dtype must be a floating dtype (float32, bfloat16, ...), got {dt}; "
+                         f"integer adapters would be rounded to zero.")
+    return dt
+
+
+def _matmul_option(matmul: str, fuse_shared_inputs: bool, fused_matmul: bool) -> str:
+    """``matmul``, or the deprecated boolean spelling of it."""
+    old = [n for n, v in (("fuse_shared_inputs", fuse_shared_inputs), ("fused_matmul", fused_matmul)) if v]
+    if not old:
+        return matmul
+    if len(old) > 1 or matmul != "xla":
+        raise ValueError("inject: pass one of matmul=, fuse_shared_inputs=, fused_matmul= "
+                         "(the last two are the deprecated spellings of matmul='shared_xa' / 'pallas').")
+    new = "shared_xa" if old[0] == "fuse_shared_inputs" else "pallas"
+    warnings.warn(f"inject: {old[0]}=True is deprecated; pass matmul={new!r}.", DeprecationWarning, stacklevel=3)
+    return new
+
+
+# -- phase 2: classify ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class FusedReport:
-    """With ``inject(..., fused_matmul=True)``: which adapted matmuls of the last traced call took
-    the fused kernel, and why the others did not (``apply.fused_report``)."""
-
-    matmuls: list[tuple[str, str | None]]  # (kernel path, None if fused else the reason), distinct
-
-    @property
-    def fused(self) -> int:
-        return sum(why is None for _, why in self.matmuls)
-
-    def __str__(self) -> str:
-        lines = [f"jlora fused_matmul: {self.fused} of {len(self.matmuls)} adapted matmuls fused"]
-        plain: dict[str, list[str]] = {}
-        for path, why in self.matmuls:
-            if why is not None:
-                plain.setdefault(why, []).append(path)
-        for why, paths in plain.items():
-            shown = ", ".join(dict.fromkeys(paths))
-            lines.append(f"  - {len(paths)} plain: {why} ({shown})")
-        return "\n".join(lines)
+class _Choice:
+    layouts: dict[int, Layout]
+    skipped: list[tuple[str, tuple, str]]
+    why_not: dict[int, str]  # for targets' error message: leaves a target matched but could not adapt
+    rule: str
 
 
-# -- argument handling shared by inject and apply --------------------------------------------------
-
-
-def _is_dynamic(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or C.is_tracer(x)
-
-
-def _spec(x: Any):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
+def _is_float(x: Any) -> bool:
     if is_quantized(x):
-        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-    weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
-    try:
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
-    except TypeError:  # pragma: no cover - old jax without weak_type
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+        return True
+    dt = getattr(x, "dtype", None)
+    return dt is not None and jnp.issubdtype(dt, jnp.floating) and len(shape_of(x)) >= 1
 
 
-def _trace(apply_fn, base_leaves, base_def, args, kwargs):
-    """Trace ``apply_fn(params, *args, **kwargs)``; params leaves and array args are inputs."""
-    a_leaves, a_def = jax.tree.flatten((args, kwargs), is_leaf=lambda x: x is None)
-    dyn = [i for i, x in enumerate(a_leaves) if _is_dynamic(x)]
-    n = len(base_leaves)
-
-    def flat_fn(*xs):
-        params = jax.tree.unflatten(base_def, xs[:n])
-        al = list(a_leaves)
-        for i, v in zip(dyn, xs[n:]):
-            al[i] = v
-        a, kw = jax.tree.unflatten(a_def, al)
-        return apply_fn(params, *a, **kw)
-
-    specs = [_spec(x) for x in base_leaves] + [_spec(a_leaves[i]) for i in dyn]
-    closed, out_tree = C.make_jaxpr(flat_fn, *specs)
-    return closed, out_tree, [a_leaves[i] for i in dyn]
-
-
-def _base_view(params):
-    """``params`` with every jlora node replaced by its base leaf (the tree apply_fn expects)."""
-
-    def one(x):
-        if isinstance(x, LoraKernel):
-            return x.w0
-        if isinstance(x, Trainable):
-            return x.value
-        return x
-
-    return jax.tree.map(one, params, is_leaf=is_node)
-
-
-def _flat_nodes(params):
-    """Flatten with LoraKernel/Trainable/quantized nodes as leaves: (paths, leaves, treedef)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_unit)
-    return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
+def _choose_traced(flat: Flat, apply_fn: Callable, targets: Targets, args: tuple, kwargs: dict,
+                   fallback: str | None) -> _Choice:
+    """Layouts read off how the traced ``apply_fn`` uses each floating leaf."""
+    leaves = flat.plain_leaves()
+    traced = trace(apply_fn, leaves, flat.treedef, args, kwargs)
+    slot = {leaf: k for k, leaf in enumerate(traced.params_in)}
+    cands = [i for i in traced.params_in if _is_float(leaves[i])]
+    uses = discover(traced.jaxpr, len(traced.jaxpr.jaxpr.invars), [slot[i] for i in cands])
+    match = make_matcher(targets)
+    choice = _Choice({}, [], {}, _TRACED)
+    for i in cands:
+        u, shape, path = uses[slot[i]], shape_of(leaves[i]), flat.paths[i]
+        named = targets is not None and len(shape) >= 2 and match(path, leaves[i])
+        lay, why = layout_from_uses(u, len(shape))
+        gathered = any(x.kind == "gather" for x in u)
+        if named and gathered and not any(x.kind in ("dot", "conv") for x in u):
+            lay, why = gather_layout(u, len(shape))  # an embedding table that a target names
+        elif lay is not None and gathered and not named:
+            lay, why = None, "a tied embedding (read by gather and used as a matmul weight); name it in targets to adapt it"
+        if lay is None:
+            if named and any(x.kind in ("dot", "conv") for x in u) and fallback is None:
+                raise ValueError(f"inject: cannot adapt '{path}': {why}. Leave it out of targets, or pass "
+                                 f"fallback='merge'.")
+            if named:
+                choice.why_not[i] = why
+            if len(shape) >= 2 and any(x.kind != "operand" for x in u):
+                choice.skipped.append((path, shape, why))
+        elif targets is None or named:
+            choice.layouts[i] = lay
+        else:
+            choice.skipped.append((path, shape, f"not in targets {describe_targets(targets)}"))
+    return choice
 
 
-# -- apply -----------------------------------------------------------------------------------------
-
-
-class Apply:
-    """``apply(params, *args, **kwargs)``: ``apply_fn`` with every adapted kernel unmerged.
-
-    Has ``apply_fn``'s signature. Works with any injected params whose base structure matches the
-    one ``inject`` saw (params restored from a checkpoint included). Frozen leaves are wrapped in
-    ``lax.stop_gradient``, so no gradient of the base is ever computed.
-
-    Extra keyword, consumed here and not passed on: ``lora_rng`` — a PRNG key that turns on
-    adapter dropout (``B·A·dropout(x)``, as PEFT); without it dropout is off (evaluation).
-
-    With ``inject(..., fused_matmul=True)``, ``apply.fused_report`` (a :class:`FusedReport`) says,
-    after each traced call, which adapted matmuls took the fused kernel and why the others did not.
-    """
-
-    def __init__(self, apply_fn: Callable, base_paths: list[str], base_shapes: list, fallback, report,
-                 fuse_shared_inputs: bool = False, fused_matmul: bool = False):
-        self.apply_fn = apply_fn
-        self._paths = base_paths
-        self._shapes = base_shapes
-        self.fallback = fallback
-        self.report = report
-        self.fuse_shared_inputs = fuse_shared_inputs
-        self.fused_matmul = bool(fused_matmul)
-        self.fused_report: FusedReport | None = None  # with fused_matmul: the last trace's choices
-        self.__wrapped__ = apply_fn
-        self.__name__ = getattr(apply_fn, "__name__", "apply") + "_lora"
-        self.__doc__ = Apply.__doc__
-
-    def _check(self, paths, leaves):
-        if paths == self._paths:
-            for p, x, shape in zip(paths, leaves, self._shapes):
-                s = _shape(x.w0 if isinstance(x, LoraKernel) else x.value if isinstance(x, Trainable) else x)
-                if s != shape:
-                    raise ValueError(
-                        f"apply: params leaf '{p}' has shape {s}, but inject saw {shape}. Pass params "
-                        f"made by inject (or load_adapters) over the same base model."
-                    )
-            return
-        have, want = set(paths), set(self._paths)
-        missing = [p for p in self._paths if p not in have]
-        extra = [p for p in paths if p not in want]
-        first = (f"missing '{missing[0]}'" if missing else f"unexpected '{extra[0]}'") if (missing or extra) \
-            else "leaves in a different order"
+def _choose_by_convention(flat: Flat, targets: Targets) -> _Choice:
+    """Without a trace: every 2-D floating leaf is an ``(in, out)`` kernel, except tables named like
+    embeddings (unless a target names them); a chosen leaf of more axes is ambiguous."""
+    match = make_matcher(targets)
+    choice = _Choice({}, [], {}, _CONVENTION)
+    ambiguous = []
+    for i, (path, x) in enumerate(zip(flat.paths, flat.plain_leaves())):
+        shape = shape_of(x)
+        if not _is_float(x) or len(shape) < 2:
+            if targets is not None and match(path, x) and x is not None:
+                choice.why_not[i] = "not a floating array of 2 or more axes"
+            continue
+        if targets is not None and not match(path, x):
+            choice.skipped.append((path, shape, f"not in targets {describe_targets(targets)}"))
+        elif targets is None and any(_EMBEDDING.match(c) for c in path.split("/")):
+            choice.skipped.append((path, shape, "named like an embedding table; name it in targets to adapt it"))
+        elif len(shape) == 2:
+            choice.layouts[i] = Layout(stack=(), in_=(0,), out=(1,))
+        elif targets is not None or leaf_name(path) in KERNEL_NAMES:
+            ambiguous.append(f"'{path}' {list(shape)}")
+        else:
+            choice.skipped.append((path, shape, f"{len(shape)}-D: which axes are inputs is ambiguous "
+                                                f"without example_args"))
+    if ambiguous:
         raise ValueError(
-            f"apply: params have a different structure from the ones inject saw ({first}; "
-            f"{len(missing)} missing, {len(extra)} unexpected). Pass the params returned by inject "
-            f"(or by load_adapters / combine) for this model."
-        )
-
-    def __call__(self, params, *args, lora_rng=None, **kwargs):
-        paths, leaves, treedef = _flat_nodes(params)
-        self._check(paths, leaves)
-        base_leaves = []
-        for x in leaves:
-            if isinstance(x, LoraKernel):
-                base_leaves.append(x.w0)
-            elif isinstance(x, Trainable):
-                base_leaves.append(x.value)
-            else:
-                base_leaves.append(x)
-        base_def = jax.tree.structure(jax.tree.unflatten(treedef, [0] * len(leaves)))
-        closed, out_tree, dyn = _trace(self.apply_fn, base_leaves, base_def, args, kwargs)
-        inputs = []
-        for p, x in zip(paths, leaves):
-            if isinstance(x, LoraKernel):
-                inputs.append(_lora_value(p, x))
-            elif isinstance(x, Trainable):
-                inputs.append(x.value)
-            else:
-                inputs.append(lax.stop_gradient(dense(x)))
-        ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.fuse_shared_inputs,
-                      fused_matmul=self.fused_matmul)
-        outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs + list(dyn), ctx)
-        if self.fused_matmul:  # a loop body may be traced more than once: one entry per distinct choice
-            self.fused_report = FusedReport(list(dict.fromkeys(ctx.fused_log)))
-        outs = [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
-        return jax.tree.unflatten(out_tree, outs)
+            "inject: which axes of these kernels are inputs and which outputs is ambiguous without "
+            f"a trace: {', '.join(ambiguous[:5])}{' ...' if len(ambiguous) > 5 else ''}. Pass "
+            "example_args=(example inputs of apply_fn after params,) so inject can read the layout "
+            "from how apply_fn uses them, or exclude them with targets.")
+    return choice
 
 
-def _lora_value(path: str, k: LoraKernel) -> LoraValue:
-    lay = k.layout
-    tags = [None] * lay.ndim
-    for j, ax in enumerate(lay.stack):
-        tags[ax] = Tag("s", j)
-    for j, ax in enumerate(lay.in_):
-        tags[ax] = Tag("i", j)
-    for j, ax in enumerate(lay.out):
-        tags[ax] = Tag("o", j)
-    w0 = jax.tree.map(lax.stop_gradient, k.w0)
-    return LoraValue(w0=w0, a=k.a, b=k.b, tags=tuple(tags), scale=k.scale, dropout=k.dropout, path=path)
+def _check_targets_chose(targets: Targets, flat: Flat, choice: _Choice, traced: bool) -> None:
+    """Every ``targets`` entry (each name of a list) must have chosen at least one kernel."""
+    chosen = [flat.paths[i] for i in choice.layouts]
+    if callable(targets) or targets is None or isinstance(targets, str):
+        entries = [(f"targets {describe_targets(targets)}", None if callable(targets) else make_matcher(targets))]
+    else:
+        entries = [(f"targets entry {n!r}", make_matcher([n])) for n in targets]
+    for what, m in entries:
+        picks = (lambda p: True) if m is None else (lambda p, m=m: m(p, None))
+        if any(picks(p) for p in chosen):
+            continue
+        hits = [f"'{flat.paths[i]}' ({why})" for i, why in choice.why_not.items() if picks(flat.paths[i])]
+        pool = [p for p, x in zip(flat.paths, flat.plain_leaves()) if _is_float(x) and len(shape_of(x)) >= 2]
+        near = nearest(what.split(" ", 2)[-1].strip("'"), pool)
+        raise ValueError(
+            f"inject: {what} matched no kernel."
+            + (f" It matched {', '.join(hits[:3])}." if hits else "")
+            + f" Kernels in params: {', '.join(near) or '(none)'}{' ...' if len(pool) > len(near) else ''}."
+            + ("" if traced else " (Without example_args, every 2-D floating leaf is a candidate.)"))
 
 
-# -- inject ----------------------------------------------------------------------------------------
+# -- phase 3: leaves trained in full -------------------------------------------------------------------
 
 
-def _check_options(rank, alpha, dropout, bias, fallback, apply_fn):
-    if not callable(apply_fn):
-        raise TypeError(f"inject: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"inject: rank must be a positive integer, got {rank!r}.")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                              or not math.isfinite(alpha) or alpha <= 0):
-        raise ValueError(f"inject: alpha must be a positive number, got {alpha!r}.")
-    if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"inject: dropout must be in [0, 1), got {dropout!r}.")
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"inject: bias must be 'none', 'all' or 'lora_only', got {bias!r}.")
-    if fallback not in (None, "merge"):
-        raise ValueError(f"inject: fallback must be None or 'merge', got {fallback!r}.")
+def _choose_trained(flat: Flat, layouts: dict[int, Layout], full: Targets, bias: str) -> set[int]:
+    leaves = flat.plain_leaves()
+    trained: set[int] = set()
+    if full is not None:
+        fm = make_matcher(full)
+        trained = {i for i, x in enumerate(leaves) if _is_float(x) and fm(flat.paths[i], x) and i not in layouts}
+        if not trained:
+            raise ValueError(f"inject: full={describe_targets(full)} matched no leaf. Nearest paths: "
+                             f"{', '.join(nearest(str(full), flat.paths))}.")
+    if bias != "none":
+        parents = {flat.paths[i].rsplit("/", 2)[0] for i in layouts}
+        for i, p in enumerate(flat.paths):
+            if leaf_name(p) in BIAS_NAMES and _is_float(leaves[i]) and i not in layouts:
+                if bias == "all" or p.rsplit("/", 2)[0] in parents:
+                    trained.add(i)
+    return trained
 
 
-def _shape(x) -> tuple[int, ...]:
-    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+# -- phase 4: build ------------------------------------------------------------------------------------
 
 
-def _is_float(x) -> bool:
-    dt = getattr(x, "dtype", None)  # not getattr(x, "dtype", np.asarray(x)...): that fetches x
-    return jnp.issubdtype(np.asarray(x).dtype if dt is None else dt, jnp.floating)
+def _build(flat: Flat, choice: _Choice, trained: set[int], opts: _Options, key: jax.Array):
+    """The new leaves (LoraKernel / Trainable nodes in place) and the report."""
+    leaves = flat.leaves
+    keys = jax.random.split(key, max(len(leaves), 1))
+    new_leaves, adapted = list(leaves), []
+    for i, lay in choice.layouts.items():
+        w0, shape = leaves[i], shape_of(leaves[i])
+        dt = w0.dtype if opts.adapter_dtype is None else opts.adapter_dtype
+        std = 1.0 / math.sqrt(lay.fan_in(shape))
+        a, b = init_factors(keys[i], w0, lay, opts.rank, dt, std)  # placed like w0 (sharded or not)
+        new_leaves[i] = LoraKernel(w0, a, b, layout=lay, scale=opts.scale, dropout=opts.dropout)
+        adapted.append((flat.paths[i], shape, str(lay)))
+    for i in trained:
+        new_leaves[i] = Trainable(leaves[i])
+    n_train = sum(int(np.size(x.a)) + int(np.size(x.b)) for x in new_leaves if isinstance(x, LoraKernel))
+    n_train += sum(int(np.size(leaves[i])) for i in trained)
+    total = sum(int(math.prod(shape_of(x))) for x in leaves if hasattr(x, "shape"))
+    report = Report(adapted=adapted, skipped=choice.skipped, trained=[flat.paths[i] for i in sorted(trained)],
+                    rank=opts.rank, scale=opts.scale, trainable=n_train, total=total, rule=choice.rule)
+    return new_leaves, report
 
 
 def inject(
@@ -275,9 +268,10 @@ def inject(
     full: Targets = None,
     adapter_dtype: Any = jnp.float32,
     fallback: str | None = None,
+    matmul: str = "xla",
+    verbose: bool = False,
     fuse_shared_inputs: bool = False,
     fused_matmul: bool = False,
-    verbose: bool = False,
 ) -> tuple[Any, Apply]:
     """Add LoRA adapters to every chosen kernel of ``params``; return ``(params, apply)``.
 
@@ -289,18 +283,25 @@ def inject(
 
     Which kernels, and which of their axes are inputs and outputs, is read from how ``apply_fn``
     really uses them: pass ``example_args`` (and ``example_kwargs``) and ``inject`` traces
-    ``apply_fn(params, *example_args, **example_kwargs)`` once. Without them only 2-D kernels
-    (leaves named ``kernel``/``weight``/``w``) are adapted, as ``(in, out)``; any other candidate
-    is an error that asks for ``example_args``.
+    ``apply_fn(params, *example_args, **example_kwargs)`` once. Without them every 2-D floating
+    leaf is a candidate, taken as ``(in, out)`` (a 2-D kernel has an unmerged form in either
+    orientation, so ``W @ x`` and ``x @ W.T`` compute correctly too), except tables whose path names
+    an embedding (``embed*``, ``*embedding*``, ``wte``, ``wpe``; see :data:`EMBEDDING_NAMES`);
+    kernels of more axes need the trace. ``apply.report`` lists what was adapted, what was left
+    alone and why, and which rule chose.
 
     Args:
-      params: the model's parameter pytree (a Flax variables dict, an NNX state, any pytree).
+      params: the model's parameter pytree (a Flax variables dict, an NNX state, an equinox
+        module, any pytree). Leaves that are not arrays (Python numbers, functions) are passed
+        to ``apply_fn`` as they are.
       apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. ``model.apply``.
       rank: the adapter rank r (a positive integer).
       alpha: LoRA alpha; defaults to ``rank`` (scale 1).
       targets: None — every kernel used as a matmul/conv weight; a regex searched in the
-        '/'-joined key path; a list of module names matching whole path components; or a callable
-        ``(path, leaf) -> bool``. A target that matches nothing raises ``ValueError``.
+        '/'-joined key path; a list of module names matching whole path components (every name
+        must choose a kernel); or a callable ``(path, leaf) -> bool``. A target that chooses
+        nothing raises ``ValueError`` listing the nearest paths. A table read only by a gather
+        (an embedding) is adapted when a target names it.
       key: PRNG key for A (default ``jax.random.key(0)``: reproducible).
       example_args, example_kwargs: example inputs of ``apply_fn`` (after params).
       rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA).
@@ -309,153 +310,58 @@ def inject(
         adapted kernels).
       full: leaves to train in full (PEFT's ``modules_to_save``: heads, norms); same forms as
         ``targets``.
-      adapter_dtype: dtype of A and B (float32 by default, also over a bf16 base; they are cast to
-        the kernel's compute dtype at the matmul). ``None`` uses the kernel's dtype.
+      adapter_dtype: floating dtype of A and B (float32 by default, also over a bf16 base; they are
+        cast to the kernel's compute dtype at the matmul). ``None`` uses the kernel's dtype.
       fallback: ``'merge'`` lets an op with no LoRA rule compute with ``W0 + s·A·B`` materialised;
         by default such an op is an error that names it and the kernel.
-      fuse_shared_inputs: experimental; compute ``x·A`` once for all adapted 2-D kernels that read
-        the same input with the same contraction (q/k/v, gate/up): one matmul against
-        ``[A_q A_k A_v]`` instead of three. Same results; measured in benchmarks/RESULTS.md.
-      fused_matmul: experimental; on an H100/H200 (sm_90), compute each ``x @ W`` of a plain 2-D
-        adapted kernel with one Pallas Mosaic GPU kernel that adds ``s·(x·A)·B`` to the base
-        matmul's output tiles before they are stored (and the same for ``dx`` in the backward),
-        instead of XLA's separate rank-r product and add. Applies to bf16/f16 matmuls whose shapes
-        divide the kernel's tiles, on one device, without adapter dropout; every other matmul, and
-        every other device, keeps the plain path (same function, to rounding); matmuls inside
-        ``lax.scan``/``while`` bodies keep it too (the kernel measured slower there).
-        ``apply.fused_report`` lists what took the kernel and why the rest did not. Not
-        combinable with ``fuse_shared_inputs``. Measured in benchmarks/RESULTS.md.
+      matmul: how an adapted matmul is computed. ``'xla'`` (default): ``x·W0 + s·(x·A)·B`` as XLA
+        matmuls. ``'shared_xa'``: one ``x·[A_q A_k A_v]`` for adapted 2-D kernels that read the same
+        input with the same contraction (q/k/v, gate/up). ``'pallas'`` (H100/H200): each plain 2-D
+        bf16/f16 ``x @ W`` through one Pallas Mosaic GPU kernel that adds ``s·(x·A)·B`` in the base
+        matmul's epilogue (and the same for ``dx``); matmuls it does not cover keep ``'xla'``, and
+        ``apply.fused_report`` says which and why. Same function to rounding; measured in
+        benchmarks/RESULTS.md.
       verbose: print the report (also available as ``apply.report``).
+      fuse_shared_inputs, fused_matmul: deprecated spellings of ``matmul='shared_xa'`` /
+        ``matmul='pallas'``.
 
     Returns:
       ``(params, apply)``.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
-        >>> params = {"l1": {"kernel": jnp.ones((8, 16))}, "l2": {"kernel": jnp.ones((16, 4))}}
+        >>> params = {"w1": jnp.ones((8, 16)), "b1": jnp.zeros(16), "w2": jnp.ones((16, 4))}
         >>> def mlp(p, x):
-        ...     return jax.nn.relu(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]
-        >>> x = jnp.ones((2, 8))
-        >>> lp, apply = jlora.inject(params, mlp, rank=2, example_args=(x,))
-        >>> lp["l1"]["kernel"].a.shape, lp["l1"]["kernel"].b.shape
+        ...     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+        >>> lp, apply = jlora.inject(params, mlp, rank=2)
+        >>> lp["w1"].a.shape, lp["w1"].b.shape
         ((8, 2), (2, 16))
+        >>> x = jnp.ones((2, 8))
         >>> bool(jnp.array_equal(apply(lp, x), mlp(params, x)))
         True
+        >>> lp, apply = jlora.inject(params, mlp, rank=2, targets=["w2"], example_args=(x,))
+        >>> [path for path, *_ in apply.report.adapted]
+        ['w2']
     """
-    _check_options(rank, alpha, dropout, bias, fallback, apply_fn)
-    if fuse_shared_inputs and fused_matmul:
-        raise ValueError("inject: fuse_shared_inputs and fused_matmul are alternatives; pass one of them.")
-    example_kwargs = dict(example_kwargs or {})
+    if not callable(apply_fn):
+        raise TypeError(f"inject: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")
+    opts = _Options.check(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, bias=bias, fallback=fallback,
+                          adapter_dtype=adapter_dtype, matmul=_matmul_option(matmul, fuse_shared_inputs, fused_matmul))
     if not isinstance(example_args, (tuple, list)):
         raise TypeError("inject: example_args must be a tuple of apply_fn's arguments after params.")
-    if any(True for _ in jax.tree.leaves(params, is_leaf=is_node) if is_node(_)):
+    example_kwargs = dict(example_kwargs or {})
+    flat = Flat.of(params)
+    if any(is_node(x) for x in flat.leaves):
         raise ValueError("inject: params already contain jlora adapters; inject the base params once.")
-    alpha = float(rank if alpha is None else alpha)
-    scale = alpha / (math.sqrt(rank) if rslora else rank)
-    key = jax.random.key(0) if key is None else key
-
-    paths, leaves, treedef = _flat_nodes(params)
-    match = make_matcher(targets)
-    is_float = [(is_quantized(x) or _is_float(x)) and len(_shape(x)) >= 1 for x in leaves]
-    layouts: dict[int, Layout] = {}
-    skipped: list[tuple[str, tuple, str]] = []
-
-    if example_args or example_kwargs:
-        base_def = jax.tree.structure(jax.tree.unflatten(treedef, [0] * len(leaves)))
-        closed, _, _ = _trace(apply_fn, leaves, base_def, tuple(example_args), example_kwargs)
-        cands = [i for i, f in enumerate(is_float) if f]
-        uses = discover(closed, len(leaves), cands)
-        for i in cands:
-            lay, why = layout_from_uses(uses[i], len(_shape(leaves[i])))
-            tied = any(u.kind == "gather" for u in uses[i])
-            chosen = len(_shape(leaves[i])) >= 2 and match(paths[i], leaves[i])
-            if lay is not None and tied and targets is None:
-                lay, why = None, "a tied embedding (read by gather and used as a matmul weight); name it in targets to adapt it"
-            if lay is None:
-                if chosen and (targets is not None) and any(u.kind in ("dot", "conv") for u in uses[i]):
-                    raise ValueError(f"inject: cannot adapt '{paths[i]}': {why}. Leave it out of "
-                                     f"targets, or pass fallback='merge'." if fallback is None else
-                                     f"inject: cannot adapt '{paths[i]}': {why}.")
-                if any(u.kind in ("dot", "conv", "other") for u in uses[i]) and len(_shape(leaves[i])) >= 2:
-                    skipped.append((paths[i], _shape(leaves[i]), why))
-                continue
-            if chosen:
-                layouts[i] = lay
-            else:
-                skipped.append((paths[i], _shape(leaves[i]), f"not in targets {describe_targets(targets)}"))
-        pool = [paths[i] for i in cands if any(u.kind in ("dot", "conv") for u in uses[i])]
+    traced = bool(example_args or example_kwargs)
+    if traced:
+        choice = _choose_traced(flat, apply_fn, targets, tuple(example_args), example_kwargs, opts.fallback)
     else:
-        ambiguous = []
-        for i, x in enumerate(leaves):
-            if not is_float[i]:
-                continue
-            named = leaf_name(paths[i]) in KERNEL_NAMES
-            chosen = len(_shape(x)) >= 2 and (named if targets is None else True) and match(paths[i], x)
-            if not chosen:
-                continue
-            nd = len(_shape(x))
-            if nd == 2:
-                layouts[i] = Layout(stack=(), in_=(0,), out=(1,))
-            elif nd > 2:
-                ambiguous.append(f"'{paths[i]}' {list(np.shape(x))}")
-        if ambiguous:
-            raise ValueError(
-                "inject: which axes of these kernels are inputs and which outputs is ambiguous without "
-                f"a trace: {', '.join(ambiguous[:5])}{' ...' if len(ambiguous) > 5 else ''}. Pass "
-                "example_args=(example inputs of apply_fn after params,) so inject can read the layout "
-                "from how apply_fn uses them, or exclude them with targets."
-            )
-        pool = [p for p, x, f in zip(paths, leaves, is_float) if f and len(_shape(x)) >= 2]
-
-    if not layouts:
-        what = describe_targets(targets)
-        near = nearest(targets if isinstance(targets, str) else str(targets), pool)
-        raise ValueError(
-            f"inject: targets {what} matched no kernel. Kernels in params: "
-            f"{', '.join(near) or '(none)'}{' ...' if len(pool) > len(near) else ''}."
-            + ("" if example_args or example_kwargs else
-               " (Without example_args only 2-D leaves named kernel/weight/w are candidates.)")
-        )
-
-    # Leaves trained in full.
-    trained: set[int] = set()
-    if full is not None:
-        fm = make_matcher(full)
-        hit = {i for i, x in enumerate(leaves) if is_float[i] and fm(paths[i], x) and i not in layouts}
-        if not hit:
-            raise ValueError(f"inject: full={describe_targets(full)} matched no leaf. Nearest paths: "
-                             f"{', '.join(nearest(str(full), paths))}.")
-        trained |= hit
-    if bias != "none":
-        parents = {paths[i].rsplit("/", 2)[0] for i in layouts}
-        for i, p in enumerate(paths):
-            if leaf_name(p) in BIAS_NAMES and is_float[i] and i not in layouts:
-                if bias == "all" or p.rsplit("/", 2)[0] in parents:
-                    trained.add(i)
-
-    # Build the nodes.
-    keys = jax.random.split(key, max(len(leaves), 1))
-    new_leaves = list(leaves)
-    adapted = []
-    for i, lay in layouts.items():
-        w0 = leaves[i]
-        shape = tuple(w0.shape)
-        dt = w0.dtype if adapter_dtype is None else jnp.dtype(adapter_dtype)
-        std = 1.0 / math.sqrt(lay.fan_in(shape))
-        a, b = init_factors(keys[i], w0, lay, rank, dt, std)  # placed like w0 (sharded or not)
-        new_leaves[i] = LoraKernel(w0, a, b, layout=lay, scale=scale, dropout=float(dropout))
-        adapted.append((paths[i], shape, str(lay)))
-    for i in trained:
-        new_leaves[i] = Trainable(leaves[i])
-
-    out = jax.tree.unflatten(treedef, new_leaves)
-    n_train = sum(int(np.size(x.a)) + int(np.size(x.b)) for x in new_leaves if isinstance(x, LoraKernel))
-    n_train += sum(int(np.size(leaves[i])) for i in trained)
-    total = sum(int(math.prod(_shape(x))) for x in leaves)
-    report = Report(adapted=adapted, skipped=skipped, trained=[paths[i] for i in sorted(trained)],
-                    rank=int(rank), scale=scale, trainable=n_train, total=total)
-    base_shapes = [_shape(x) for x in leaves]
-    apply = Apply(apply_fn, paths, base_shapes, fallback, report, fuse_shared_inputs, fused_matmul)
+        choice = _choose_by_convention(flat, targets)
+    _check_targets_chose(targets, flat, choice, traced)
+    trained = _choose_trained(flat, choice.layouts, full, opts.bias)
+    new_leaves, report = _build(flat, choice, trained, opts, jax.random.key(0) if key is None else key)
+    apply = Apply(apply_fn, flat.paths, [shape_of(x) for x in flat.leaves], opts.fallback, report, opts.matmul)
     if verbose:
         print(report)
-    return out, apply
+    return jax.tree.unflatten(flat.treedef, new_leaves), apply

@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from jlora import _compat as C
-from jlora._discover import reshape_groups
+from jlora._discover import gather_form, reshape_groups
 from jlora._quant import dense, is_quantized
 from jlora._sharding import constrain_factors, explicit_entries, product_spec
 
@@ -622,13 +622,10 @@ def _gather_rule(eqn, invals, ctx):
         raise _NoRule("only gathering rows or columns of a 2-D kernel has a LoRA rule")
     p = eqn.params
     dn = p["dimension_numbers"]
-    if (len(dn.start_index_map) != 1 or tuple(dn.collapsed_slice_dims) != tuple(dn.start_index_map)
-            or getattr(dn, "operand_batching_dims", ())):
-        raise _NoRule("only gathering whole rows or columns of a 2-D kernel has a LoRA rule")
-    g = dn.start_index_map[0]
+    g, why = gather_form(dn, p["slice_sizes"], tuple(k.w0.shape))
+    if g is None:
+        raise _NoRule(why)
     other = 1 - g
-    if p["slice_sizes"][other] != k.w0.shape[other]:
-        raise _NoRule("only gathering whole rows or columns of a 2-D kernel has a LoRA rule")
     base = _base_product(k, lambda w: C.bind(eqn, [w, idx])[0])
     dtype = k.dtype
     # F1: the factor holding the gathered axis, laid out like the view with `other` replaced by r.

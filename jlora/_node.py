@@ -85,6 +85,50 @@ def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype=jnp.float32) -> jax.
     )
 
 
+def kernel_shape(layout: Layout, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The kernel shape that factors of these shapes adapt (their inverse of ``a_shape``/``b_shape``).
+
+    Example:
+        >>> kernel_shape(Layout(stack=(0,), in_=(2,), out=(1,)), (3, 8, 2), (3, 2, 5))
+        (3, 5, 8)
+    """
+    ns, ni = len(layout.stack), len(layout.in_)
+    shape = [0] * layout.ndim
+    for k, ax in enumerate(layout.stack):
+        shape[ax] = a_shape[k]
+    for k, ax in enumerate(layout.in_):
+        shape[ax] = a_shape[ns + k]
+    for k, ax in enumerate(layout.out):
+        shape[ax] = b_shape[ns + 1 + k]
+    return tuple(shape)
+
+
+def factor_problem(node: "LoraKernel") -> str | None:
+    """What is wrong with ``node``'s factors for its kernel and layout, or None.
+
+    Checks that A and B are floating arrays of exactly ``layout.a_shape(w0.shape, r)`` and
+    ``layout.b_shape(w0.shape, r)`` for one rank r (a broadcastable (in, 1) or (1, r) factor is
+    wrong, not a shortcut). ``w0`` may be absent (an adapters tree from :func:`jlora.split`).
+    """
+    a, b, lay = node.a, node.b, node.layout
+    if a is None or b is None:
+        return "it has no A/B factors"
+    a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
+    for name, f in (("A", a), ("B", b)):
+        dt = getattr(f, "dtype", None)
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            return f"{name} has dtype {dt}; adapters must be floating point"
+    if len(a_shape) != len(lay.stack) + len(lay.in_) + 1 or len(b_shape) != len(lay.stack) + 1 + len(lay.out):
+        return f"A {list(a_shape)} / B {list(b_shape)} do not have the axes its layout ({lay}) needs"
+    r = a_shape[-1]
+    shape = tuple(node.w0.shape) if node.w0 is not None else kernel_shape(lay, a_shape, b_shape)
+    want_a, want_b = lay.a_shape(shape, r), lay.b_shape(shape, r)
+    if r < 1 or a_shape != want_a or b_shape != want_b:
+        return (f"A {list(a_shape)} / B {list(b_shape)} do not fit kernel {list(shape)} with layout "
+                f"({lay}): expected A {list(want_a)} and B {list(want_b)}")
+    return None
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class LoraKernel:
     """A frozen kernel ``w0`` with its low-rank adapter ``a``, ``b``.

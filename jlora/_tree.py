@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora._node import LoraKernel, Trainable, delta, is_node
+from jlora._node import LoraKernel, Trainable, delta, factor_problem, is_node
 from jlora._paths import path_str
 from jlora._quant import dense, is_quantized
 
-__all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_kernels"]
+__all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_kernels", "base_of"]
 
 
 def is_unit(x: Any) -> bool:
@@ -25,10 +25,14 @@ def is_unit(x: Any) -> bool:
 def split(params: Any) -> tuple[Any, Any]:
     """Split injected params into ``(adapters, base)``.
 
-    ``adapters`` has the structure of ``params`` with ``None`` in place of every frozen leaf (so it
-    holds exactly the trainable leaves: A, B, and leaves trained in full); ``base`` has ``None`` in
-    place of every trainable leaf. ``combine(adapters, base)`` puts them back together. Use it to
-    differentiate with respect to the adapters only::
+    ``base`` is exactly the original structure: the plain pretrained params, with every adapted
+    kernel back to its ``W0`` (a quantized kernel stays quantized) and every leaf trained in full
+    back to its plain value, so ``apply_fn(base, x)`` runs the base model and
+    ``load_adapters(directory, base)`` accepts it. ``adapters`` has the structure of ``params``
+    with ``None`` in place of every frozen leaf: it holds exactly the trainable leaves (A and B in
+    :class:`LoraKernel` nodes whose ``w0`` is ``None``, and :class:`Trainable` leaves).
+    ``combine(adapters, base)`` rebuilds the injected params. Differentiate with respect to the
+    adapters only::
 
         adapters, base = jlora.split(params)
         grads = jax.grad(lambda ad: loss(jlora.combine(ad, base), batch))(adapters)
@@ -38,32 +42,35 @@ def split(params: Any) -> tuple[Any, Any]:
         >>> k = jlora.LoraKernel(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)),
         ...                      layout=jlora.Layout((), (0,), (1,)), scale=1.0)
         >>> adapters, base = jlora.split({"w": k, "bias": jnp.zeros(3)})
-        >>> adapters["bias"] is None, base["w"].a is None
-        (True, True)
+        >>> adapters["bias"] is None, adapters["w"].a.shape, base["w"].shape
+        (True, (4, 2), (4, 3))
     """
 
     def ad(x):
         if isinstance(x, LoraKernel):
             return LoraKernel(None, x.a, x.b, layout=x.layout, scale=x.scale, dropout=x.dropout)
-        if isinstance(x, Trainable):
-            return x
-        return None
+        return x if isinstance(x, Trainable) else None
+
+    return jax.tree.map(ad, params, is_leaf=is_node), base_of(params)
+
+
+def base_of(params: Any) -> Any:
+    """``params`` with every jlora node replaced by its plain base value (``split``'s base)."""
 
     def bs(x):
         if isinstance(x, LoraKernel):
-            return LoraKernel(x.w0, None, None, layout=x.layout, scale=x.scale, dropout=x.dropout)
-        if isinstance(x, Trainable):
-            return Trainable(None)
-        return x
+            return x.w0
+        return x.value if isinstance(x, Trainable) else x
 
-    return (
-        jax.tree.map(ad, params, is_leaf=is_node),
-        jax.tree.map(bs, params, is_leaf=is_node),
-    )
+    return jax.tree.map(bs, params, is_leaf=is_node)
 
 
 def combine(adapters: Any, base: Any) -> Any:
-    """Inverse of :func:`split`: fill ``base``'s holes with ``adapters``' leaves.
+    """Inverse of :func:`split`: put ``adapters``' trainable leaves onto ``base``.
+
+    ``base`` is the plain base params (``split``'s base), or injected params whose adapters are
+    replaced by ``adapters``'. Each adapter must fit the base kernel it lands on; trees from
+    different models or different injections are refused with the first path that differs.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -73,8 +80,57 @@ def combine(adapters: Any, base: Any) -> Any:
         >>> p["w"].w0.shape, p["w"].a.shape
         ((4, 3), (4, 2))
     """
-    pick = lambda a, b: b if a is None else a
-    return jax.tree.map(pick, adapters, base, is_leaf=lambda x: x is None)
+    ad_flat, ad_def = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_hole_or_node)
+    try:
+        base_parts = ad_def.flatten_up_to(base)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "combine: adapters and base have different tree structures; pass the two halves of "
+            f"one jlora.split(params) (or the base params the adapters were trained on). {e}"
+        ) from None
+    out = [_combine_one(path_str(p), a, b) for (p, a), b in zip(ad_flat, base_parts)]
+    return jax.tree_util.tree_unflatten(ad_def, out)
+
+
+def _hole_or_node(x: Any) -> bool:
+    return x is None or is_node(x)
+
+
+def _combine_one(path: str, ad: Any, base: Any) -> Any:
+    if isinstance(base, LoraKernel) and ad is None:
+        raise ValueError(
+            f"combine: base has an adapter at '{path}' but adapters has none: the two trees come "
+            f"from different injections. Pass split(params)[1] (the plain base) as base."
+        )
+    plain = base.w0 if isinstance(base, LoraKernel) else base.value if isinstance(base, Trainable) else base
+    if ad is None:
+        return plain
+    if isinstance(ad, Trainable):
+        if np.shape(ad.value) != tuple(_shape_of(plain)):
+            raise ValueError(f"combine: '{path}' is trained in full with shape {np.shape(ad.value)}, "
+                             f"but base has {_describe(plain)} there.")
+        return ad
+    if plain is None or not hasattr(plain, "shape"):
+        raise ValueError(f"combine: '{path}' is adapted, but base has {_describe(plain)} there, not a "
+                         f"kernel. Pass the base params the adapters were trained on.")
+    node = LoraKernel(plain, ad.a, ad.b, layout=ad.layout, scale=ad.scale, dropout=ad.dropout)
+    why = factor_problem(node)
+    if why is not None:
+        raise ValueError(f"combine: the adapter at '{path}' does not fit base kernel {_describe(plain)}: "
+                         f"{why}. Adapters and base come from different models or injections.")
+    return node
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _describe(x: Any) -> str:
+    if x is None:
+        return "None"
+    if hasattr(x, "shape"):
+        return f"{getattr(x, 'dtype', '')}{list(x.shape)}"
+    return type(x).__name__
 
 
 def merge(params: Any) -> Any:
@@ -95,6 +151,9 @@ def merge(params: Any) -> Any:
 
     def one(x):
         if isinstance(x, LoraKernel):
+            if x.w0 is None:
+                raise ValueError("merge: these params hold adapters without their base kernels (split's "
+                                 "adapters tree); pass jlora.combine(adapters, base).")
             w0 = dense(x.w0)
             d = delta(x.a, x.b, x.layout, jnp.float32)
             return (w0.astype(jnp.float32) + x.scale * d).astype(w0.dtype)
@@ -141,8 +200,16 @@ def labels(params: Any) -> Any:
 def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
     """``tx`` on the adapters, nothing on the frozen base.
 
-    ``optax.multi_transform({'lora': tx, 'frozen': optax.set_to_zero()}, labels(params))``: the
-    optimizer state holds only adapter-sized arrays, and frozen leaves get zero updates.
+    ``optax.multi_transform({'lora': tx, 'frozen': optax.set_to_zero()}, labels)``: the optimizer
+    state holds only adapter-sized arrays, and frozen leaves get zero updates. The labels are
+    computed from the tree the optimizer is given, so the same optimizer works over the whole
+    injected params and over ``split(params)[0]`` (the adapters alone, which is what a QLoRA
+    base needs: its integer codes cannot be differentiated) — use one of the two consistently
+    for ``init`` and ``update``.
+
+    Args:
+      tx: the optimizer for the adapters (e.g. ``optax.adamw(2e-4)``).
+      params: injected params or their adapters tree; checked to hold adapters.
 
     Example:
         >>> import jax.numpy as jnp, optax, jlora
@@ -150,8 +217,13 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
         ...                      layout=jlora.Layout((), (0,), (1,)), scale=1.0)
         >>> tx = jlora.optimizer(optax.adam(1e-3), {"w": k})
         >>> state = tx.init({"w": k})
+        >>> adapters, base = jlora.split({"w": k})
+        >>> state = tx.init(adapters)     # or over the adapters alone
     """
-    return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels(params))
+    if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
+        raise ValueError("optimizer: params hold no adapters (no LoraKernel or Trainable node); pass "
+                         "the params returned by jlora.inject, or split(params)[0].")
+    return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, _label_tree)
 
 
 def iter_kernels(params: Any):

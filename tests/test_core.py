@@ -605,7 +605,7 @@ def test_fused_shared_input_equals_unfused():
     x = jax.random.normal(K(51), (2, 5, 8))
     lp, apply = jlora.inject(p, attn, rank=3, example_args=(x,))
     lp = randomize(lp, scale=0.3)
-    _, fused = jlora.inject(p, attn, rank=3, example_args=(x,), fuse_shared_inputs=True)
+    _, fused = jlora.inject(p, attn, rank=3, example_args=(x,), matmul="shared_xa")
     jaxpr = jax.make_jaxpr(fused)(lp, x)
     n_dots = lambda j: sum(e.primitive.name == "dot_general" for e in j.jaxpr.eqns)
     assert n_dots(jaxpr) == n_dots(jax.make_jaxpr(apply)(lp, x)) - 2  # one x·[A_q A_k A_v], not three

@@ -1,4 +1,4 @@
-"""The epilogue-fused LoRA matmul (``inject(..., fused_matmul=True)``).
+"""The epilogue-fused LoRA matmul (``inject(..., matmul="pallas")``).
 
 The Hopper kernel itself only runs on an sm_90 GPU; it is checked there by
 benchmarks/fused_matmul.py (relative error against a float32 reference) and by the first-step check
@@ -125,7 +125,7 @@ def _reference(params, x):
 
 
 def test_fused_path_equals_merged_model(fake_hopper):
-    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, alpha=8.0, targets=["up", "down"], fused_matmul=True)
+    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, alpha=8.0, targets=["up", "down"], matmul="pallas")
     params = randomize(params, scale=0.05)
     x = _x()
     out = jax.jit(apply)(params, x)
@@ -138,7 +138,7 @@ def test_fused_path_equals_merged_model(fake_hopper):
 
 
 def test_fused_report_says_why_not(fake_hopper):
-    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, fused_matmul=True)  # head too
+    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, matmul="pallas")  # head too
     apply(params, _x())
     (path, why), = [m for m in apply.fused_report.matmuls if m[1] is not None]
     assert path == "head/kernel" and "(128, 256) @ (256, 8)" in why and "multiples of 256" in why
@@ -146,7 +146,7 @@ def test_fused_report_says_why_not(fake_hopper):
 
 
 def test_fused_report_on_cpu():
-    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, fused_matmul=True)
+    params, apply = jlora.inject(_mlp_params(), mlp, rank=4, matmul="pallas")
     apply(params, _x())
     assert apply.fused_report.fused == 0
     assert all("no sm_90 GPU" in why for _, why in apply.fused_report.matmuls)
@@ -157,7 +157,7 @@ def test_fused_report_on_cpu():
 def test_fused_gradients_equal_plain_path(fake_hopper):
     base_params = _mlp_params()
     params, plain = jlora.inject(base_params, mlp, rank=4, alpha=8.0, targets=["up", "down"])
-    _, fused = jlora.inject(base_params, mlp, rank=4, alpha=8.0, targets=["up", "down"], fused_matmul=True)
+    _, fused = jlora.inject(base_params, mlp, rank=4, alpha=8.0, targets=["up", "down"], matmul="pallas")
     params = randomize(params, scale=0.05)
     x = _x()
     l0, g0 = _loss_and_grads(plain, params, x)
@@ -173,13 +173,13 @@ def test_fused_gradients_equal_plain_path(fake_hopper):
 
 def test_fused_path_not_taken_where_it_does_not_apply(fake_hopper):
     # float32 model: the kernel is bf16/f16 only
-    params, apply = jlora.inject(_mlp_params(F32), mlp, rank=4, targets=["up"], fused_matmul=True)
+    params, apply = jlora.inject(_mlp_params(F32), mlp, rank=4, targets=["up"], matmul="pallas")
     apply(params, _x(F32))
     assert not fake_hopper
     assert "float32" in apply.fused_report.matmuls[0][1]
     # adapter dropout in training: the plain path applies it
     params, apply = jlora.inject(_mlp_params(), mlp, rank=4, targets=["up"], dropout=0.1,
-                                 fused_matmul=True)
+                                 matmul="pallas")
     apply(params, _x(), lora_rng=jax.random.key(3))
     assert not fake_hopper
     assert apply.fused_report.matmuls == [("up/kernel", "adapter dropout is on")]
@@ -196,7 +196,7 @@ def test_fused_path_off_inside_scan(fake_hopper):
 
         return jax.lax.scan(body, x, p["w"])[0]
 
-    params, apply = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), fused_matmul=True)
+    params, apply = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
     params = randomize(params, scale=0.05)
     x = _x()
     out = apply(params, x)
@@ -206,9 +206,14 @@ def test_fused_path_off_inside_scan(fake_hopper):
     assert _rel(out.astype(F32), scanned(jax.tree.map(lambda t: t.astype(F32), merged), x.astype(F32))) < 2e-2
 
 
-def test_fused_and_shared_input_fusion_are_exclusive():
-    with pytest.raises(ValueError, match="alternatives"):
-        jlora.inject(_mlp_params(), mlp, rank=4, fuse_shared_inputs=True, fused_matmul=True)
+def test_matmul_option_and_its_deprecated_spellings():
+    with pytest.raises(ValueError, match="pass one of matmul="):
+        jlora.inject(_mlp_params(), mlp, rank=4, fuse_shared_inputs=True, matmul="pallas")
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        jlora.inject(_mlp_params(), mlp, rank=4, matmul="fused")
+    with pytest.warns(DeprecationWarning, match="matmul='pallas'"):
+        _, apply = jlora.inject(_mlp_params(), mlp, rank=4, fused_matmul=True)
+    assert apply.matmul == "pallas"
 
 
 def test_kernel_refuses_several_devices(monkeypatch):

@@ -1,0 +1,128 @@
+"""``apply``: evaluate ``apply_fn`` with every adapted kernel kept unmerged."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax import lax
+
+from jlora._interpret import Context, LoraValue, Tag, eval_jaxpr
+from jlora._node import LoraKernel, Trainable, factor_problem
+from jlora._quant import dense
+from jlora._report import FusedReport, Report
+from jlora._trace import Flat, shape_of, trace
+
+__all__ = ["Apply", "MATMUL_PATHS"]
+
+#: ``inject(..., matmul=...)``: how an adapted matmul is computed.
+MATMUL_PATHS = ("xla", "shared_xa", "pallas")
+
+
+class Apply:
+    """``apply(params, *args, **kwargs)``: ``apply_fn`` with every adapted kernel unmerged.
+
+    Has ``apply_fn``'s signature. Works with any injected params whose base structure matches the
+    one ``inject`` saw (params restored from a checkpoint included). Frozen leaves are wrapped in
+    ``lax.stop_gradient``, so no gradient of the base is ever computed.
+
+    Extra keyword, consumed here and not passed on: ``lora_rng`` — a PRNG key that turns on
+    adapter dropout (``B·A·dropout(x)``, as PEFT); without it dropout is off (evaluation).
+
+    Attributes:
+      report: what ``inject`` adapted and skipped, and why (a :class:`Report`).
+      fused_report: with ``matmul="pallas"``, after each traced call, which adapted matmuls took
+        the fused kernel and why the others did not (a :class:`FusedReport`).
+    """
+
+    def __init__(self, apply_fn: Callable, base_paths: list[str], base_shapes: list, fallback: str | None,
+                 report: Report, matmul: str = "xla"):
+        if matmul not in MATMUL_PATHS:
+            raise ValueError(f"matmul must be one of {MATMUL_PATHS}, got {matmul!r}.")
+        self.apply_fn = apply_fn
+        self._paths = base_paths
+        self._shapes = base_shapes
+        self.fallback = fallback
+        self.report = report
+        self.matmul = matmul
+        self.fused_report: FusedReport | None = None
+        self.__wrapped__ = apply_fn
+        self.__name__ = getattr(apply_fn, "__name__", "apply") + "_lora"
+        self.__doc__ = Apply.__doc__
+
+    def __call__(self, params: Any, *args: Any, lora_rng: jax.Array | None = None, **kwargs: Any) -> Any:
+        flat = Flat.of(params)
+        _check_nodes(flat)
+        self._check_structure(flat)
+        traced = trace(self.apply_fn, flat.plain_leaves(), flat.treedef, args, kwargs)
+        inputs = [_entry_value(flat.paths[i], flat.leaves[i]) for i in traced.params_in]
+        ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.matmul == "shared_xa",
+                      fused_matmul=self.matmul == "pallas")
+        closed = traced.jaxpr
+        outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs + traced.args, ctx)
+        if self.matmul == "pallas":  # a loop body may be traced more than once: one entry per choice
+            self.fused_report = FusedReport(list(dict.fromkeys(ctx.fused_log)))
+        outs = [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
+        return jax.tree.unflatten(traced.out_tree, outs)
+
+    def _check_structure(self, flat: Flat) -> None:
+        if flat.paths != self._paths:
+            raise ValueError(_structure_message(flat.paths, self._paths))
+        for p, x, shape in zip(flat.paths, flat.plain_leaves(), self._shapes):
+            if x is not None and shape_of(x) != shape:
+                raise ValueError(
+                    f"apply: params leaf '{p}' has shape {shape_of(x)}, but inject saw {shape}. Pass "
+                    f"params made by inject (or load_adapters) over the same base model.")
+
+
+def _structure_message(paths: list[str], want_paths: list[str]) -> str:
+    have, want = set(paths), set(want_paths)
+    missing = [p for p in want_paths if p not in have]
+    extra = [p for p in paths if p not in want]
+    first = (f"missing '{missing[0]}'" if missing else f"unexpected '{extra[0]}'") if (missing or extra) \
+        else "leaves in a different order"
+    return (f"apply: params have a different structure from the ones inject saw ({first}; "
+            f"{len(missing)} missing, {len(extra)} unexpected). Pass the params returned by inject "
+            f"(or by load_adapters / combine) for this model.")
+
+
+def _check_nodes(flat: Flat) -> None:
+    """Refuse, naming the path, params that would compute something other than the adapted model."""
+    kernels = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, LoraKernel)]
+    trained = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, Trainable)]
+    if not kernels and not trained:
+        raise ValueError(
+            "apply: params hold no adapters (no LoraKernel or Trainable node), e.g. split(params)[1], "
+            "the plain base. Pass jlora.combine(adapters, base); to run the base model alone, call "
+            "apply_fn(base, ...) directly.")
+    for p, x in kernels:
+        if x.w0 is None:
+            raise ValueError(
+                f"apply: '{p}' holds an adapter without its base kernel (split(params)[0], the adapters "
+                f"alone). Pass jlora.combine(adapters, base).")
+        why = factor_problem(x)
+        if why is not None:
+            raise ValueError(f"apply: adapted kernel '{p}': {why}.")
+    for p, x in trained:
+        if x.value is None:
+            raise ValueError(f"apply: '{p}' is trained in full but holds no value (Trainable(None)).")
+
+
+def _entry_value(path: str, x: Any) -> Any:
+    """The interpreter's value for one params input: a LoraValue for an adapted kernel, the plain
+    value (behind stop_gradient unless trained in full) for every other leaf."""
+    if isinstance(x, LoraKernel):
+        return _lora_value(path, x)
+    if isinstance(x, Trainable):
+        return x.value
+    return lax.stop_gradient(dense(x))
+
+
+def _lora_value(path: str, k: LoraKernel) -> LoraValue:
+    lay = k.layout
+    tags = [None] * lay.ndim
+    for role, axes in (("s", lay.stack), ("i", lay.in_), ("o", lay.out)):
+        for j, ax in enumerate(axes):
+            tags[ax] = Tag(role, j)
+    w0 = jax.tree.map(lax.stop_gradient, k.w0)
+    return LoraValue(w0=w0, a=k.a, b=k.b, tags=tuple(tags), scale=k.scale, dropout=k.dropout, path=path)

@@ -1,0 +1,100 @@
+"""Params as jlora sees them (flat units with '/'-joined paths), and the trace of ``apply_fn``.
+
+Both ``inject`` (to read layouts) and ``apply`` (to evaluate) trace ``apply_fn`` the same way:
+array leaves of the params and array arguments become inputs of the jaxpr; every other leaf (a
+Python number, an activation function inside an equinox module, a string) stays what it is,
+closed over, exactly as ``apply_fn`` would see it when called directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jlora import _compat as C
+from jlora._node import LoraKernel, Trainable
+from jlora._paths import path_str
+from jlora._quant import is_quantized
+from jlora._tree import is_unit
+
+__all__ = ["Flat", "Traced", "is_input", "plain", "shape_of", "trace"]
+
+
+def plain(x: Any) -> Any:
+    """The base value under a jlora node (a LoraKernel's ``w0``, a Trainable's value), or ``x``."""
+    if isinstance(x, LoraKernel):
+        return x.w0
+    return x.value if isinstance(x, Trainable) else x
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def is_input(x: Any) -> bool:
+    """Whether a leaf is an input of the traced jaxpr (an array, a tracer or a quantized kernel)."""
+    return (isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+            or C.is_tracer(x) or is_quantized(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """Params flattened with jlora's nodes and quantized kernels kept whole."""
+
+    paths: list[str]
+    leaves: list[Any]
+    treedef: Any
+
+    @classmethod
+    def of(cls, params: Any) -> "Flat":
+        """Example:
+        >>> Flat.of({"a": {"kernel": 1.0}, "b": [2.0]}).paths
+        ['a/kernel', 'b/0']
+        """
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_unit)
+        return cls([path_str(p) for p, _ in flat], [x for _, x in flat], treedef)
+
+    def plain_leaves(self) -> list[Any]:
+        return [plain(x) for x in self.leaves]
+
+
+def _spec(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if is_quantized(x):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """``apply_fn``'s jaxpr: invars are ``params_in`` (leaf indices) then ``args`` (arrays)."""
+
+    jaxpr: Any  # ClosedJaxpr
+    out_tree: Any
+    params_in: list[int]
+    args: list[Any]
+
+
+def trace(apply_fn: Callable, leaves: list[Any], treedef: Any, args: tuple, kwargs: dict) -> Traced:
+    """Trace ``apply_fn(params, *args, **kwargs)`` with ``params = unflatten(treedef, leaves)``."""
+    a_leaves, a_def = jax.tree.flatten((args, kwargs), is_leaf=lambda x: x is None)
+    p_in = [i for i, x in enumerate(leaves) if is_input(x)]
+    a_in = [i for i, x in enumerate(a_leaves) if is_input(x)]
+
+    def flat_fn(*xs):
+        pl, al = list(leaves), list(a_leaves)
+        for i, v in zip(p_in, xs[: len(p_in)]):
+            pl[i] = v
+        for i, v in zip(a_in, xs[len(p_in):]):
+            al[i] = v
+        a, kw = jax.tree.unflatten(a_def, al)
+        return apply_fn(jax.tree.unflatten(treedef, pl), *a, **kw)
+
+    specs = [_spec(leaves[i]) for i in p_in] + [_spec(a_leaves[i]) for i in a_in]
+    closed, out_tree = C.make_jaxpr(flat_fn, *specs)
+    return Traced(closed, out_tree, p_in, [a_leaves[i] for i in a_in])
