@@ -20,8 +20,8 @@ from jlora._quant import (
 # ---------------------------------------------------------------------------------------------
 # An independent numpy reference of the first NF4 level (does not call jlora). The second level
 # (double quantization of the absmax constants) is jlora's own linear int8 scheme; its references
-# are bitsandbytes (test_matches_bitsandbytes_nf4, compress_statistics=True) and the error bound of
-# round-to-nearest, not a numpy restatement of the same code.
+# are bitsandbytes (test_matches_bitsandbytes_nf4_double_quant, bnb's state decoded in numpy) and
+# the error bound of round-to-nearest, not a numpy restatement of the same code.
 
 # Appendix E of the QLoRA paper.
 PAPER_NF4 = np.array(
@@ -93,7 +93,8 @@ def test_nf4_matches_numpy_reference(shape, double_quant):
     """Exact against the numpy reference without double quantization. With it, the 4-bit codes
     are the same (they are computed from the exact absmax) and each dequantized absmax is within
     half an int8 step of the exact one (the bound of round-to-nearest); the stored int8 scheme
-    itself is compared with bitsandbytes' compress_statistics in test_matches_bitsandbytes_nf4."""
+    itself is compared with bitsandbytes' compress_statistics in
+    test_matches_bitsandbytes_nf4_double_quant."""
     x = randn(shape, seed=1)
     q = NF4Tensor.from_array(x, double_quant=double_quant)
     ref, ref_codes, ref_absmax = ref_nf4(x)
@@ -415,35 +416,74 @@ def test_q4_1_kernel_by_hand():
 
 
 def _bnb():
+    """torch and bitsandbytes.functional, or a skip. Only bitsandbytes' *quantization* is used:
+    its packed codes and its state (codebook, absmax, nested absmax) are the reference, decoded
+    here in numpy. Its own ``dequantize_4bit`` is not: on some CPUs (bitsandbytes 0.50.2 with
+    AVX-512) it returns values no NF4 rounding can produce."""
     torch = pytest.importorskip("torch")
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     try:
-        p, st = bnb_f.quantize_4bit(torch.zeros(64, 64), blocksize=64, quant_type="nf4")
-        bnb_f.dequantize_4bit(p, st)
+        bnb_f.quantize_4bit(torch.zeros(64, 64), blocksize=64, quant_type="nf4")
     except Exception as e:  # e.g. a build that needs CUDA
         pytest.skip(f"bitsandbytes NF4 does not run on CPU here: {type(e).__name__}: {e}")
     return torch, bnb_f
 
 
+def _bnb_nf4(x: np.ndarray, double_quant: bool):
+    """bitsandbytes' NF4 of ``x`` (block 64) decoded in numpy from its packed codes and state.
+
+    Returns (packed codes as flat uint8, per-value codebook values, per-block absmax, dequantized
+    values of x's shape). With double quantization the absmax is bitsandbytes' nested state
+    decoded by hand: ``state2.code[absmax_u8] * state2.absmax[block of 256] + offset``.
+    """
+    torch, F = _bnb()
+    p, st = F.quantize_4bit(
+        torch.from_numpy(x), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    )
+    assert st.blocksize == 64 and st.nested == double_quant
+    packed = p.numpy().reshape(-1)
+    code_vals = st.code.numpy()[unpack(packed)][: x.size]  # bnb's own NF4 map, indexed
+    if st.nested:
+        s2 = st.state2
+        q = st.absmax.numpy()
+        assert q.dtype == np.uint8 and s2.blocksize == 256 and not s2.nested
+        absmax = s2.code.numpy()[q] * np.repeat(s2.absmax.numpy(), 256)[: q.size]
+        absmax = absmax + np.float32(st.offset.item())
+    else:
+        absmax = st.absmax.numpy()
+    out = code_vals * np.repeat(absmax, 64)[: x.size]
+    return packed, code_vals, absmax, out.reshape(x.shape)
+
+
 @pytest.mark.parametrize("shape", [(256, 96), (3, 100)])
 def test_matches_bitsandbytes_nf4(shape):
-    torch, F = _bnb()
+    """Without double quantization the scheme is bitsandbytes': byte-identical packed codes,
+    the same absmax constants, and jlora's output equals bitsandbytes' codebook value times
+    absmax, computed in numpy from bitsandbytes' state (the last block of (3, 100) is partial)."""
     x = randn(shape, seed=14)
-    # Without double quantization the scheme is the same: identical codes and output.
-    t = torch.from_numpy(x)
-    p, st = F.quantize_4bit(t, blocksize=64, compress_statistics=False, quant_type="nf4")
+    packed, code_vals, absmax, ref = _bnb_nf4(x, double_quant=False)
     ours = NF4Tensor.from_array(x, double_quant=False)
-    n = x.size // 2 + (x.size % 2)
-    np.testing.assert_array_equal(np.asarray(ours.codes)[:n], p.numpy().reshape(-1)[:n])
-    np.testing.assert_allclose(
-        np.asarray(ours.dequantize()), F.dequantize_4bit(p, st).numpy(), rtol=1e-6, atol=1e-7
-    )
-    # The reference for jlora's double quantization: bitsandbytes stores the absmax with its
-    # dynamic 8-bit map, we with linear int8: same 4-bit codes, output within a fraction of a
-    # percent of the data's range.
-    p2, st2 = F.quantize_4bit(t, blocksize=64, compress_statistics=True, quant_type="nf4")
-    ours2 = NF4Tensor.from_array(x, double_quant=True)
-    np.testing.assert_array_equal(np.asarray(ours2.codes)[:n], p2.numpy().reshape(-1)[:n])
-    bnb_out = F.dequantize_4bit(p2, st2).numpy()
-    diff = np.abs(np.asarray(ours2.dequantize()) - bnb_out)
-    assert diff.max() < 0.01 * np.abs(x).max(), diff.max()
+    np.testing.assert_array_equal(np.asarray(ours.codes)[: packed.size], packed)
+    np.testing.assert_array_equal(code_vals, PAPER_NF4[unpack(packed)][: x.size])
+    np.testing.assert_array_equal(np.asarray(ours.absmax()), absmax)
+    np.testing.assert_allclose(np.asarray(ours.dequantize()), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(256, 96), (3, 100)])
+def test_matches_bitsandbytes_nf4_double_quant(shape):
+    """With double quantization bitsandbytes stores the absmax with its dynamic 8-bit map (its
+    (256, 96) case has two second-level blocks, the second partial), jlora with linear int8:
+    the 4-bit codes are still byte-identical, and both absmax lie within 1 % of the exact one,
+    so each value differs from bitsandbytes' by at most its code value times 2 % of its block's
+    absmax."""
+    x = randn(shape, seed=14)
+    packed, code_vals, bnb_absmax, ref = _bnb_nf4(x, double_quant=True)
+    exact = _bnb_nf4(x, double_quant=False)[2]
+    ours = NF4Tensor.from_array(x, double_quant=True)
+    np.testing.assert_array_equal(np.asarray(ours.codes)[: packed.size], packed)
+    # the hand decoding of bnb's nested state is right: it lands next to the exact absmax
+    assert np.all(np.abs(bnb_absmax - exact) <= 0.01 * exact), np.abs(bnb_absmax / exact - 1).max()
+    assert np.all(np.abs(np.asarray(ours.absmax()) - exact) <= 0.01 * exact)
+    bound = np.abs(code_vals) * np.repeat(0.02 * exact, 64)[: x.size] + 1e-6
+    diff = np.abs(np.asarray(ours.dequantize()).reshape(-1) - ref.reshape(-1))
+    assert np.all(diff <= bound), (diff - bound).max()
