@@ -190,7 +190,25 @@ def _check_input(x: Any, what: str) -> jax.Array:
     dt = np.dtype(dt) if dt is not None else np.asarray(x).dtype
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"{what}: only floating kernels can be quantized, got dtype {dt}.")
-    return jnp.asarray(x)
+    x = jnp.asarray(x)
+    _check_finite(x, what)
+    return x
+
+
+def _check_finite(x: jax.Array, what: str) -> None:
+    """Refuse inf / NaN in a concrete ``x``: one inf makes its whole NF4 block or int8 channel
+    non-finite, and a NaN can come back as a finite number. Skipped for a tracer (under
+    ``jax.jit``, ``vmap`` or a ``scan`` body the values are unknown)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    finite = jnp.isfinite(x)
+    bad = int(x.size - jnp.count_nonzero(finite))
+    if bad:
+        first = tuple(int(i) for i in np.unravel_index(int(jnp.argmin(finite)), x.shape))
+        raise ValueError(
+            f"{what}: {bad} non-finite value{'s' if bad > 1 else ''} (inf or NaN) out of "
+            f"{x.size}, first at index {first}; quantization needs finite weights."
+        )
 
 
 def _out_dtype(x: jax.Array, dtype: Any) -> np.dtype:
@@ -437,7 +455,10 @@ class NF4Tensor(QuantizedKernel):
             The quantized kernel. Jit-friendly (shapes are static).
 
         Raises:
-            ValueError: ``x`` is already quantized, not floating, or ``block_size`` is invalid.
+            ValueError: ``x`` is already quantized, not floating, holds inf or NaN values, or
+                ``block_size`` is invalid. The inf/NaN check needs concrete values: it is done
+                eagerly, before the jitted encoder, and skipped when ``x`` is a tracer (a call
+                under ``jax.jit``, ``vmap`` or inside a ``scan`` body).
 
         Example:
             >>> import jax.numpy as jnp
@@ -609,7 +630,9 @@ class Int8Tensor(QuantizedKernel):
             The quantized kernel. Jit-friendly.
 
         Raises:
-            ValueError: ``x`` is already quantized, not floating, or the options are invalid.
+            ValueError: ``x`` is already quantized, not floating, holds inf or NaN values
+                (checked on concrete arrays only, as in :meth:`NF4Tensor.from_array`), or the
+                options are invalid.
 
         Example:
             >>> import jax.numpy as jnp
@@ -721,8 +744,10 @@ def quantize(
         ``params`` with the chosen leaves replaced by :class:`NF4Tensor` / :class:`Int8Tensor`.
 
     Raises:
-        ValueError: A chosen leaf is already quantized, or has an integer/complex/bool dtype (the
-            message names its key path); explicit ``targets`` match no leaf; bad ``method``.
+        ValueError: A chosen leaf is already quantized, has an integer/complex/bool dtype, or
+            holds inf or NaN values (the message names its key path and the count; checked
+            eagerly on concrete leaves, skipped for tracers when ``quantize`` runs under
+            ``jax.jit``); explicit ``targets`` match no leaf; bad ``method``.
 
     Example:
         >>> import jax.numpy as jnp
