@@ -340,8 +340,9 @@ def test_bad_dtype_refused_with_path():
     params = {
         "blk": {"kernel": jnp.ones((64, 128), jnp.int32), "w": jnp.ones((64, 128), jnp.complex64)}
     }
-    # the default rule only picks floating leaves
-    assert not is_quantized(quantize(params)["blk"]["kernel"])
+    # the default rule only picks floating leaves: here none
+    with pytest.raises(ValueError, match="no floating leaf named 'kernel'"):
+        quantize(params)
     with pytest.raises(ValueError, match=r"blk/kernel.*int32"):
         quantize(params, targets=["kernel"])
     with pytest.raises(ValueError, match=r"blk/w.*complex64"):
@@ -382,6 +383,45 @@ def test_non_finite_refused_by_quantize_with_path():
     assert not is_quantized(quantize(params, targets=["ok"], min_size=0)["blk"]["kernel"])
     # Under jit the values are unknown: the check is skipped there (documented).
     jax.jit(lambda a: NF4Tensor.from_array(a).codes)(jnp.asarray(x))
+
+
+def test_quantize_that_quantizes_nothing_is_an_error():
+    """A rule that chooses only small or 1-D leaves (or nothing at all) used to return the tree
+    unchanged: a run that believed its base was quantized."""
+    params = {"blk": {"kernel": jnp.ones((32, 32)), "bias": jnp.ones((4096,))}}
+    with pytest.raises(ValueError, match=r"nothing.*min_size=4096.*'blk/kernel' \(32, 32\)"):
+        quantize(params)
+    with pytest.raises(ValueError, match=r"nothing.*ndim < 2.*'blk/bias' \(4096,\)"):
+        quantize(params, targets=["bias"], min_size=0)
+    with pytest.raises(ValueError, match=r"no floating leaf named 'kernel' or 'weight'.*blk/w"):
+        quantize({"blk": {"w": jnp.ones((64, 64))}})
+    assert is_quantized(quantize(params, min_size=0)["blk"]["kernel"])
+
+
+def test_bad_shapes_and_options_refused_clearly():
+    for make in _MAKERS.values():  # int8 per channel used to fail with a numpy reduction error
+        with pytest.raises(ValueError, match=r"empty.*\(0, 64\)"):
+            make(np.zeros((0, 64), np.float32))
+    with pytest.raises(ValueError, match="block_size"):
+        Int8Tensor.from_array(randn((8, 8)), block_size=True)  # a bool is not a block size
+    with pytest.raises(ValueError, match="block_size"):
+        NF4Tensor.from_array(randn((8, 8)), block_size=np.int64(-2))
+    # channel_axis only means something per channel; with block_size it was silently ignored
+    with pytest.raises(ValueError, match="channel_axis.*block_size=None"):
+        Int8Tensor.from_array(randn((8, 64)), block_size=64, channel_axis=-2)
+
+
+def test_node_dtype_is_what_dequantize_returns():
+    """Without jax_enable_x64 a float64 request dequantizes to float32: the node says so, rather
+    than claiming float64 (inject builds abstract values from it)."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("float64 is available")
+    q = NF4Tensor.from_array(randn((8, 8)), dtype=np.float64)
+    assert q.dtype == q.dequantize().dtype == np.float32
+    i8 = Int8Tensor.from_array(randn((8, 8)), dtype="float64")
+    assert i8.dtype == i8.dequantize().dtype == np.float32
+    w = q.with_dtype(np.float64)
+    assert w.dtype == w.dequantize().dtype == np.float32
 
 
 def test_nodes_properties_and_pytree_keys():
