@@ -485,6 +485,21 @@ def test_q4_1_kernel_by_hand():
     assert k.with_dtype(jnp.bfloat16).dequantize().dtype == jnp.bfloat16
 
 
+def test_q4_1_from_raw_refuses_what_is_not_the_files_bytes():
+    """from_raw cast any array to uint8 and reshaped a 3-D array to (rows, -1, 20): float data, or
+    a stacked (layers, out, blocks * 20) array, became a kernel of the wrong values or shape."""
+    from jlora.models.gguf import Q4_1Kernel
+
+    raw = np.zeros((4, 2, 20), np.uint8)
+    assert Q4_1Kernel.from_raw(raw).shape == Q4_1Kernel.from_raw(raw.reshape(4, 40)).shape == (64, 4)
+    with pytest.raises(ValueError, match="uint8"):
+        Q4_1Kernel.from_raw(raw.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(out, blocks, 20\).*\(2, 4, 40\)"):
+        Q4_1Kernel.from_raw(np.zeros((2, 4, 40), np.uint8))
+    with pytest.raises(ValueError, match=r"\(4, 30\)"):
+        Q4_1Kernel.from_raw(np.zeros((4, 30), np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes (optional; CPU backend in recent releases)
 
