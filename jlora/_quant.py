@@ -253,6 +253,16 @@ def _round_up_16bit(s: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _check_dq_mean(mean: jax.Array) -> None:
+    """Refuse a double quantization whose mean of the block absmax overflowed float32 (finite
+    weights of magnitude ~1e37 and up): every dequantized value would be NaN."""
+    if not bool(jnp.all(jnp.isfinite(mean))):
+        raise ValueError(
+            "NF4Tensor.from_array: the weights are too large for double quantization (the mean "
+            "of the block absmax overflows float32); pass double_quant=False."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # NF4
 
@@ -473,10 +483,11 @@ class NF4Tensor(QuantizedKernel):
             The quantized kernel. Jit-friendly (shapes are static).
 
         Raises:
-            ValueError: ``x`` is already quantized, not floating, holds inf or NaN values, or
-                ``block_size`` is invalid. The inf/NaN check needs concrete values: it is done
-                eagerly, before the jitted encoder, and skipped when ``x`` is a tracer (a call
-                under ``jax.jit``, ``vmap`` or inside a ``scan`` body).
+            ValueError: ``x`` is already quantized, not floating, holds inf or NaN values, is
+                too large for double quantization (``|x|`` ~1e37: the mean of the absmax would
+                overflow), or ``block_size`` is invalid. The value checks are done eagerly on
+                concrete arrays (inf/NaN before the jitted encoder), and skipped when ``x`` is a
+                tracer (a call under ``jax.jit``, ``vmap`` or inside a ``scan`` body).
 
         Example:
             >>> import jax.numpy as jnp
@@ -489,6 +500,8 @@ class NF4Tensor(QuantizedKernel):
         out = _out_dtype(x, dtype)
         stack, slice_shape = _split_stack(tuple(x.shape))
         arrays = _nf4_encode(x, block_size=block_size, double_quant=bool(double_quant))
+        if double_quant and not isinstance(x, jax.core.Tracer):
+            _check_dq_mean(arrays[-1])
         return cls(arrays[0], arrays[1:], slice_shape=slice_shape, dtype=out, block_size=block_size)
 
     # Children: ``codes`` then the ``scales`` tuple, keyed by what each scale array is.

@@ -372,6 +372,15 @@ def test_non_finite_weights_refused(method, bad):
         _MAKERS[method](jnp.asarray(x[:4], jnp.bfloat16))
 
 
+def test_nf4_double_quant_overflow_refused():
+    """Finite weights near float32's limit: the mean of the block absmax overflowed and double
+    quantization returned NaN everywhere. Refused, pointing at double_quant=False (which works)."""
+    x = randn((64, 64), seed=17) * np.float32(1e37)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        NF4Tensor.from_array(x)
+    assert np.isfinite(np.asarray(NF4Tensor.from_array(x, double_quant=False).dequantize())).all()
+
+
 def test_non_finite_refused_by_quantize_with_path():
     x = randn((64, 64), seed=16)
     x[0, 0] = np.nan
