@@ -190,14 +190,50 @@ def _check_input(x: Any, what: str) -> jax.Array:
     dt = np.dtype(dt) if dt is not None else np.asarray(x).dtype
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"{what}: only floating kernels can be quantized, got dtype {dt}.")
-    return jnp.asarray(x)
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"{what}: cannot quantize a scalar.")
+    if x.size == 0:
+        raise ValueError(f"{what}: cannot quantize an empty array (shape {tuple(x.shape)}).")
+    _check_finite(x, what)
+    return x
+
+
+def _check_finite(x: jax.Array, what: str) -> None:
+    """Refuse inf / NaN in a concrete ``x``: one inf makes its whole NF4 block or int8 channel
+    non-finite, and a NaN can come back as a finite number. Skipped for a tracer (under
+    ``jax.jit``, ``vmap`` or a ``scan`` body the values are unknown)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    finite = jnp.isfinite(x)
+    bad = int(x.size - jnp.count_nonzero(finite))
+    if bad:
+        first = tuple(int(i) for i in np.unravel_index(int(jnp.argmin(finite)), x.shape))
+        raise ValueError(
+            f"{what}: {bad} non-finite value{'s' if bad > 1 else ''} (inf or NaN) out of "
+            f"{x.size}, first at index {first}; quantization needs finite weights."
+        )
+
+
+def _canonical(dtype: Any) -> np.dtype:
+    """The dtype JAX actually produces for ``dtype`` (float64 is float32 without x64)."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def _out_dtype(x: jax.Array, dtype: Any) -> np.dtype:
-    dt = np.dtype(x.dtype if dtype is None else jnp.dtype(dtype))
+    dt = _canonical(x.dtype if dtype is None else dtype)
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dt}.")
     return dt
+
+
+def _check_block_size(block_size: Any, what: str, even: bool = False) -> int:
+    """``block_size`` as an int, or a ValueError (a bool or a float is not a block size)."""
+    ok = isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool)
+    if not ok or block_size <= 0 or (even and block_size % 2):
+        kind = "positive even" if even else "positive"
+        raise ValueError(f"{what} block_size must be a {kind} integer, got {block_size!r}.")
+    return int(block_size)
 
 
 def _absmax_scale(amax: jax.Array) -> jax.Array:
@@ -215,6 +251,16 @@ def _round_up_16bit(s: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.uint32)
     bits = (bits + jnp.uint32(0xFF)) & jnp.uint32(0xFFFFFF00)
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _check_dq_mean(mean: jax.Array) -> None:
+    """Refuse a double quantization whose mean of the block absmax overflowed float32 (finite
+    weights of magnitude ~1e37 and up): every dequantized value would be NaN."""
+    if not bool(jnp.all(jnp.isfinite(mean))):
+        raise ValueError(
+            "NF4Tensor.from_array: the weights are too large for double quantization (the mean "
+            "of the block absmax overflows float32); pass double_quant=False."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +386,7 @@ class QuantizedKernel:
     def with_dtype(self, dtype: Any) -> "QuantizedKernel":
         """The same stored arrays, dequantizing to ``dtype`` (a cast that stays quantized)."""
         out = copy.copy(self)
-        out._dtype = np.dtype(dtype)
+        out._dtype = _canonical(dtype)
         return out
 
     def _repr_extra(self) -> str:
@@ -412,7 +458,7 @@ class NF4Tensor(QuantizedKernel):
         self.codes = codes
         self.scales = tuple(scales)
         self.slice_shape = tuple(int(d) for d in slice_shape)
-        self._dtype = np.dtype(dtype)
+        self._dtype = _canonical(dtype)
         self.block_size = int(block_size)
 
     @classmethod
@@ -437,7 +483,11 @@ class NF4Tensor(QuantizedKernel):
             The quantized kernel. Jit-friendly (shapes are static).
 
         Raises:
-            ValueError: ``x`` is already quantized, not floating, or ``block_size`` is invalid.
+            ValueError: ``x`` is already quantized, not floating, holds inf or NaN values, is
+                too large for double quantization (``|x|`` ~1e37: the mean of the absmax would
+                overflow), or ``block_size`` is invalid. The value checks are done eagerly on
+                concrete arrays (inf/NaN before the jitted encoder), and skipped when ``x`` is a
+                tracer (a call under ``jax.jit``, ``vmap`` or inside a ``scan`` body).
 
         Example:
             >>> import jax.numpy as jnp
@@ -445,14 +495,13 @@ class NF4Tensor(QuantizedKernel):
             >>> q.shape, q.dtype, q.codes.shape
             ((3, 5), dtype(bfloat16), (32,))
         """
+        block_size = _check_block_size(block_size, "NF4", even=True)
         x = _check_input(x, "NF4Tensor.from_array")
-        if not isinstance(block_size, (int, np.integer)) or block_size <= 0 or block_size % 2:
-            raise ValueError(f"NF4 block_size must be a positive even integer, got {block_size!r}.")
-        if x.ndim < 1:
-            raise ValueError("NF4Tensor.from_array: cannot quantize a scalar.")
         out = _out_dtype(x, dtype)
         stack, slice_shape = _split_stack(tuple(x.shape))
-        arrays = _nf4_encode(x, block_size=int(block_size), double_quant=bool(double_quant))
+        arrays = _nf4_encode(x, block_size=block_size, double_quant=bool(double_quant))
+        if double_quant and not isinstance(x, jax.core.Tracer):
+            _check_dq_mean(arrays[-1])
         return cls(arrays[0], arrays[1:], slice_shape=slice_shape, dtype=out, block_size=block_size)
 
     # Children: ``codes`` then the ``scales`` tuple, keyed by what each scale array is.
@@ -583,7 +632,7 @@ class Int8Tensor(QuantizedKernel):
         self.q = q
         self.scale = scale
         self.slice_shape = tuple(int(d) for d in slice_shape)
-        self._dtype = np.dtype(dtype)
+        self._dtype = _canonical(dtype)
         self.block_size = None if block_size is None else int(block_size)
         self.channel_axis = int(channel_axis)
 
@@ -609,7 +658,9 @@ class Int8Tensor(QuantizedKernel):
             The quantized kernel. Jit-friendly.
 
         Raises:
-            ValueError: ``x`` is already quantized, not floating, or the options are invalid.
+            ValueError: ``x`` is already quantized, not floating, holds inf or NaN values
+                (checked on concrete arrays only, as in :meth:`NF4Tensor.from_array`), or the
+                options are invalid.
 
         Example:
             >>> import jax.numpy as jnp
@@ -617,24 +668,18 @@ class Int8Tensor(QuantizedKernel):
             >>> q.shape, q.q.shape, q.scale.shape
             ((3, 5), (16,), (4,))
         """
+        bs = None if block_size is None else _check_block_size(block_size, "int8")
+        if channel_axis not in (-1, -2):
+            raise ValueError(f"channel_axis must be -1 or -2, got {channel_axis!r}.")
+        if bs is not None and channel_axis != -1:
+            raise ValueError("channel_axis is for per-channel scales: pass block_size=None.")
         x = _check_input(x, "Int8Tensor.from_array")
         out = _out_dtype(x, dtype)
-        if block_size is None:
-            if x.ndim < 2:
-                raise ValueError(
-                    f"per-channel int8 needs ndim >= 2, got shape {tuple(x.shape)}; "
-                    "pass block_size."
-                )
-            if channel_axis not in (-1, -2):
-                raise ValueError(f"channel_axis must be -1 or -2, got {channel_axis!r}.")
-        elif not isinstance(block_size, (int, np.integer)) or block_size <= 0:
+        if bs is None and x.ndim < 2:
             raise ValueError(
-                f"int8 block_size must be a positive integer or None, got {block_size!r}."
+                f"per-channel int8 needs ndim >= 2, got shape {tuple(x.shape)}; pass block_size."
             )
-        elif x.ndim < 1:
-            raise ValueError("Int8Tensor.from_array: cannot quantize a scalar.")
         _, slice_shape = _split_stack(tuple(x.shape))
-        bs = None if block_size is None else int(block_size)
         q, scale = _int8_encode(x, block_size=bs, channel_axis=int(channel_axis))
         return cls(
             q, scale, slice_shape=slice_shape, dtype=out, block_size=bs, channel_axis=channel_axis
@@ -721,8 +766,13 @@ def quantize(
         ``params`` with the chosen leaves replaced by :class:`NF4Tensor` / :class:`Int8Tensor`.
 
     Raises:
-        ValueError: A chosen leaf is already quantized, or has an integer/complex/bool dtype (the
-            message names its key path); explicit ``targets`` match no leaf; bad ``method``.
+        ValueError: A chosen leaf is already quantized, has an integer/complex/bool dtype, or
+            holds inf or NaN values (the message names its key path and the count; checked
+            eagerly on concrete leaves, skipped for tracers when ``quantize`` runs under
+            ``jax.jit``); explicit ``targets`` match no leaf; nothing would be quantized (every
+            chosen leaf has ndim < 2 or fewer than ``min_size`` elements, or the default rule
+            finds no floating ``kernel``/``weight``), rather than returning ``params`` unchanged;
+            bad ``method``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -739,53 +789,64 @@ def quantize(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
     if method == "nf4" and block_size is None:
         raise ValueError("NF4 needs a block_size (64 in QLoRA).")
-    match = make_matcher(targets)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
-
-    def default_rule(path: str, leaf: Any) -> bool:
-        dt = getattr(leaf, "dtype", None)
-        return (
-            leaf_name(path) in _DEFAULT_NAMES
-            and dt is not None
-            and jnp.issubdtype(np.dtype(dt), jnp.floating)
+    if method == "nf4":
+        make = functools.partial(
+            NF4Tensor.from_array, block_size=block_size, double_quant=double_quant, dtype=dtype
         )
-
-    out, matched, paths = [], 0, []
+    else:
+        make = functools.partial(Int8Tensor.from_array, block_size=block_size, dtype=dtype)
+    choose = _default_rule if targets is None else make_matcher(targets)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+    out, chosen, paths = [], [], []
     for kp, leaf in leaves:
         path = path_str(kp)
         paths.append(path)
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype") and choose(path, leaf)):
             out.append(leaf)
             continue
-        chosen = default_rule(path, leaf) if targets is None else match(path, leaf)
-        if chosen:
-            matched += 1
-        if chosen and is_quantized(leaf):
+        if is_quantized(leaf):
             raise ValueError(
                 f"quantize: {path!r} is already quantized ({leaf!r}); dequantize it first."
             )
-        shape = tuple(leaf.shape)
-        if not chosen or len(shape) < 2 or math.prod(shape) < min_size:
+        chosen.append((path, tuple(leaf.shape)))
+        if len(leaf.shape) < 2 or math.prod(leaf.shape) < min_size:
             out.append(leaf)
             continue
         try:
-            if method == "nf4":
-                node = NF4Tensor.from_array(
-                    leaf, block_size=block_size, double_quant=double_quant, dtype=dtype
-                )
-            else:
-                node = Int8Tensor.from_array(leaf, block_size=block_size, dtype=dtype)
+            out.append(make(leaf))
         except ValueError as e:
             raise ValueError(f"quantize: {path!r}: {e}") from None
-        out.append(node)
-
-    if targets is not None and matched == 0:
-        near = nearest(targets if isinstance(targets, str) else str(targets), paths)
-        raise ValueError(
-            f"quantize: targets {describe_targets(targets)} matched no array leaf. "
-            f"Some paths: {near}."
-        )
+    if not any(is_quantized(x) for x in out):
+        raise _nothing_quantized(targets, chosen, paths, min_size)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _default_rule(path: str, leaf: Any) -> bool:
+    """``quantize``'s ``targets=None``: floating leaves named ``kernel`` or ``weight``."""
+    return leaf_name(path) in _DEFAULT_NAMES and jnp.issubdtype(np.dtype(leaf.dtype), jnp.floating)
+
+
+def _nothing_quantized(
+    targets: Targets, chosen: list[tuple[str, tuple[int, ...]]], paths: list[str], min_size: int
+) -> ValueError:
+    """The error for a ``quantize`` call that would return its input unchanged."""
+    if chosen:
+        shown = ", ".join(f"{p!r} {shape}" for p, shape in chosen[:5])
+        return ValueError(
+            f"quantize: nothing to quantize: the {len(chosen)} chosen leaves all have ndim < 2 "
+            f"or fewer than min_size={min_size} elements ({shown}); lower min_size or pick "
+            f"other targets."
+        )
+    if targets is None:
+        near = nearest("kernel", paths)
+        return ValueError(
+            f"quantize: no floating leaf named 'kernel' or 'weight' (the default targets); "
+            f"pass targets. Some paths: {near}."
+        )
+    near = nearest(targets if isinstance(targets, str) else str(targets), paths)
+    return ValueError(
+        f"quantize: targets {describe_targets(targets)} matched no array leaf. Some paths: {near}."
+    )
 
 
 def dequantize(tree: Any) -> Any:

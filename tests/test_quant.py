@@ -20,8 +20,8 @@ from jlora._quant import (
 # ---------------------------------------------------------------------------------------------
 # An independent numpy reference of the first NF4 level (does not call jlora). The second level
 # (double quantization of the absmax constants) is jlora's own linear int8 scheme; its references
-# are bitsandbytes (test_matches_bitsandbytes_nf4, compress_statistics=True) and the error bound of
-# round-to-nearest, not a numpy restatement of the same code.
+# are bitsandbytes (test_matches_bitsandbytes_nf4_double_quant, bnb's state decoded in numpy) and
+# the error bound of round-to-nearest, not a numpy restatement of the same code.
 
 # Appendix E of the QLoRA paper.
 PAPER_NF4 = np.array(
@@ -93,7 +93,8 @@ def test_nf4_matches_numpy_reference(shape, double_quant):
     """Exact against the numpy reference without double quantization. With it, the 4-bit codes
     are the same (they are computed from the exact absmax) and each dequantized absmax is within
     half an int8 step of the exact one (the bound of round-to-nearest); the stored int8 scheme
-    itself is compared with bitsandbytes' compress_statistics in test_matches_bitsandbytes_nf4."""
+    itself is compared with bitsandbytes' compress_statistics in
+    test_matches_bitsandbytes_nf4_double_quant."""
     x = randn(shape, seed=1)
     q = NF4Tensor.from_array(x, double_quant=double_quant)
     ref, ref_codes, ref_absmax = ref_nf4(x)
@@ -339,14 +340,97 @@ def test_bad_dtype_refused_with_path():
     params = {
         "blk": {"kernel": jnp.ones((64, 128), jnp.int32), "w": jnp.ones((64, 128), jnp.complex64)}
     }
-    # the default rule only picks floating leaves
-    assert not is_quantized(quantize(params)["blk"]["kernel"])
+    # the default rule only picks floating leaves: here none
+    with pytest.raises(ValueError, match="no floating leaf named 'kernel'"):
+        quantize(params)
     with pytest.raises(ValueError, match=r"blk/kernel.*int32"):
         quantize(params, targets=["kernel"])
     with pytest.raises(ValueError, match=r"blk/w.*complex64"):
         quantize(params, targets="blk/w", method="int8")
     with pytest.raises(ValueError, match="method"):
         quantize(params, method="fp4")
+
+
+_MAKERS = {
+    "nf4": lambda a: NF4Tensor.from_array(a),
+    "nf4_nodq": lambda a: NF4Tensor.from_array(a, double_quant=False),
+    "int8": lambda a: Int8Tensor.from_array(a),
+    "int8_block": lambda a: Int8Tensor.from_array(a, block_size=64),
+}
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("method", list(_MAKERS))
+def test_non_finite_weights_refused(method, bad):
+    """One inf makes its whole block (NF4) or channel (int8) non-finite, and a NaN can come back
+    as a finite number: both are refused, with the count and the first position."""
+    x = randn((64, 64), seed=15)
+    x[3, 5] = x[60, 1] = bad
+    with pytest.raises(ValueError, match=r"2 non-finite values .* first at index \(3, 5\)"):
+        _MAKERS[method](x)
+    with pytest.raises(ValueError, match="1 non-finite value "):
+        _MAKERS[method](jnp.asarray(x[:4], jnp.bfloat16))
+
+
+def test_nf4_double_quant_overflow_refused():
+    """Finite weights near float32's limit: the mean of the block absmax overflowed and double
+    quantization returned NaN everywhere. Refused, pointing at double_quant=False (which works)."""
+    x = randn((64, 64), seed=17) * np.float32(1e37)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        NF4Tensor.from_array(x)
+    assert np.isfinite(np.asarray(NF4Tensor.from_array(x, double_quant=False).dequantize())).all()
+
+
+def test_non_finite_refused_by_quantize_with_path():
+    x = randn((64, 64), seed=16)
+    x[0, 0] = np.nan
+    params = {"ok": {"kernel": jnp.ones((64, 64))}, "blk": {"kernel": jnp.asarray(x)}}
+    for method in ("nf4", "int8"):
+        with pytest.raises(ValueError, match=r"'blk/kernel'.*1 non-finite value"):
+            quantize(params, method=method, min_size=0)
+    # A leaf that stays dense is not inspected.
+    assert not is_quantized(quantize(params, targets=["ok"], min_size=0)["blk"]["kernel"])
+    # Under jit the values are unknown: the check is skipped there (documented).
+    jax.jit(lambda a: NF4Tensor.from_array(a).codes)(jnp.asarray(x))
+
+
+def test_quantize_that_quantizes_nothing_is_an_error():
+    """A rule that chooses only small or 1-D leaves (or nothing at all) used to return the tree
+    unchanged: a run that believed its base was quantized."""
+    params = {"blk": {"kernel": jnp.ones((32, 32)), "bias": jnp.ones((4096,))}}
+    with pytest.raises(ValueError, match=r"nothing.*min_size=4096.*'blk/kernel' \(32, 32\)"):
+        quantize(params)
+    with pytest.raises(ValueError, match=r"nothing.*ndim < 2.*'blk/bias' \(4096,\)"):
+        quantize(params, targets=["bias"], min_size=0)
+    with pytest.raises(ValueError, match=r"no floating leaf named 'kernel' or 'weight'.*blk/w"):
+        quantize({"blk": {"w": jnp.ones((64, 64))}})
+    assert is_quantized(quantize(params, min_size=0)["blk"]["kernel"])
+
+
+def test_bad_shapes_and_options_refused_clearly():
+    for make in _MAKERS.values():  # int8 per channel used to fail with a numpy reduction error
+        with pytest.raises(ValueError, match=r"empty.*\(0, 64\)"):
+            make(np.zeros((0, 64), np.float32))
+    with pytest.raises(ValueError, match="block_size"):
+        Int8Tensor.from_array(randn((8, 8)), block_size=True)  # a bool is not a block size
+    with pytest.raises(ValueError, match="block_size"):
+        NF4Tensor.from_array(randn((8, 8)), block_size=np.int64(-2))
+    # channel_axis only means something per channel; with block_size it was silently ignored
+    with pytest.raises(ValueError, match="channel_axis.*block_size=None"):
+        Int8Tensor.from_array(randn((8, 64)), block_size=64, channel_axis=-2)
+
+
+def test_node_dtype_is_what_dequantize_returns():
+    """Without jax_enable_x64 a float64 request dequantizes to float32: the node says so, rather
+    than claiming float64 (inject builds abstract values from it)."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("float64 is available")
+    q = NF4Tensor.from_array(randn((8, 8)), dtype=np.float64)
+    assert q.dtype == q.dequantize().dtype == np.float32
+    i8 = Int8Tensor.from_array(randn((8, 8)), dtype="float64")
+    assert i8.dtype == i8.dequantize().dtype == np.float32
+    w = q.with_dtype(np.float64)
+    assert w.dtype == w.dequantize().dtype == np.float32
 
 
 def test_nodes_properties_and_pytree_keys():
@@ -410,40 +494,94 @@ def test_q4_1_kernel_by_hand():
     assert k.with_dtype(jnp.bfloat16).dequantize().dtype == jnp.bfloat16
 
 
+def test_q4_1_from_raw_refuses_what_is_not_the_files_bytes():
+    """from_raw cast any array to uint8 and reshaped a 3-D array to (rows, -1, 20): float data, or
+    a stacked (layers, out, blocks * 20) array, became a kernel of the wrong values or shape."""
+    from jlora.models.gguf import Q4_1Kernel
+
+    raw = np.zeros((4, 2, 20), np.uint8)
+    assert Q4_1Kernel.from_raw(raw).shape == Q4_1Kernel.from_raw(raw.reshape(4, 40)).shape == (64, 4)
+    with pytest.raises(ValueError, match="uint8"):
+        Q4_1Kernel.from_raw(raw.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(out, blocks, 20\).*\(2, 4, 40\)"):
+        Q4_1Kernel.from_raw(np.zeros((2, 4, 40), np.uint8))
+    with pytest.raises(ValueError, match=r"\(4, 30\)"):
+        Q4_1Kernel.from_raw(np.zeros((4, 30), np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes (optional; CPU backend in recent releases)
 
 
 def _bnb():
+    """torch and bitsandbytes.functional, or a skip. Only bitsandbytes' *quantization* is used:
+    its packed codes and its state (codebook, absmax, nested absmax) are the reference, decoded
+    here in numpy. Its own ``dequantize_4bit`` is not: on some CPUs (bitsandbytes 0.50.2 with
+    AVX-512) it returns values no NF4 rounding can produce."""
     torch = pytest.importorskip("torch")
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     try:
-        p, st = bnb_f.quantize_4bit(torch.zeros(64, 64), blocksize=64, quant_type="nf4")
-        bnb_f.dequantize_4bit(p, st)
+        bnb_f.quantize_4bit(torch.zeros(64, 64), blocksize=64, quant_type="nf4")
     except Exception as e:  # e.g. a build that needs CUDA
         pytest.skip(f"bitsandbytes NF4 does not run on CPU here: {type(e).__name__}: {e}")
     return torch, bnb_f
 
 
+def _bnb_nf4(x: np.ndarray, double_quant: bool):
+    """bitsandbytes' NF4 of ``x`` (block 64) decoded in numpy from its packed codes and state.
+
+    Returns (packed codes as flat uint8, per-value codebook values, per-block absmax, dequantized
+    values of x's shape). With double quantization the absmax is bitsandbytes' nested state
+    decoded by hand: ``state2.code[absmax_u8] * state2.absmax[block of 256] + offset``.
+    """
+    torch, F = _bnb()
+    p, st = F.quantize_4bit(
+        torch.from_numpy(x), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    )
+    assert st.blocksize == 64 and st.nested == double_quant
+    packed = p.numpy().reshape(-1)
+    code_vals = st.code.numpy()[unpack(packed)][: x.size]  # bnb's own NF4 map, indexed
+    if st.nested:
+        s2 = st.state2
+        q = st.absmax.numpy()
+        assert q.dtype == np.uint8 and s2.blocksize == 256 and not s2.nested
+        absmax = s2.code.numpy()[q] * np.repeat(s2.absmax.numpy(), 256)[: q.size]
+        absmax = absmax + np.float32(st.offset.item())
+    else:
+        absmax = st.absmax.numpy()
+    out = code_vals * np.repeat(absmax, 64)[: x.size]
+    return packed, code_vals, absmax, out.reshape(x.shape)
+
+
 @pytest.mark.parametrize("shape", [(256, 96), (3, 100)])
 def test_matches_bitsandbytes_nf4(shape):
-    torch, F = _bnb()
+    """Without double quantization the scheme is bitsandbytes': byte-identical packed codes,
+    the same absmax constants, and jlora's output equals bitsandbytes' codebook value times
+    absmax, computed in numpy from bitsandbytes' state (the last block of (3, 100) is partial)."""
     x = randn(shape, seed=14)
-    # Without double quantization the scheme is the same: identical codes and output.
-    t = torch.from_numpy(x)
-    p, st = F.quantize_4bit(t, blocksize=64, compress_statistics=False, quant_type="nf4")
+    packed, code_vals, absmax, ref = _bnb_nf4(x, double_quant=False)
     ours = NF4Tensor.from_array(x, double_quant=False)
-    n = x.size // 2 + (x.size % 2)
-    np.testing.assert_array_equal(np.asarray(ours.codes)[:n], p.numpy().reshape(-1)[:n])
-    np.testing.assert_allclose(
-        np.asarray(ours.dequantize()), F.dequantize_4bit(p, st).numpy(), rtol=1e-6, atol=1e-7
-    )
-    # The reference for jlora's double quantization: bitsandbytes stores the absmax with its
-    # dynamic 8-bit map, we with linear int8: same 4-bit codes, output within a fraction of a
-    # percent of the data's range.
-    p2, st2 = F.quantize_4bit(t, blocksize=64, compress_statistics=True, quant_type="nf4")
-    ours2 = NF4Tensor.from_array(x, double_quant=True)
-    np.testing.assert_array_equal(np.asarray(ours2.codes)[:n], p2.numpy().reshape(-1)[:n])
-    bnb_out = F.dequantize_4bit(p2, st2).numpy()
-    diff = np.abs(np.asarray(ours2.dequantize()) - bnb_out)
-    assert diff.max() < 0.01 * np.abs(x).max(), diff.max()
+    np.testing.assert_array_equal(np.asarray(ours.codes)[: packed.size], packed)
+    np.testing.assert_array_equal(code_vals, PAPER_NF4[unpack(packed)][: x.size])
+    np.testing.assert_array_equal(np.asarray(ours.absmax()), absmax)
+    np.testing.assert_allclose(np.asarray(ours.dequantize()), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(256, 96), (3, 100)])
+def test_matches_bitsandbytes_nf4_double_quant(shape):
+    """With double quantization bitsandbytes stores the absmax with its dynamic 8-bit map (its
+    (256, 96) case has two second-level blocks, the second partial), jlora with linear int8:
+    the 4-bit codes are still byte-identical, and both absmax lie within 1 % of the exact one,
+    so each value differs from bitsandbytes' by at most its code value times 2 % of its block's
+    absmax."""
+    x = randn(shape, seed=14)
+    packed, code_vals, bnb_absmax, ref = _bnb_nf4(x, double_quant=True)
+    exact = _bnb_nf4(x, double_quant=False)[2]
+    ours = NF4Tensor.from_array(x, double_quant=True)
+    np.testing.assert_array_equal(np.asarray(ours.codes)[: packed.size], packed)
+    # the hand decoding of bnb's nested state is right: it lands next to the exact absmax
+    assert np.all(np.abs(bnb_absmax - exact) <= 0.01 * exact), np.abs(bnb_absmax / exact - 1).max()
+    assert np.all(np.abs(np.asarray(ours.absmax()) - exact) <= 0.01 * exact)
+    bound = np.abs(code_vals) * np.repeat(0.02 * exact, 64)[: x.size] + 1e-6
+    diff = np.abs(np.asarray(ours.dequantize()).reshape(-1) - ref.reshape(-1))
+    assert np.all(diff <= bound), (diff - bound).max()

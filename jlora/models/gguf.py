@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._quant import QuantizedKernel, _shape
+from jlora._quant import QuantizedKernel, _canonical, _shape
 
 from jlora.models.llama import LlamaConfig, stack_layer_params
 
@@ -191,6 +191,36 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return data.reshape(_numpy_shape(tensor))
 
 
+def _q4_1_kinds(reader: Any) -> set[str]:
+    """The projections ``load_gguf(quantized=True)`` keeps as :class:`Q4_1Kernel`: those stored
+    Q4_1 in every layer, so a scanned stack holds one node type. A projection that is Q4_1 in
+    some layers only is dequantized in all of them, with a warning.
+
+    Raises:
+        ValueError: No projection is Q4_1 in every layer (nothing would stay quantized).
+    """
+    from gguf import GGMLQuantizationType
+
+    types: dict[str, set] = {}
+    for t in reader.tensors:
+        m = _BLOCK_NAME.match(t.name)
+        if m and m.group(2) in _BLOCK and _BLOCK[m.group(2)][2]:
+            types.setdefault(m.group(2), set()).add(GGMLQuantizationType(t.tensor_type))
+    q4_1 = GGMLQuantizationType.Q4_1
+    keep = {kind for kind, found in types.items() if found == {q4_1}}
+    mixed = sorted(kind for kind, found in types.items() if q4_1 in found and kind not in keep)
+    if mixed:
+        warnings.warn(f"GGUF {mixed}: Q4_1 in some layers only, dequantized in all.", stacklevel=4)
+    if not keep:
+        names = sorted({t.name for found in types.values() for t in found})
+        raise ValueError(
+            f"load_gguf(quantized=True) keeps Q4_1 linear weights quantized, but no projection of "
+            f"this file is Q4_1 in every layer (types {names}). Load it with quantized=False and "
+            f"use jlora.quantize for NF4 or int8."
+        )
+    return keep
+
+
 def _set(tree: dict, path: Sequence[str], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -223,8 +253,7 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
         # Converted one tensor at a time, so only one float32 copy is alive at once.
         _set(params, path, jnp.asarray(value, dtype=dtype))
 
-    from gguf import GGMLQuantizationType
-
+    keep = _q4_1_kinds(reader) if quantized else set()
     for tensor in reader.tensors:
         name = tensor.name
         if (m := _BLOCK_NAME.match(name)) and m.group(2) in _BLOCK:
@@ -238,7 +267,7 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
             if kind in ("attn_q", "attn_k"):  # the RoPE row permutation, on whole rows
                 heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
                 rows = _rope_rows(expected[kind][0], heads)
-            if quantized and linear and tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            if kind in keep:
                 out_dim, in_dim = expected[kind]
                 raw = np.asarray(tensor.data).reshape(out_dim, in_dim // 32, 20)
                 _set(params, path, Q4_1Kernel.from_raw(raw[rows], dtype=dtype))
@@ -259,6 +288,12 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
         else:
             raise ValueError(f"Unexpected tensor {name!r} in a llama GGUF file (biases? MoE?).")
 
+    _check_complete(params, cfg)
+    return params
+
+
+def _check_complete(params: dict, cfg: LlamaConfig) -> None:
+    """Every tensor the config needs was read (a ValueError naming the first one missing)."""
     expected_keys = {"embed_tokens", "norm"} | {f"layers_{i}" for i in range(cfg.num_layers)}
     if not cfg.tie_embeddings:
         expected_keys.add("lm_head")
@@ -273,7 +308,6 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
                 if key not in node:
                     raise ValueError(f"GGUF file lacks the blk.{i} tensor for {'/'.join(module)}.")
                 node = node[key]
-    return params
 
 
 def load_gguf(
@@ -292,14 +326,16 @@ def load_gguf(
         scan_layers: Return the stacked layout for ``LlamaConfig(scan_layers=True)``.
         quantized: Keep the file's Q4_1 linear weights quantized, as :class:`Q4_1Kernel` nodes
             (QLoRA over the file's own blocks: ``jlora.inject`` pairs them with adapters and
-            ``apply`` dequantizes each where it is used). Other tensors are dequantized.
+            ``apply`` dequantizes each where it is used). Other tensors are dequantized, and so
+            is a projection that is Q4_1 in some layers only (in every layer, with a warning).
 
     Returns:
         ``(config, {'params': ...}, tokenizer)``, ready for ``Llama(config).apply(params, tokens)``.
 
     Raises:
         NotImplementedError: Not a 'llama' architecture file, or RoPE scaling is used.
-        ValueError: Tensors missing, unexpected or of the wrong shape.
+        ValueError: Tensors missing, unexpected or of the wrong shape; ``quantized=True`` and no
+            projection is Q4_1 in every layer.
     """
     reader = _open_reader(default_gguf_path() if path is None else path)
     cfg = _config_from_reader(reader, dtype=dtype, scan_layers=scan_layers)
@@ -338,13 +374,26 @@ class Q4_1Kernel(QuantizedKernel):
 
     def __init__(self, d, m, qs, *, dtype=jnp.float32):
         self.d, self.m, self.qs = d, m, qs
-        self._dtype = np.dtype(dtype)
+        self._dtype = _canonical(dtype)
 
     @classmethod
     def from_raw(cls, raw: np.ndarray, *, dtype: Any = jnp.float32) -> "Q4_1Kernel":
-        """From the file's bytes, ``(out, blocks, 20)`` uint8 (or ``(out, blocks * 20)``)."""
-        raw = np.ascontiguousarray(raw, np.uint8)
-        raw = raw.reshape(raw.shape[0], -1, 20)
+        """From the file's bytes, ``(out, blocks, 20)`` uint8 (or ``(out, blocks * 20)``).
+
+        Raises:
+            ValueError: ``raw`` is not uint8 (it is not cast) or not of one of those shapes.
+        """
+        raw = np.asarray(raw)
+        if raw.dtype != np.uint8:
+            raise ValueError(f"Q4_1Kernel.from_raw: raw must be uint8 bytes, got {raw.dtype}.")
+        if raw.ndim == 2 and raw.shape[1] % 20 == 0:
+            raw = raw.reshape(raw.shape[0], -1, 20)
+        if raw.ndim != 3 or raw.shape[2] != 20:
+            raise ValueError(
+                "Q4_1Kernel.from_raw: raw must be (out, blocks, 20) or (out, blocks * 20) "
+                f"bytes, got shape {raw.shape}."
+            )
+        raw = np.ascontiguousarray(raw)
         d = raw[..., 0:2].copy().view(np.float16)[..., 0]
         m = raw[..., 2:4].copy().view(np.float16)[..., 0]
         return cls(jnp.asarray(d), jnp.asarray(m), jnp.asarray(raw[..., 4:20]), dtype=dtype)
