@@ -210,31 +210,36 @@ def _check_target(target: Path, overwrite: bool, replaceable: Callable[[Path], b
     return True
 
 
-def _no_space(err: Optional[BaseException]) -> bool:
-    """Whether ``err`` or an exception it was raised from is a full disk (TensorStore reports one as a
-    ValueError whose text carries the OS error)."""
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on device, disk quota exceeded
+
+
+def _disk_full(err: Optional[BaseException]) -> Optional[int]:
+    """``errno.ENOSPC`` / ``errno.EDQUOT`` if ``err`` or an exception it was raised from is a full
+    disk or quota (TensorStore reports one as a ValueError whose text carries the OS error)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(err):
-            return True
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return err.errno
+        code = next((c for c in _FULL if os.strerror(c) in str(err)), None)
+        if code is not None:
+            return code
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 @contextlib.contextmanager
 def _disk_full_is_clear(directory: Path, consequence: str) -> Iterator[None]:
-    """Turn a full-disk failure, whatever layer reports it, into a short ``OSError(ENOSPC)``."""
+    """Turn a full disk (or quota), whatever layer reports it, into a short ``OSError(ENOSPC)``
+    (``EDQUOT``) that names ``directory``, with the original chained."""
     try:
         yield
     except Exception as err:
-        if not _no_space(err):
+        code = _disk_full(err)
+        if code is None:
             raise
         raise OSError(
-            errno.ENOSPC,
-            f"No space left on device while saving {directory}; {consequence} Free some space and save again.",
+            code, f"{os.strerror(code)} while saving {directory}; {consequence} Free some space and save again."
         ) from err
 
 
@@ -542,8 +547,8 @@ def _check_config(config: Any, where: Path) -> dict:
     if fmt != _FORMAT:
         raise CheckpointError(f"{where} is not a jlora adapter config (format={fmt!r}).")
     version = config.get("format_version")
-    if not _is_int(version):
-        raise CheckpointError(f"{where}: format_version {version!r} is not an integer.")
+    if not _is_int(version) or version < 1:
+        raise CheckpointError(f"{where}: format_version {version!r} is not a format version (an int >= 1).")
     if version > FORMAT_VERSION:
         from jlora import __version__
 
@@ -554,6 +559,8 @@ def _check_config(config: Any, where: Path) -> dict:
     for key in ("adapters", "base_fingerprint"):
         if not isinstance(config.get(key), dict):
             raise CheckpointError(f"{where}: config has no {key!r} mapping.")
+    if not config["adapters"]:
+        raise CheckpointError(f"{where}: config lists no adapters (no jlora save writes that).")
     try:
         _check_entries(config)
     except _Bad as err:
@@ -716,7 +723,8 @@ def save_adapters(
             something other than a jlora checkpoint.
         ValueError: ``params`` hold no adapters, or adapters that could not be loaded back (A and B
             that do not fit W0 or each other, a scale that is not finite and positive, ...).
-        OSError: With ``errno.ENOSPC``, the disk filled up; ``directory`` is unchanged.
+        OSError: With ``errno.ENOSPC`` (``EDQUOT``), the disk (quota) filled up; ``directory`` is
+            unchanged.
 
     Example:
         >>> import tempfile, os, jax.numpy as jnp, jlora
@@ -963,7 +971,7 @@ class TrainCheckpointer:
             with _disk_full_is_clear(self.directory, "the step being written is dropped, the others are intact."):
                 yield
         except OSError as err:
-            if err.errno == errno.ENOSPC and jax.process_count() == 1:
+            if err.errno in _FULL and jax.process_count() == 1:
                 for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):  # nothing is in flight now
                     shutil.rmtree(partial, ignore_errors=True)
             raise

@@ -929,20 +929,25 @@ _TENSORSTORE_ENOSPC = (
 )
 
 
-def _assert_no_space_error(err, directory):
+def _assert_no_space_error(err, directory, code=None):
     import errno
 
-    assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+    code = errno.ENOSPC if code is None else code
+    assert isinstance(err, OSError) and err.errno == code
     msg = str(err)
-    assert "no space left on device" in msg.lower() and str(directory) in msg
+    assert os.strerror(code).lower() in msg.lower() and str(directory) in msg
     assert len(msg) < 250 + len(str(directory)), msg
     assert err.__cause__ is not None  # the original, for whoever needs its details
 
 
-def test_disk_full_during_save_adapters(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", ["tensorstore", "quota", "oserror"])
+def test_disk_full_during_save_adapters(tmp_path, monkeypatch, failure):
+    import errno
+
     from jlora import _checkpoint as C
 
     real = C._composite_checkpointer
+    code = errno.EDQUOT if failure == "quota" else errno.ENOSPC
 
     class Full:
         def __init__(self):
@@ -950,7 +955,10 @@ def test_disk_full_during_save_adapters(tmp_path, monkeypatch):
 
         def save(self, path, args):
             self.inner.save(path, args=args)  # files written into the temporary directory...
-            raise ValueError(_TENSORSTORE_ENOSPC.format(d=path))  # ...then the disk is full
+            if failure == "oserror":  # ...then the disk is full (as Python's own writes report it)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            text = _TENSORSTORE_ENOSPC.format(d=path)  # ...as TensorStore reports it
+            raise ValueError(text if failure == "tensorstore" else text.replace("No space left on device", os.strerror(code)))
 
         def close(self):
             self.inner.close()
@@ -960,7 +968,7 @@ def test_disk_full_during_save_adapters(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "_composite_checkpointer", Full)
     with pytest.raises(OSError) as info:
         save_adapters(tmp_path / "ck", _inject(base, 2), overwrite=True)
-    _assert_no_space_error(info.value, tmp_path / "ck")
+    _assert_no_space_error(info.value, tmp_path / "ck", code)
     assert os.listdir(tmp_path) == ["ck"]
     monkeypatch.undo()
     _assert_same_adapters(load_adapters(tmp_path / "ck", base), _inject(base, 1))
@@ -1074,4 +1082,32 @@ def test_load_refuses_a_base_with_two_leaves_on_one_path(saved):
     d, base = saved
     base["params/dense"] = {"kernel": base["params"]["dense"]["kernel"]}  # also spells params/dense/kernel
     with pytest.raises(CheckpointError, match=r"2 base leaves have the path 'params/dense/kernel'"):
+        load_adapters(d, base)
+
+
+def test_load_over_an_adapters_tree_names_the_mistake(saved):
+    d, base = saved
+    adapters = jlora.split(_inject(base))[0]
+    with pytest.raises(CheckpointError, match=r"base leaf 'params/\w+/kernel' is None; load over the plain params"):
+        load_adapters(d, adapters)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (_set("format_version", value=0), "format_version 0 is not a format version"),
+        (_set("format_version", value="1"), "format_version '1' is not"),
+        (_set("adapters", value={}), "config lists no adapters"),
+        (_set("adapters", value=[]), "config has no 'adapters' mapping"),
+        (_set("base_fingerprint", value=_DELETE), "config has no 'base_fingerprint' mapping"),
+        (_set("step", value=-3), "step -3 is not an int >= 0"),
+    ],
+)
+def test_malformed_config_top_level(saved, change, match):
+    d, base = saved
+    f = d / "config" / "jlora_config.json"
+    cfg = json.loads(f.read_text())
+    change(cfg)
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"jlora_config.json: {match}"):
         load_adapters(d, base)
