@@ -526,6 +526,8 @@ def _check_opt_state(s: Any) -> None:
     n = len(paths)
     _get(s, "shapes", lambda v: listed(v, _is_shape, n), f"a list of {n} shapes", prefix=p)
     _get(s, "dtypes", lambda v: listed(v, _is_dtype, n), f"a list of {n} dtype names", prefix=p)
+    if "sha256" in s:  # written since the optimizer state is verified too; older steps lack it
+        _get(s, "sha256", lambda v: listed(v, lambda h: isinstance(h, str), n), f"a list of {n} digests", prefix=p)
 
 
 def _check_entries(config: dict) -> None:
@@ -640,9 +642,11 @@ def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) 
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _verify(config: dict, arrays: Mapping[str, Any], where: Path) -> None:
-    """Every array the config lists is there, with its shape, dtype and sha256."""
-    for key, spec in _abstract(config).items():
+def _verify_arrays(
+    arrays: Mapping[str, Any], specs: Mapping[str, jax.ShapeDtypeStruct], digests: Mapping[str, Optional[str]], where: Path
+) -> None:
+    """Every array of ``specs`` is in ``arrays`` with that shape and dtype, and its sha256 where known."""
+    for key, spec in specs.items():
         if key not in arrays:
             raise CheckpointError(f"{where}: array {key!r} is missing.")
         x = _to_numpy(arrays[key])
@@ -651,9 +655,16 @@ def _verify(config: dict, arrays: Mapping[str, Any], where: Path) -> None:
                 f"{where}: array {key!r} is {x.dtype}{list(x.shape)}, the config says "
                 f"{spec.dtype}{list(spec.shape)}."
             )
-        path, _, name = key.rpartition("/")
-        if _digest(x) != config["adapters"][path]["sha256"][name]:
+        if digests.get(key) is not None and _digest(x) != digests[key]:
             raise CheckpointError(f"{where}: array {key!r} is corrupt (its sha256 does not match the config).")
+
+
+def _verify(config: dict, arrays: Mapping[str, Any], where: Path) -> None:
+    """The adapters' arrays are the ones the config lists (shape, dtype, sha256)."""
+    digests = {
+        f"{path}/{name}": digest for path, e in config["adapters"].items() for name, digest in e["sha256"].items()
+    }
+    _verify_arrays(arrays, _abstract(config), digests, where)
 
 
 def _read_config(ckpt: Path) -> dict:
@@ -864,6 +875,19 @@ def _opt_state_target(saved: Any, opt_state_like: Any, where: Path) -> tuple[Any
     return treedef, [x for _, x in flat], abstract
 
 
+def _opt_state_from(got: Mapping[str, Any], saved: dict, treedef: Any, like: list, where: Path) -> Any:
+    """The restored optimizer state, its leaves checked against the record ``saved`` and placed
+    (sharded) like the leaves of ``opt_state_like``."""
+    keys = [f"{i:06d}" for i in range(len(like))]
+    names = [f"opt_state leaf {i} {p}" for i, p in enumerate(saved["paths"])]
+    specs = [jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)) for s, d in zip(saved["shapes"], saved["dtypes"])]
+    digests = saved.get("sha256") or [None] * len(keys)  # steps saved before it was recorded lack it
+    _verify_arrays(
+        {n: got[k] for n, k in zip(names, keys) if k in got}, dict(zip(names, specs)), dict(zip(names, digests)), where
+    )
+    return jax.tree_util.tree_unflatten(treedef, [place_like(x, got[k]) for x, k in zip(like, keys)])
+
+
 def _int_arg(name: str, value: Any, *, minimum: int, none_ok: bool = False) -> Optional[int]:
     """``value`` as an int >= ``minimum``; a float, a bool or a string is a TypeError, not a guess."""
     if value is None and none_ok:
@@ -1007,6 +1031,7 @@ class TrainCheckpointer:
                 "paths": names,
                 "shapes": [list(a.shape) for a in opt_arrays.values()],
                 "dtypes": [str(a.dtype) for a in opt_arrays.values()],
+                "sha256": [_digest(a) for a in opt_arrays.values()],
             }
         config, arrays = _make_config(params, self._metadata, step=step, opt_state=record)
         items = {_ADAPTERS_ITEM: ocp.args.StandardSave(arrays), _CONFIG_ITEM: ocp.args.JsonSave(config)}
@@ -1068,9 +1093,7 @@ class TrainCheckpointer:
         opt_state = None
         if opt_state_like is not None:
             got = restored[_OPT_ITEM] if _OPT_ITEM in items else {}
-            # Keep each leaf's placement (sharding) from opt_state_like where it has one.
-            leaves = [place_like(x, got[f"{i:06d}"]) for i, x in enumerate(opt_like)]
-            opt_state = jax.tree_util.tree_unflatten(opt_treedef, leaves)
+            opt_state = _opt_state_from(got, config["opt_state"], opt_treedef, opt_like, where)
         return Restored(params, opt_state, step)
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -1111,3 +1111,32 @@ def test_malformed_config_top_level(saved, change, match):
     f.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=rf"jlora_config.json: {match}"):
         load_adapters(d, base)
+
+
+def test_swapped_optimizer_state_fails_the_digest_check(tmp_path):
+    """Readable optimizer-state files of the right shapes that are another step's are caught (like
+    the adapters' arrays), not restored silently."""
+    import shutil
+
+    base, batches = _tiny_problem()
+    params = _fresh_params(base, 0)
+    tx = jlora.optimizer(optax.adam(1e-2), params)
+    step = _make_step(tx)
+    p1, s1, _ = step(params, tx.init(params), *batches[0])
+    p2, s2, _ = step(p1, s1, *batches[1])
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        ckpt.save(1, p1, s1)
+        ckpt.save(2, p2, s2)
+    shutil.rmtree(tmp_path / "run" / "1" / "opt_state")
+    shutil.copytree(tmp_path / "run" / "2" / "opt_state", tmp_path / "run" / "1" / "opt_state")
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        got = ckpt.restore(base, tx.init(params), step=2)  # readable
+        jax.tree.map(np.testing.assert_array_equal, got.opt_state, s2)
+        with pytest.raises(CheckpointError, match=r"opt_state leaf 0 .*count.* is corrupt \(its sha256"):
+            ckpt.restore(base, tx.init(params), step=1)
+        # A step saved before the optimizer state's digests were recorded still restores.
+        f = tmp_path / "run" / "2" / "config" / "jlora_config.json"
+        cfg = json.loads(f.read_text())
+        del cfg["opt_state"]["sha256"]
+        f.write_text(json.dumps(cfg))
+        jax.tree.map(np.testing.assert_array_equal, ckpt.restore(base, tx.init(params), step=2).opt_state, s2)
