@@ -14,7 +14,10 @@ Layout of a ``save_adapters`` directory (an ordinary Orbax composite checkpoint)
       config/jlora_config.json  # format version, jlora version, per-adapter layout/rank/scale/...
 
 The directory is written under a temporary sibling name and renamed into place, so it either
-exists complete or not at all; an overwrite swaps the old and new directories atomically.
+exists complete or not at all; an overwrite swaps the old and new directories atomically, and
+replaces only a previous checkpoint (never a directory holding anything else). Every config value is
+checked when saving and when loading, so what is written can be read back and a damaged config is a
+:class:`CheckpointError` naming the adapter and the field.
 """
 
 from __future__ import annotations
