@@ -14,11 +14,15 @@ Layout of a ``save_adapters`` directory (an ordinary Orbax composite checkpoint)
       config/jlora_config.json  # format version, jlora version, per-adapter layout/rank/scale/...
 
 The directory is written under a temporary sibling name and renamed into place, so it either
-exists complete or not at all; an overwrite swaps the old and new directories atomically.
+exists complete or not at all; an overwrite swaps the old and new directories atomically, and
+replaces only a previous checkpoint (never a directory holding anything else). Every config value is
+checked when saving and when loading, so what is written can be read back and a damaged config is a
+:class:`CheckpointError` naming the adapter and the field.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from glob import escape as glob_escape
 import ctypes
@@ -26,12 +30,14 @@ import ctypes.util
 import errno
 import hashlib
 import json
+import math
+import operator
 import os
 import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -167,8 +173,27 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
 
 
-def _check_target(target: Path, overwrite: bool) -> bool:
-    """Whether ``target`` exists with content; raises if it does and ``overwrite`` is False."""
+def _listing(directory: Path, most: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+    more = f", ... ({len(names)} entries)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a jlora adapter checkpoint and nothing else: what
+    ``save_adapters(..., overwrite=True)`` may replace without losing anything but that checkpoint."""
+    try:
+        config = json.loads((directory / _CONFIG_ITEM / _CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        return False
+    ours = (_ADAPTERS_ITEM, _CONFIG_ITEM, "commit_success.txt")
+    return all(p.name in ours or p.name.startswith("_") for p in directory.iterdir())  # _*: Orbax's
+
+
+def _check_target(target: Path, overwrite: bool, replaceable: Callable[[Path], bool], kind: str) -> bool:
+    """Whether ``target`` exists with content (to be replaced); raises if it may not be."""
     if not os.path.lexists(target):
         return False
     if not target.is_dir():
@@ -180,29 +205,77 @@ def _check_target(target: Path, overwrite: bool) -> bool:
             f"{target} already exists; pass overwrite=True to replace it (atomically), or choose "
             f"another directory."
         )
+    if not replaceable(target):
+        raise FileExistsError(
+            f"{target} holds {_listing(target)}: that is not a {kind} (or not only one), and "
+            f"overwrite=True replaces only a previous {kind}, never other files. Pick another directory."
+        )
     return True
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on device, disk quota exceeded
+
+
+def _disk_full(err: Optional[BaseException]) -> Optional[int]:
+    """``errno.ENOSPC`` / ``errno.EDQUOT`` if ``err`` or an exception it was raised from is a full
+    disk or quota (TensorStore reports one as a ValueError whose text carries the OS error)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return err.errno
+        code = next((c for c in _FULL if os.strerror(c) in str(err)), None)
+        if code is not None:
+            return code
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
-def _atomic_directory(directory: PathLike, *, overwrite: bool) -> Iterator[Path]:
+def _disk_full_is_clear(directory: Path, consequence: str) -> Iterator[None]:
+    """Turn a full disk (or quota), whatever layer reports it, into a short ``OSError(ENOSPC)``
+    (``EDQUOT``) that names ``directory``, with the original chained."""
+    try:
+        yield
+    except Exception as err:
+        code = _disk_full(err)
+        if code is None:
+            raise
+        raise OSError(
+            code, f"{os.strerror(code)} while saving {directory}; {consequence} Free some space and save again."
+        ) from err
+
+
+@contextlib.contextmanager
+def _atomic_directory(
+    directory: PathLike,
+    *,
+    overwrite: bool,
+    replaceable: Callable[[Path], bool] = _is_checkpoint,
+    kind: str = "jlora checkpoint",
+) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``directory``; on success, put it in place atomically.
 
-    On an exception the temporary directory is removed and ``directory`` is untouched. If the
-    process is killed, only a hidden ``.<name>.jlora-tmp-<pid>-...`` sibling is left behind (never
-    read, and removed by the next write to the same directory).
+    An existing non-empty ``directory`` is replaced only with ``overwrite`` and only if
+    ``replaceable(directory)`` (it holds a previous ``kind`` and nothing else). On an exception the
+    temporary directory is removed and ``directory`` is untouched; a full disk is reported as a short
+    ``OSError(ENOSPC)``. If the process is killed, only a hidden ``.<name>.jlora-tmp-<pid>-...``
+    sibling is left behind (never read, and removed by the next write to the same directory).
     """
     target = Path(directory).absolute()
-    _check_target(target, overwrite)
+    check = lambda: _check_target(target, overwrite, replaceable, kind)
+    check()
     target.parent.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(target)
     tmp = target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        yield tmp
-        for dirpath, _, files in os.walk(tmp):
-            for name in files:
-                _fsync(os.path.join(dirpath, name))
-            _fsync(dirpath)
-        _commit(tmp, target, overwrite)
+        with _disk_full_is_clear(target, "what was there is unchanged and nothing was left behind."):
+            yield tmp
+            for dirpath, _, files in os.walk(tmp):
+                for name in files:
+                    _fsync(os.path.join(dirpath, name))
+                _fsync(dirpath)
+            _commit(tmp, target, check)
         _cleanup_stale(target, backups=True)
     finally:
         # The temporary directory, and any sibling a writer derived from its name (Orbax's own
@@ -211,8 +284,8 @@ def _atomic_directory(directory: PathLike, *, overwrite: bool) -> Iterator[Path]
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
-    exists = _check_target(target, overwrite)  # re-check: it may have appeared meanwhile
+def _commit(tmp: Path, target: Path, check: Callable[[], bool]) -> None:
+    exists = check()  # re-check: it may have appeared meanwhile
     if not exists:
         if target.is_dir():
             target.rmdir()  # empty; rename cannot replace a directory on every platform
@@ -253,65 +326,225 @@ def _resolve(directory: PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# The adapter config: what to store, and how to rebuild nodes from it.
+# The adapter config: what to store, how to check it, and how to rebuild nodes from it.
 # ------------------------------------------------------------------------------------------------
+class _Bad(ValueError):
+    """A config value that is wrong; the caller says where (a save or a checkpoint file)."""
+
+
+def _kernel_shape(layout: Layout, a_shape: Any, b_shape: Any) -> tuple[int, ...]:
+    """The kernel shape that A and B fit with ``layout`` (A = stack + in + (r,), B = stack + (r,) + out)."""
+    a, b, ns = tuple(a_shape), tuple(b_shape), len(layout.stack)
+    if (
+        len(a) != ns + len(layout.in_) + 1
+        or len(b) != ns + 1 + len(layout.out)
+        or a[:ns] != b[:ns]
+        or a[-1] != b[ns]
+    ):
+        raise _Bad(
+            f"A{a} and B{b} do not fit layout ({layout}): A must be stack + in + (rank,) and B "
+            f"stack + (rank,) + out, with the same stack sizes and rank."
+        )
+    shape = [0] * layout.ndim
+    for axis, n in zip(layout.stack + layout.in_ + layout.out, a[:-1] + b[ns + 1 :]):
+        shape[axis] = n
+    return tuple(shape)
+
+
+def _lora_entry(path: str, x: LoraKernel) -> tuple[dict, dict, dict]:
+    a, b = _to_numpy(x.a), _to_numpy(x.b)
+    shape = _kernel_shape(x.layout, a.shape, b.shape)
+    if x.w0 is not None and _shape(x.w0) != shape:
+        raise _Bad(f"A{a.shape} and B{b.shape} do not fit W0 of shape {_shape(x.w0)} (layout {x.layout})")
+    entry = {
+        "kind": "lora",
+        "layout": x.layout.to_json(),
+        "rank": int(a.shape[-1]),
+        "scale": float(x.scale),
+        "dropout": float(x.dropout),
+        "dtype": str(a.dtype),
+        "a_shape": list(a.shape),
+        "b_shape": list(b.shape),
+    }
+    # The adapters tree of `jlora.split` has no W0: its shape follows from A and B, its dtype is unknown.
+    fingerprint = {"shape": list(shape), "dtype": None if x.w0 is None else _dtype_name(x.w0)}
+    return entry, fingerprint, {f"{path}/a": a, f"{path}/b": b}
+
+
 def _collect(params: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
-    """``(entries, fingerprint, arrays)`` for the trainable leaves of ``params``."""
+    """``(entries, fingerprint, arrays)`` for the trainable leaves of ``params`` (injected params or
+    the adapters tree of :func:`jlora.split`)."""
     entries: dict[str, Any] = {}
     fingerprint: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     for path, x in iter_kernels(params):
-        if isinstance(x, LoraKernel):
-            if x.a is None or x.b is None:
-                raise ValueError(f"{path}: LoraKernel without A/B (a split-off base?) cannot be saved.")
-            a, b = _to_numpy(x.a), _to_numpy(x.b)
-            arrays[f"{path}/a"], arrays[f"{path}/b"] = a, b
-            entries[path] = {
-                "kind": "lora",
-                "layout": x.layout.to_json(),
-                "rank": int(a.shape[-1]),
-                "scale": float(x.scale),
-                "dropout": float(x.dropout),
-                "dtype": str(a.dtype),
-                "a_shape": list(a.shape),
-                "b_shape": list(b.shape),
-            }
-            fingerprint[path] = {"shape": list(_shape(x.w0)), "dtype": _dtype_name(x.w0)}
-        else:  # Trainable
-            if x.value is None:
-                raise ValueError(f"{path}: Trainable(None) (a split-off base?) cannot be saved.")
-            v = _to_numpy(x.value)
-            arrays[f"{path}/value"] = v
-            entries[path] = {"kind": "full", "dtype": str(v.dtype), "shape": list(v.shape)}
-            fingerprint[path] = {"shape": list(v.shape), "dtype": str(v.dtype)}
+        if path in entries:
+            raise _Bad(f"adapter {path!r}: two leaves have this path (a key with '/' spells a nesting)")
+        try:
+            if isinstance(x, LoraKernel):
+                if x.a is None or x.b is None:
+                    raise _Bad("a LoraKernel without A/B (a split-off base?)")
+                entries[path], fingerprint[path], new = _lora_entry(path, x)
+            else:  # Trainable
+                if x.value is None:
+                    raise _Bad("Trainable(None) (a split-off base?)")
+                v = _to_numpy(x.value)
+                entries[path] = {"kind": "full", "dtype": str(v.dtype), "shape": list(v.shape)}
+                fingerprint[path] = {"shape": list(v.shape), "dtype": str(v.dtype)}
+                new = {f"{path}/value": v}
+        except _Bad as err:
+            raise _Bad(f"adapter {path!r}: {err}") from None
+        arrays.update(new)
     if not arrays:
         raise ValueError(
             "params hold no adapters (no LoraKernel or Trainable node); pass the params returned by "
-            "jlora.inject."
+            "jlora.inject (or their adapters, jlora.split(params)[0])."
         )
     return entries, fingerprint, arrays
 
 
-def _make_config(params: Any, metadata: Optional[Mapping[str, Any]]) -> tuple[dict, dict]:
+def _make_config(params: Any, metadata: Optional[Mapping[str, Any]], **extra: Any) -> tuple[dict, dict]:
+    """The config (with ``extra`` entries) and the arrays to write; refuses what loading would refuse."""
     from jlora import __version__
 
-    entries, fingerprint, arrays = _collect(params)
-    for key, arr in arrays.items():
-        path, _, name = key.rpartition("/")
-        entries[path].setdefault("sha256", {})[name] = _digest(arr)
-    config = {
-        "format": _FORMAT,
-        "format_version": FORMAT_VERSION,
-        "jlora_version": __version__,
-        "adapters": entries,
-        "base_fingerprint": fingerprint,
-        "metadata": dict(metadata) if metadata is not None else None,
-    }
     try:
-        json.dumps(config)
-    except TypeError as e:
-        raise TypeError(f"metadata must be JSON-serializable: {e}") from None
+        entries, fingerprint, arrays = _collect(params)
+        for key, arr in arrays.items():
+            path, _, name = key.rpartition("/")
+            entries[path].setdefault("sha256", {})[name] = _digest(arr)
+        config = {
+            "format": _FORMAT,
+            "format_version": FORMAT_VERSION,
+            "jlora_version": __version__,
+            "adapters": entries,
+            "base_fingerprint": fingerprint,
+            "metadata": _json_metadata(metadata),
+            **extra,
+        }
+        _check_entries(config)
+    except _Bad as err:
+        raise ValueError(f"Cannot save the adapters: {err}; load_adapters would refuse it.") from None
     return config, arrays
+
+
+def _json_metadata(metadata: Optional[Mapping[str, Any]]) -> Optional[dict]:
+    if metadata is None:
+        return None
+    try:
+        json.dumps(dict(metadata))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metadata must be JSON-serializable: {e}") from None
+    return dict(metadata)
+
+
+# -- checking a config: every value that is read, with the adapter path and the field named --------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(n) and n >= 0 for n in v)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_dtype(v: Any, *, floating: bool = False) -> bool:
+    try:
+        dt = jnp.dtype(v) if isinstance(v, str) else None
+    except TypeError:
+        return False
+    if dt is None:
+        return False
+    if floating:
+        return bool(jnp.issubdtype(dt, jnp.floating))
+    return bool(jnp.issubdtype(dt, jnp.number) or dt == jnp.bool_)
+
+
+def _get(d: dict, key: str, ok: Callable[[Any], bool], what: str, *, prefix: str = "") -> Any:
+    """``d[key]``, or a :class:`_Bad` saying that it is missing or what it should be."""
+    if key not in d:
+        raise _Bad(f"{prefix}has no {key!r}")
+    v = d[key]
+    if not ok(v):
+        shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."
+        raise _Bad(f"{prefix}{key} {shown} is not {what}")
+    return v
+
+
+def _layout(v: Any) -> Layout:
+    axes = lambda x: isinstance(x, list) and all(_is_int(i) for i in x)
+    if not (isinstance(v, dict) and set(v) == {"stack", "in", "out"} and all(map(axes, v.values()))):
+        raise _Bad(f"layout {v!r} is not {{'stack': [...], 'in': [...], 'out': [...]}} of axis numbers")
+    try:
+        return Layout.from_json(v)
+    except ValueError as err:
+        raise _Bad(f"layout {v!r} is not a layout: {err}") from None
+
+
+def _check_lora(e: dict) -> tuple[int, ...]:
+    """Check a ``'lora'`` entry; returns the kernel shape that its A and B fit."""
+    layout = _layout(_get(e, "layout", lambda v: True, ""))
+    rank = _get(e, "rank", lambda v: _is_int(v) and v > 0, "a positive int")
+    _get(e, "scale", lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a finite number > 0")
+    _get(e, "dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+    _get(e, "dtype", lambda v: _is_dtype(v, floating=True), "the name of a floating dtype")
+    a = _get(e, "a_shape", _is_shape, "a shape (a list of ints >= 0)")
+    b = _get(e, "b_shape", _is_shape, "a shape (a list of ints >= 0)")
+    shape = _kernel_shape(layout, a, b)
+    if a[-1] != rank:
+        raise _Bad(f"rank {rank} does not match A{tuple(a)} and B{tuple(b)}")
+    return shape
+
+
+def _check_entry(e: Any, fp: Any) -> None:
+    if not isinstance(e, dict):
+        raise _Bad(f"{e!r} is not a mapping")
+    kind = _get(e, "kind", lambda v: v in ("lora", "full"), "'lora' or 'full'")
+    if kind == "lora":
+        shape, names = _check_lora(e), ["a", "b"]
+    else:
+        _get(e, "dtype", _is_dtype, "the name of a numeric or bool dtype")
+        shape, names = tuple(_get(e, "shape", _is_shape, "a shape (a list of ints >= 0)")), ["value"]
+    digests = lambda v: isinstance(v, dict) and sorted(v) == names and all(isinstance(h, str) for h in v.values())
+    _get(e, "sha256", digests, f"a mapping of {names} to sha256 hex digests")
+    if not isinstance(fp, dict):
+        raise _Bad("has no base_fingerprint entry" if fp is None else f"base_fingerprint {fp!r} is no mapping")
+    fp_shape = _get(fp, "shape", _is_shape, "a shape (a list of ints >= 0)", prefix="base_fingerprint ")
+    if tuple(fp_shape) != shape:
+        raise _Bad(f"base_fingerprint shape {fp_shape} does not match the shape {shape} its arrays fit")
+    _get(fp, "dtype", lambda v: v is None or _is_dtype(v), "a dtype name or null", prefix="base_fingerprint ")
+
+
+def _check_opt_state(s: Any) -> None:
+    """The optimizer-state record of a :class:`TrainCheckpointer` step: None or paths/shapes/dtypes."""
+    if s is None:
+        return
+    if not isinstance(s, dict):
+        raise _Bad(f"opt_state {s!r} is not a mapping or null")
+    p = "opt_state "
+    listed = lambda v, ok, n=None: isinstance(v, list) and n in (None, len(v)) and all(map(ok, v))
+    paths = _get(s, "paths", lambda v: listed(v, lambda x: isinstance(x, str)), "a list of key paths", prefix=p)
+    n = len(paths)
+    _get(s, "shapes", lambda v: listed(v, _is_shape, n), f"a list of {n} shapes", prefix=p)
+    _get(s, "dtypes", lambda v: listed(v, _is_dtype, n), f"a list of {n} dtype names", prefix=p)
+    if "sha256" in s:  # written since the optimizer state is verified too; older steps lack it
+        _get(s, "sha256", lambda v: listed(v, lambda h: isinstance(h, str), n), f"a list of {n} digests", prefix=p)
+
+
+def _check_entries(config: dict) -> None:
+    """Check every value that loading reads; raises :class:`_Bad` naming the adapter and the field."""
+    fingerprint = config["base_fingerprint"]
+    for path, e in config["adapters"].items():
+        try:
+            _check_entry(e, fingerprint.get(path))
+        except _Bad as err:
+            raise _Bad(f"adapter {path!r}: {err}") from None
+    if "opt_state" in config:
+        _check_opt_state(config["opt_state"])
+    if "step" in config:
+        _get(config, "step", lambda v: _is_int(v) and v >= 0, "an int >= 0")
 
 
 def _check_config(config: Any, where: Path) -> dict:
@@ -319,8 +552,8 @@ def _check_config(config: Any, where: Path) -> dict:
     if fmt != _FORMAT:
         raise CheckpointError(f"{where} is not a jlora adapter config (format={fmt!r}).")
     version = config.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{where}: format_version {version!r} is not an integer.")
+    if not _is_int(version) or version < 1:
+        raise CheckpointError(f"{where}: format_version {version!r} is not a format version (an int >= 1).")
     if version > FORMAT_VERSION:
         from jlora import __version__
 
@@ -331,20 +564,57 @@ def _check_config(config: Any, where: Path) -> dict:
     for key in ("adapters", "base_fingerprint"):
         if not isinstance(config.get(key), dict):
             raise CheckpointError(f"{where}: config has no {key!r} mapping.")
+    if not config["adapters"]:
+        raise CheckpointError(f"{where}: config lists no adapters (no jlora save writes that).")
+    try:
+        _check_entries(config)
+    except _Bad as err:
+        raise CheckpointError(f"{where}: {err}.") from None
     return config
 
 
+# -- rebuilding nodes over a base (from a checked config) -------------------------------------------
 def _abstract(config: dict) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays a (checked) config describes, by key."""
     out = {}
     for path, e in config["adapters"].items():
-        if e.get("kind") == "lora":
-            out[f"{path}/a"] = jax.ShapeDtypeStruct(tuple(e["a_shape"]), jnp.dtype(e["dtype"]))
-            out[f"{path}/b"] = jax.ShapeDtypeStruct(tuple(e["b_shape"]), jnp.dtype(e["dtype"]))
-        elif e.get("kind") == "full":
-            out[f"{path}/value"] = jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]))
+        dtype = jnp.dtype(e["dtype"])
+        if e["kind"] == "lora":
+            out[f"{path}/a"] = jax.ShapeDtypeStruct(tuple(e["a_shape"]), dtype)
+            out[f"{path}/b"] = jax.ShapeDtypeStruct(tuple(e["b_shape"]), dtype)
         else:
-            raise CheckpointError(f"adapter {path!r} has unknown kind {e.get('kind')!r}.")
+            out[f"{path}/value"] = jax.ShapeDtypeStruct(tuple(e["shape"]), dtype)
     return out
+
+
+def _check_base_leaf(plain: Any, path: str, fp: dict, where: str) -> None:
+    """Refuse a base leaf that is not the one the adapters were trained on (shape, and dtype if known)."""
+    if plain is None:
+        raise CheckpointError(
+            f"{where}: base leaf {path!r} is None; load over the plain params the adapters were trained "
+            f"on (not an adapters tree)."
+        )
+    got_shape, got_dtype = _shape(plain), _dtype_name(plain)
+    if list(got_shape) != fp["shape"]:
+        raise CheckpointError(
+            f"{where}: base leaf {path!r} has shape {got_shape}, the adapters were trained on "
+            f"shape {tuple(fp['shape'])}."
+        )
+    if fp["dtype"] is not None and got_dtype != fp["dtype"]:
+        raise CheckpointError(
+            f"{where}: base leaf {path!r} has dtype {got_dtype}, the adapters were trained on "
+            f"dtype {fp['dtype']}. Cast the base (e.g. jax.tree.map(lambda x: x.astype(...), base)) "
+            f"to the dtype it had when saving."
+        )
+
+
+def _node(plain: Any, path: str, e: dict, arrays: Mapping[str, Any]) -> Any:
+    """The LoraKernel / Trainable of entry ``e`` over the base leaf ``plain``."""
+    if e["kind"] == "full":
+        return Trainable(place_like(plain, arrays[f"{path}/value"]))
+    layout = Layout.from_json(e["layout"])
+    a, b = place_factors(plain, layout, arrays[f"{path}/a"], arrays[f"{path}/b"])  # sharded like the base
+    return LoraKernel(plain, a, b, layout=layout, scale=float(e["scale"]), dropout=float(e["dropout"]))
 
 
 def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) -> Any:
@@ -354,64 +624,50 @@ def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) 
     its value), so the result holds exactly the checkpoint's adapters.
     """
     entries: dict = config["adapters"]
-    fingerprint: dict = config["base_fingerprint"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_unit)
     paths = [path_str(p) for p, _ in flat]
-    index = {p: i for i, p in enumerate(paths)}
-    for path in entries:
-        if path not in index:
-            raise CheckpointError(
-                f"{where}: adapted path {path!r} is not in base (nearest base paths: "
-                f"{nearest(path, paths, 3)}). Load over the params the adapters were trained on."
-            )
+    count = collections.Counter(paths)
+    missing = [p for p in entries if count[p] != 1]
+    if missing and count[missing[0]] > 1:
+        raise CheckpointError(f"{where}: {count[missing[0]]} base leaves have the path {missing[0]!r}.")
+    if missing:
+        raise CheckpointError(
+            f"{where}: adapted path {missing[0]!r} is not in base (nearest base paths: "
+            f"{nearest(missing[0], paths, 3)}). Load over the params the adapters were trained on."
+        )
     leaves = []
     for (_, x), path in zip(flat, paths):
         plain = _plain(x)
-        e = entries.get(path)
-        if e is None:
-            leaves.append(plain)
-            continue
-        fp = fingerprint.get(path, {})
-        got_shape, got_dtype = _shape(plain), _dtype_name(plain)
-        if list(got_shape) != list(fp.get("shape", got_shape)):
-            raise CheckpointError(
-                f"{where}: base leaf {path!r} has shape {got_shape}, the adapters were trained on "
-                f"shape {tuple(fp['shape'])}."
-            )
-        if got_dtype != fp.get("dtype", got_dtype):
-            raise CheckpointError(
-                f"{where}: base leaf {path!r} has dtype {got_dtype}, the adapters were trained on "
-                f"dtype {fp['dtype']}. Cast the base (e.g. jax.tree.map(lambda x: x.astype(...), base)) "
-                f"to the dtype it had when saving."
-            )
-        if e["kind"] == "lora":
-            layout = Layout.from_json(e["layout"])
-            if layout.ndim != len(got_shape):
-                raise CheckpointError(f"{where}: layout {layout} of {path!r} does not fit shape {got_shape}.")
-            a, b = arrays[f"{path}/a"], arrays[f"{path}/b"]
-            rank = int(e["rank"])
-            if _shape(a) != layout.a_shape(got_shape, rank) or _shape(b) != layout.b_shape(got_shape, rank):
-                raise CheckpointError(
-                    f"{where}: adapter {path!r} has A{_shape(a)} B{_shape(b)}, which do not fit a "
-                    f"kernel of shape {got_shape} with layout {layout} and rank {rank}."
-                )
-            a, b = place_factors(plain, layout, a, b)  # sharded like the base they are loaded over
-            leaves.append(
-                LoraKernel(plain, a, b, layout=layout, scale=float(e["scale"]), dropout=float(e.get("dropout", 0.0)))
-            )
-        else:
-            leaves.append(Trainable(place_like(plain, arrays[f"{path}/value"])))
+        if path in entries:
+            _check_base_leaf(plain, path, config["base_fingerprint"][path], where)
+            plain = _node(plain, path, entries[path], arrays)
+        leaves.append(plain)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _verify_arrays(
+    arrays: Mapping[str, Any], specs: Mapping[str, jax.ShapeDtypeStruct], digests: Mapping[str, Optional[str]], where: Path
+) -> None:
+    """Every array of ``specs`` is in ``arrays`` with that shape and dtype, and its sha256 where known."""
+    for key, spec in specs.items():
+        if key not in arrays:
+            raise CheckpointError(f"{where}: array {key!r} is missing.")
+        x = _to_numpy(arrays[key])
+        if x.shape != spec.shape or x.dtype != spec.dtype:
+            raise CheckpointError(
+                f"{where}: array {key!r} is {x.dtype}{list(x.shape)}, the config says "
+                f"{spec.dtype}{list(spec.shape)}."
+            )
+        if digests.get(key) is not None and _digest(x) != digests[key]:
+            raise CheckpointError(f"{where}: array {key!r} is corrupt (its sha256 does not match the config).")
+
+
 def _verify(config: dict, arrays: Mapping[str, Any], where: Path) -> None:
-    for path, e in config["adapters"].items():
-        for name, digest in (e.get("sha256") or {}).items():
-            key = f"{path}/{name}"
-            if key not in arrays:
-                raise CheckpointError(f"{where}: array {key!r} is missing.")
-            if _digest(_to_numpy(arrays[key])) != digest:
-                raise CheckpointError(f"{where}: array {key!r} is corrupt (its sha256 does not match the config).")
+    """The adapters' arrays are the ones the config lists (shape, dtype, sha256)."""
+    digests = {
+        f"{path}/{name}": digest for path, e in config["adapters"].items() for name, digest in e["sha256"].items()
+    }
+    _verify_arrays(arrays, _abstract(config), digests, where)
 
 
 def _read_config(ckpt: Path) -> dict:
@@ -460,21 +716,29 @@ def save_adapters(
 
     The checkpoint is written into a hidden temporary sibling directory and renamed into place,
     so ``directory`` is never seen half-written. An existing, non-empty ``directory`` is refused
-    unless ``overwrite=True``; then old and new are swapped atomically (a crash leaves either the
-    complete old or the complete new checkpoint).
+    unless ``overwrite=True``, and even then unless it holds a jlora checkpoint and nothing else
+    (other files in it, a tokenizer or a folder of checkpoints, are never deleted); the old and new
+    checkpoints are then swapped atomically (a crash leaves either the complete old or the complete
+    new one). Nothing that :func:`load_adapters` would refuse is written.
 
     Args:
         directory: Where to write; created with its parents.
-        params: Injected params (with :class:`~jlora.LoraKernel` / :class:`~jlora.Trainable` nodes).
-        overwrite: Replace an existing checkpoint at ``directory``.
+        params: Injected params (with :class:`~jlora.LoraKernel` / :class:`~jlora.Trainable` nodes),
+            or their adapters tree, ``jlora.split(params)[0]`` (the base's shape is then derived
+            from A and B, and its dtype is not recorded).
+        overwrite: Replace a previous checkpoint at ``directory``.
         metadata: JSON-serializable extra information stored in the config (``"metadata"``).
 
     Returns:
         The absolute path of the checkpoint.
 
     Raises:
-        FileExistsError: ``directory`` exists and ``overwrite`` is False.
-        ValueError: ``params`` hold no adapters.
+        FileExistsError: ``directory`` is not empty and ``overwrite`` is False, or it holds
+            something other than a jlora checkpoint.
+        ValueError: ``params`` hold no adapters, or adapters that could not be loaded back (A and B
+            that do not fit W0 or each other, a scale that is not finite and positive, ...).
+        OSError: With ``errno.ENOSPC`` (``EDQUOT``), the disk (quota) filled up; ``directory`` is
+            unchanged.
 
     Example:
         >>> import tempfile, os, jax.numpy as jnp, jlora
@@ -500,13 +764,15 @@ def save_adapters(
     target = Path(directory).absolute()
     with _atomic_directory(target, overwrite=overwrite) as tmp:
         ckptr = _composite_checkpointer()
-        ckptr.save(
-            tmp,
-            args=ocp.args.Composite(
-                **{_ADAPTERS_ITEM: ocp.args.StandardSave(arrays), _CONFIG_ITEM: ocp.args.JsonSave(config)}
-            ),
-        )
-        ckptr.close()
+        try:
+            ckptr.save(
+                tmp,
+                args=ocp.args.Composite(
+                    **{_ADAPTERS_ITEM: ocp.args.StandardSave(arrays), _CONFIG_ITEM: ocp.args.JsonSave(config)}
+                ),
+            )
+        finally:
+            ckptr.close()
     return target
 
 
@@ -585,6 +851,63 @@ def _flat_state(opt_state: Any) -> tuple[dict[str, np.ndarray], list[str]]:
     return arrays, names
 
 
+def _opt_state_target(saved: Any, opt_state_like: Any, where: Path) -> tuple[Any, list, dict]:
+    """``(treedef, leaves of opt_state_like, abstract arrays to restore)``; refuses a state whose
+    structure, shapes or dtypes differ from the saved one."""
+    if saved is None:
+        raise CheckpointError(f"{where} holds no optimizer state; pass opt_state_like=None.")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(opt_state_like)
+    names = [jax.tree_util.keystr(p) for p, _ in flat]
+    if len(names) != len(saved["paths"]):
+        raise CheckpointError(
+            f"{where}: the optimizer state has {len(saved['paths'])} leaves, opt_state_like has "
+            f"{len(names)}; build it with the same optimizer over the same adapted params."
+        )
+    for i, (name, (_, x)) in enumerate(zip(names, flat)):
+        want = (saved["paths"][i], tuple(saved["shapes"][i]), saved["dtypes"][i])
+        got = (name, _shape(x), _dtype_name(x))
+        if got != want:
+            raise CheckpointError(
+                f"{where}: optimizer-state leaf {i} is {want[0]} {want[1]} {want[2]} in the "
+                f"checkpoint but {got[0]} {got[1]} {got[2]} in opt_state_like."
+            )
+    abstract = {
+        f"{i:06d}": jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d))
+        for i, (s, d) in enumerate(zip(saved["shapes"], saved["dtypes"]))
+    }
+    return treedef, [x for _, x in flat], abstract
+
+
+def _opt_state_from(got: Mapping[str, Any], saved: dict, treedef: Any, like: list, where: Path) -> Any:
+    """The restored optimizer state, its leaves checked against the record ``saved`` and placed
+    (sharded) like the leaves of ``opt_state_like``."""
+    keys = [f"{i:06d}" for i in range(len(like))]
+    names = [f"opt_state leaf {i} {p}" for i, p in enumerate(saved["paths"])]
+    specs = [jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)) for s, d in zip(saved["shapes"], saved["dtypes"])]
+    digests = saved.get("sha256") or [None] * len(keys)  # steps saved before it was recorded lack it
+    _verify_arrays(
+        {n: got[k] for n, k in zip(names, keys) if k in got}, dict(zip(names, specs)), dict(zip(names, digests)), where
+    )
+    return jax.tree_util.tree_unflatten(treedef, [place_like(x, got[k]) for x, k in zip(like, keys)])
+
+
+def _int_arg(name: str, value: Any, *, minimum: int, none_ok: bool = False) -> Optional[int]:
+    """``value`` as an int >= ``minimum``; a float, a bool or a string is a TypeError, not a guess."""
+    if value is None and none_ok:
+        return None
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    message = f"{name} must be {what}{' or None' if none_ok else ''}, got {value!r}."
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(message)
+    try:
+        n = operator.index(value)  # ints, numpy integers, 0-d integer arrays
+    except TypeError:
+        raise TypeError(message) from None
+    if n < minimum:
+        raise ValueError(message)
+    return n
+
+
 class TrainCheckpointer:
     """Periodic training checkpoints (adapters + optimizer state + step) on Orbax's
     ``CheckpointManager``, keeping the last ``keep``.
@@ -596,11 +919,17 @@ class TrainCheckpointer:
 
     Args:
         directory: Root directory of the step checkpoints (created).
-        every: Save when ``step % every == 0`` (``save(..., force=True)`` saves any step).
-        keep: How many of the most recent checkpoints to keep (None: all).
+        every: Save when ``step % every == 0`` (``save(..., force=True)`` saves any step); a
+            positive int.
+        keep: How many of the most recent checkpoints to keep, a positive int (None: all).
         async_save: Write in a background thread (Orbax async checkpointing); the arrays are
             copied to host before :meth:`save` returns, so the caller may go on updating them.
         metadata: JSON-serializable extra information stored in every step's config.
+
+    Raises:
+        TypeError: ``every`` or ``keep`` is not an int (a float, a bool or a string is not guessed
+            at), or ``metadata`` is not JSON-serializable.
+        ValueError: ``every`` or ``keep`` is < 1.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, optax, jlora
@@ -630,14 +959,10 @@ class TrainCheckpointer:
     ):
         import orbax.checkpoint as ocp
 
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}.")
-        if keep is not None and keep < 1:
-            raise ValueError(f"keep must be >= 1 or None, got {keep}.")
+        self.every = _int_arg("every", every, minimum=1)
+        self.keep = _int_arg("keep", keep, minimum=1, none_ok=True)
         self.directory = Path(directory).absolute()
-        self.every = int(every)
-        self.keep = keep
-        self._metadata = dict(metadata) if metadata is not None else None
+        self._metadata = _json_metadata(metadata)
         policies = getattr(ocp, "checkpoint_managers", None)
         if policies is not None and hasattr(policies, "FixedIntervalPolicy"):
             # Exactly step % every == 0 (the default policy would also save the first step).
@@ -646,7 +971,7 @@ class TrainCheckpointer:
             schedule = {"save_interval_steps": self.every}
         options = ocp.CheckpointManagerOptions(
             **schedule,
-            max_to_keep=keep,
+            max_to_keep=self.keep,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
             create=True,
@@ -664,42 +989,59 @@ class TrainCheckpointer:
     # -- saving ---------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
         """Whether :meth:`save` at ``step`` writes a checkpoint."""
-        return self._manager.should_save(int(step))
+        return self._manager.should_save(_int_arg("step", step, minimum=0))
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Report a full disk as a short ``OSError(ENOSPC)`` and drop the partial step it left."""
+        try:
+            with _disk_full_is_clear(self.directory, "the step being written is dropped, the others are intact."):
+                yield
+        except OSError as err:
+            if err.errno in _FULL and jax.process_count() == 1:
+                for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):  # nothing is in flight now
+                    shutil.rmtree(partial, ignore_errors=True)
+            raise
 
     def save(self, step: int, params: Any, opt_state: Any = None, *, force: bool = False) -> bool:
         """Save adapters, optimizer state and ``step`` if ``step`` is due (or ``force``).
 
         Args:
-            step: The number of optimizer steps taken so far.
-            params: Injected params.
+            step: The number of optimizer steps taken so far (an int >= 0).
+            params: Injected params, or their adapters tree ``jlora.split(params)[0]``.
             opt_state: The optimizer state (``jlora.optimizer(...).init(params)`` and its updates),
                 or None to save the adapters only.
             force: Save even if ``step`` is not a multiple of ``every``.
 
         Returns:
             Whether a checkpoint was written.
+
+        Raises:
+            ValueError: ``params`` hold adapters that could not be loaded back (see
+                :func:`save_adapters`).
+            OSError: With ``errno.ENOSPC``, the disk filled up (this step, or an earlier one saved
+                in the background); the steps already saved are intact.
         """
         import orbax.checkpoint as ocp
 
-        step = int(step)
+        step = _int_arg("step", step, minimum=0)
         if not force and not self.should_save(step):
             return False
-        config, arrays = _make_config(params, self._metadata)
-        config["step"] = step
-        items = {_ADAPTERS_ITEM: ocp.args.StandardSave(arrays)}
+        opt_arrays, record = {}, None
         if opt_state is not None:
             opt_arrays, names = _flat_state(opt_state)
-            config["opt_state"] = {
+            record = {
                 "paths": names,
                 "shapes": [list(a.shape) for a in opt_arrays.values()],
                 "dtypes": [str(a.dtype) for a in opt_arrays.values()],
+                "sha256": [_digest(a) for a in opt_arrays.values()],
             }
-            if opt_arrays:
-                items[_OPT_ITEM] = ocp.args.StandardSave(opt_arrays)
-        else:
-            config["opt_state"] = None
-        items[_CONFIG_ITEM] = ocp.args.JsonSave(config)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        config, arrays = _make_config(params, self._metadata, step=step, opt_state=record)
+        items = {_ADAPTERS_ITEM: ocp.args.StandardSave(arrays), _CONFIG_ITEM: ocp.args.JsonSave(config)}
+        if opt_arrays:
+            items[_OPT_ITEM] = ocp.args.StandardSave(opt_arrays)
+        with self._writing():
+            return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
 
     # -- restoring ------------------------------------------------------------------------------
     def latest_step(self) -> Optional[int]:
@@ -729,46 +1071,21 @@ class TrainCheckpointer:
         """
         import orbax.checkpoint as ocp
 
-        self._manager.wait_until_finished()
+        self.wait()
         if step is None:
             step = self._manager.latest_step()
             if step is None:
                 raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        step = int(step)
+        step = _int_arg("step", step, minimum=0)
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory} (have {self.all_steps()}).")
         where = self.directory / str(step)
         config = _read_config(where)
         items = {_ADAPTERS_ITEM: ocp.args.StandardRestore(_abstract(config))}
-
-        opt_treedef = opt_like_leaves = None
         if opt_state_like is not None:
-            saved = config.get("opt_state")
-            if saved is None:
-                raise CheckpointError(f"{where} holds no optimizer state; pass opt_state_like=None.")
-            flat, opt_treedef = jax.tree_util.tree_flatten_with_path(opt_state_like)
-            opt_like_leaves = [x for _, x in flat]
-            names = [jax.tree_util.keystr(p) for p, _ in flat]
-            if len(names) != len(saved["paths"]):
-                raise CheckpointError(
-                    f"{where}: the optimizer state has {len(saved['paths'])} leaves, opt_state_like has "
-                    f"{len(names)}; build it with the same optimizer over the same adapted params."
-                )
-            for i, (name, x) in enumerate(zip(names, opt_like_leaves)):
-                want = (saved["paths"][i], tuple(saved["shapes"][i]), saved["dtypes"][i])
-                got = (name, _shape(x), _dtype_name(x))
-                if got != want:
-                    raise CheckpointError(
-                        f"{where}: optimizer-state leaf {i} is {want[0]} {want[1]} {want[2]} in the "
-                        f"checkpoint but {got[0]} {got[1]} {got[2]} in opt_state_like."
-                    )
-            if names:
-                items[_OPT_ITEM] = ocp.args.StandardRestore(
-                    {
-                        f"{i:06d}": jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d))
-                        for i, (s, d) in enumerate(zip(saved["shapes"], saved["dtypes"]))
-                    }
-                )
+            opt_treedef, opt_like, abstract = _opt_state_target(config.get("opt_state"), opt_state_like, where)
+            if abstract:
+                items[_OPT_ITEM] = ocp.args.StandardRestore(abstract)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
@@ -777,23 +1094,23 @@ class TrainCheckpointer:
         _verify(config, arrays, where)
         params = _rebuild(base, config, arrays, where=str(where))
         opt_state = None
-        if opt_treedef is not None:
+        if opt_state_like is not None:
             got = restored[_OPT_ITEM] if _OPT_ITEM in items else {}
-            leaves = [got[f"{i:06d}"] for i in range(len(opt_like_leaves))]
-            # Keep each leaf's placement (sharding) from opt_state_like where it has one.
-            leaves = [place_like(x, v) for v, x in zip(leaves, opt_like_leaves)]
-            opt_state = jax.tree_util.tree_unflatten(opt_treedef, leaves)
+            opt_state = _opt_state_from(got, config["opt_state"], opt_treedef, opt_like, where)
         return Restored(params, opt_state, step)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until a background (async) save has finished."""
-        self._manager.wait_until_finished()
+        """Block until a background (async) save has finished (raising what made it fail)."""
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "TrainCheckpointer":
         return self

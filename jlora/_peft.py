@@ -209,7 +209,9 @@ def export_peft(
             names (``q_proj``) where every module of that name is adapted, full names otherwise.
         base_model_name_or_path: Stored in the config (e.g. ``"HuggingFaceTB/SmolLM2-135M"``).
         dtype: Dtype of the stored tensors (default: the adapters' own).
-        overwrite: Replace an existing directory.
+        overwrite: Replace a previous export at ``directory`` (a directory holding only
+            ``adapter_model.safetensors`` and ``adapter_config.json``; other files are never deleted:
+            a directory that holds any is refused).
 
     Returns:
         The absolute path of the directory.
@@ -386,7 +388,8 @@ def export_peft(
         "loftq_config": {},
         "layer_replication": None,
     }
-    with _atomic_directory(directory, overwrite=overwrite) as tmp:
+    exported = lambda d: {p.name for p in d.iterdir()} <= {_WEIGHTS, _CONFIG}  # what overwrite may replace
+    with _atomic_directory(directory, overwrite=overwrite, replaceable=exported, kind="PEFT adapter export") as tmp:
         tmp.mkdir()
         save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt", "jlora_version": __version__})
         (tmp / _CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -689,3 +689,454 @@ def test_with_inject_and_apply(tmp_path):
     want = _model(jlora.merge(params), x)
     np.testing.assert_allclose(jax.jit(apply)(restored, x), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(jax.jit(apply)(restored, x), jax.jit(apply)(params, x))
+
+
+# ------------------------------------------------------------------------------------------------
+# The adapters tree (`jlora.split(params)[0]`) is accepted wherever injected params are.
+# ------------------------------------------------------------------------------------------------
+def _injected_tiny(seed=0):
+    """A tiny model injected by ``jlora.inject``, with random nonzero A and B."""
+    base, batches = _tiny_problem()
+    x = batches[0][0]
+    params, apply = jlora.inject(base, _model, rank=4, key=jax.random.key(seed), example_args=(x,))
+    r = np.random.default_rng(seed + 10)
+    params = jax.tree.map(
+        lambda k: LoraKernel(k.w0, k.a, jnp.asarray(r.standard_normal(k.b.shape), jnp.float32),
+                             layout=k.layout, scale=k.scale) if isinstance(k, LoraKernel) else k,
+        params,
+        is_leaf=lambda k: isinstance(k, LoraKernel),
+    )
+    return base, params, apply, x
+
+
+def _check_loaded_tiny(loaded, base, params, apply, x):
+    merged = jlora.merge(loaded)
+    for name in ("l1", "l2"):
+        k = params[name]["kernel"]
+        want = np.asarray(base[name]["kernel"]) + k.scale * (np.asarray(k.a) @ np.asarray(k.b))
+        np.testing.assert_allclose(np.asarray(merged[name]["kernel"]), want, rtol=1e-5, atol=1e-6)
+    got = jax.jit(apply)(loaded, x)
+    np.testing.assert_array_equal(got, jax.jit(apply)(params, x))
+    assert not np.allclose(got, _model(base, x), atol=1e-3)  # the adapters matter
+
+
+def test_adapters_tree_roundtrip_save_adapters_and_train_checkpointer(tmp_path):
+    base, params, apply, x = _injected_tiny()
+    adapters = jlora.split(params)[0]
+    save_adapters(tmp_path / "ck", adapters)
+    cfg = json.loads((tmp_path / "ck" / "config" / "jlora_config.json").read_text())
+    assert cfg["base_fingerprint"]["l1/kernel"] == {"shape": [8, 16], "dtype": None}
+    _check_loaded_tiny(load_adapters(tmp_path / "ck", base), base, params, apply, x)
+
+    tx = jlora.optimizer(optax.adam(1e-2), adapters)
+    grads = jax.tree.map(jnp.ones_like, adapters)
+    _, state = tx.update(grads, tx.init(adapters), adapters)  # a moved state, not tx.init's zeros
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        assert ckpt.save(1, adapters, state)
+        got = ckpt.restore(base, tx.init(adapters))
+    _check_loaded_tiny(got.params, base, params, apply, x)
+    assert jax.tree.structure(got.opt_state) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, got.opt_state, state)
+
+
+def test_adapters_tree_of_every_kind(tmp_path):
+    """Stacked, multi-axis and bf16 kernels and a Trainable: the kernel shape comes from the layout
+    and the A/B shapes alone."""
+    base = _base()
+    params = _inject(base)
+    save_adapters(tmp_path / "ck", jlora.split(params)[0])
+    cfg = json.loads((tmp_path / "ck" / "config" / "jlora_config.json").read_text())
+    for path, want in [("layers/attn", [3, 6, 4]), ("query", [6, 2, 4]), ("bf16", [5, 7])]:
+        assert cfg["base_fingerprint"][f"params/{path}/kernel"] == {"shape": want, "dtype": None}
+    loaded = load_adapters(tmp_path / "ck", base)
+    _assert_same_adapters(loaded, params)
+    merged = jlora.merge(loaded)["params"]
+    q, s = params["params"], base["params"]
+    a, b = np.asarray(q["layers"]["attn"]["kernel"].a), np.asarray(q["layers"]["attn"]["kernel"].b)
+    want = np.asarray(s["layers"]["attn"]["kernel"]) + 0.5 * np.stack([a[i] @ b[i] for i in range(3)])
+    np.testing.assert_allclose(np.asarray(merged["layers"]["attn"]["kernel"]), want, rtol=1e-5, atol=1e-5)
+    a, b = np.asarray(q["query"]["kernel"].a), np.asarray(q["query"]["kernel"].b)
+    want = np.asarray(s["query"]["kernel"]) + (a @ b.reshape(3, 8)).reshape(6, 2, 4)
+    np.testing.assert_allclose(np.asarray(merged["query"]["kernel"]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_dtype_is_still_checked_when_w0_was_present(tmp_path):
+    base = _base()
+    save_adapters(tmp_path / "ck", _inject(base))  # injected params: the base dtype is recorded
+    base["params"]["bf16"]["kernel"] = base["params"]["bf16"]["kernel"].astype(jnp.float32)
+    with pytest.raises(CheckpointError, match=r"'params/bf16/kernel' has dtype float32.*bfloat16"):
+        load_adapters(tmp_path / "ck", base)
+
+
+def _k(w0=(6, 5), a=(6, 2), b=(2, 5), scale=1.0, dropout=0.0, dtype=jnp.float32):
+    return LoraKernel(None if w0 is None else jnp.zeros(w0), jnp.ones(a, dtype), jnp.ones(b, dtype),
+                      layout=Layout((), (0,), (1,)), scale=scale, dropout=dropout)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"w": _k(a=(7, 2))}, r"'w'.*A\(7, 2\) and B\(2, 5\).*\(6, 5\)"),  # A does not fit W0
+        ({"w": _k(w0=None, b=(3, 5))}, r"'w'.*A\(6, 2\) and B\(3, 5\)"),  # ranks disagree
+        ({"w": _k(scale=float("nan"))}, r"'w'.*scale nan"),
+        ({"w": _k(scale=0.0)}, r"'w'.*scale 0.0"),
+        ({"w": _k(dropout=1.0)}, r"'w'.*dropout 1.0"),
+        ({"w": _k(dtype=jnp.int32)}, r"'w'.*dtype 'int32'"),
+        ({"a/b": _k(), "a": {"b": _k()}}, r"'a/b'.*two leaves"),  # one path for two leaves
+    ],
+    ids=["a-misfit", "rank", "nan-scale", "zero-scale", "dropout", "int-adapter", "same-path"],
+)
+def test_save_refuses_what_load_would_refuse(tmp_path, params, match):
+    with pytest.raises(ValueError, match=match):
+        save_adapters(tmp_path / "ck", params)
+    with TrainCheckpointer(tmp_path / "run") as ckpt, pytest.raises(ValueError, match=match):
+        ckpt.save(1, params)
+    assert not (tmp_path / "ck").exists()
+    assert not (tmp_path / "run").exists() or os.listdir(tmp_path / "run") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# overwrite=True replaces a checkpoint, never other files.
+# ------------------------------------------------------------------------------------------------
+def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "tokenizer.json").write_text("{}")
+    (d / "args").mkdir()
+    with pytest.raises(FileExistsError, match=r"out.*holds args/, tokenizer.json.*not a jlora checkpoint.*another directory"):
+        save_adapters(d, _inject(_base()), overwrite=True)
+    assert sorted(os.listdir(d)) == ["args", "tokenizer.json"]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_overwrite_refuses_a_checkpoint_holding_other_files(tmp_path):
+    base = _base()
+    save_adapters(tmp_path / "ck", _inject(base, 1))
+    (tmp_path / "ck" / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"tokenizer.json"):
+        save_adapters(tmp_path / "ck", _inject(base, 2), overwrite=True)
+    assert (tmp_path / "ck" / "tokenizer.json").read_text() == "{}"
+    _assert_same_adapters(load_adapters(tmp_path / "ck", base), _inject(base, 1))
+
+
+def test_overwrite_keeps_siblings(tmp_path):
+    base = _base()
+    run = tmp_path / "run"
+    save_adapters(run / "step_1", _inject(base, 1))
+    save_adapters(run / "step_2", _inject(base, 2))
+    (run / "step_10").mkdir()
+    (run / "step_10" / "notes.txt").write_text("mine")
+    (run / "tokenizer.json").write_text("{}")
+    save_adapters(run / "step_1", _inject(base, 3), overwrite=True)
+    assert sorted(os.listdir(run)) == ["step_1", "step_10", "step_2", "tokenizer.json"]
+    assert (run / "step_10" / "notes.txt").read_text() == "mine"
+    _assert_same_adapters(load_adapters(run / "step_1", base), _inject(base, 3))
+    _assert_same_adapters(load_adapters(run / "step_2", base), _inject(base, 2))
+    # The parent of checkpoints is not a checkpoint: refused, everything stays.
+    with pytest.raises(FileExistsError, match="not a jlora checkpoint"):
+        save_adapters(run, _inject(base, 4), overwrite=True)
+    assert sorted(os.listdir(run)) == ["step_1", "step_10", "step_2", "tokenizer.json"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A malformed config is a CheckpointError naming the adapter and the field.
+# ------------------------------------------------------------------------------------------------
+_D = "params/dense/kernel"
+
+
+def _set(*keys, value):
+    def change(cfg):
+        node = cfg
+        for k in keys[:-1]:
+            node = node[k]
+        if value is _DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+
+    return change
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (_set("adapters", _D, "layout", value=_DELETE), "has no 'layout'"),
+        (_set("adapters", _D, "a_shape", value=_DELETE), "has no 'a_shape'"),
+        (_set("adapters", _D, "scale", value=_DELETE), "has no 'scale'"),
+        (_set("adapters", _D, "kind", value=_DELETE), "has no 'kind'"),
+        (_set("adapters", _D, "sha256", value=_DELETE), "has no 'sha256'"),
+        (_set("adapters", _D, "scale", value="2"), "scale '2'"),
+        (_set("adapters", _D, "scale", value=float("nan")), "scale nan"),
+        (_set("adapters", _D, "scale", value=float("inf")), "scale inf"),
+        (_set("adapters", _D, "scale", value=-2.0), r"scale -2.0"),
+        (_set("adapters", _D, "dropout", value=1.0), "dropout 1.0"),
+        (_set("adapters", _D, "dropout", value=-0.1), "dropout -0.1"),
+        (_set("adapters", _D, "layout", value={"stack": [], "in": [0], "out": [0]}), "layout"),
+        (_set("adapters", _D, "layout", value=[[0], [1]]), "layout"),
+        (_set("adapters", _D, "layout", value={"stack": [], "in": [True], "out": [0]}), "layout"),
+        (_set("adapters", _D, "rank", value=0), "rank 0"),
+        (_set("adapters", _D, "rank", value=True), "rank True"),
+        (_set("adapters", _D, "rank", value=3), r"rank 3.*A\(6, 2\)"),
+        (_set("adapters", _D, "dtype", value="int32"), "dtype 'int32'"),
+        (_set("adapters", _D, "dtype", value="floaty"), "dtype 'floaty'"),
+        (_set("adapters", _D, "a_shape", value=[6, 2, 1]), r"A\(6, 2, 1\)"),
+        (_set("adapters", _D, "b_shape", value="2x5"), "b_shape '2x5'"),
+        (_set("adapters", _D, "kind", value="dora"), "kind 'dora'"),
+        (_set("adapters", _D, value=[1, 2]), "not a mapping"),
+        (_set("adapters", "params/norm/scale", "shape", value=_DELETE), "has no 'shape'"),
+        (_set("base_fingerprint", _D, value=_DELETE), "no base_fingerprint"),
+        (_set("base_fingerprint", _D, "shape", value=[6, 6]), r"base_fingerprint shape \[6, 6\].*\(6, 5\)"),
+        (_set("base_fingerprint", _D, "dtype", value=7), "base_fingerprint dtype 7"),
+    ],
+)
+def test_malformed_config_is_a_checkpoint_error(saved, change, match):
+    d, base = saved
+    f = d / "config" / "jlora_config.json"
+    cfg = json.loads(f.read_text())
+    change(cfg)
+    f.write_text(json.dumps(cfg))
+    path = "params/norm/scale" if "'shape'" in match else _D
+    with pytest.raises(CheckpointError, match=rf"jlora_config.json: adapter '{path}'.*{match}"):
+        load_adapters(d, base)
+
+
+def test_malformed_train_config_is_a_checkpoint_error(tmp_path):
+    base, _ = _tiny_problem()
+    params = _fresh_params(base, 0)
+    tx = jlora.optimizer(optax.adam(1e-2), params)
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        ckpt.save(1, params, tx.init(params))
+    f = tmp_path / "run" / "1" / "config" / "jlora_config.json"
+    cfg = json.loads(f.read_text())
+    cfg["opt_state"]["shapes"] = cfg["opt_state"]["shapes"][:-1]
+    f.write_text(json.dumps(cfg))
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        with pytest.raises(CheckpointError, match=r"jlora_config.json: opt_state.*shapes"):
+            ckpt.restore(base, tx.init(params))
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk full: a short ENOSPC error, the previous checkpoint intact, nothing left behind.
+# ------------------------------------------------------------------------------------------------
+# What TensorStore (under Orbax) raises on a full disk (its text, measured on a 64 KiB tmpfs).
+_TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "w/value/0.0" in OCDBT database at local file "{d}/ocdbt.process_0/": '
+    'Failed writing: "{d}/ocdbt.process_0/d/f8f4ab2e962bb1cc5f9052e498b1666d": Failed to write 193355 '
+    "bytes to file 14: No space left on device [os_error_code='28']"
+)
+
+
+def _assert_no_space_error(err, directory, code=None):
+    import errno
+
+    code = errno.ENOSPC if code is None else code
+    assert isinstance(err, OSError) and err.errno == code
+    msg = str(err)
+    assert os.strerror(code).lower() in msg.lower() and str(directory) in msg
+    assert len(msg) < 250 + len(str(directory)), msg
+    assert err.__cause__ is not None  # the original, for whoever needs its details
+
+
+@pytest.mark.parametrize("failure", ["tensorstore", "quota", "oserror"])
+def test_disk_full_during_save_adapters(tmp_path, monkeypatch, failure):
+    import errno
+
+    from jlora import _checkpoint as C
+
+    real = C._composite_checkpointer
+    code = errno.EDQUOT if failure == "quota" else errno.ENOSPC
+
+    class Full:
+        def __init__(self):
+            self.inner = real()
+
+        def save(self, path, args):
+            self.inner.save(path, args=args)  # files written into the temporary directory...
+            if failure == "oserror":  # ...then the disk is full (as Python's own writes report it)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            text = _TENSORSTORE_ENOSPC.format(d=path)  # ...as TensorStore reports it
+            raise ValueError(text if failure == "tensorstore" else text.replace("No space left on device", os.strerror(code)))
+
+        def close(self):
+            self.inner.close()
+
+    base = _base()
+    save_adapters(tmp_path / "ck", _inject(base, 1))
+    monkeypatch.setattr(C, "_composite_checkpointer", Full)
+    with pytest.raises(OSError) as info:
+        save_adapters(tmp_path / "ck", _inject(base, 2), overwrite=True)
+    _assert_no_space_error(info.value, tmp_path / "ck", code)
+    assert os.listdir(tmp_path) == ["ck"]
+    monkeypatch.undo()
+    _assert_same_adapters(load_adapters(tmp_path / "ck", base), _inject(base, 1))
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 KiB tmpfs (skips where mounting is not permitted)."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    try:
+        rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+                            capture_output=True).returncode
+    except OSError:
+        rc = 1
+    if rc != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def _big(seed):  # 1 MiB of adapters: more than tiny_fs holds
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal((512, 512)), jnp.float32)
+    return {"w": Trainable(w)}
+
+
+def test_disk_full_for_real(tiny_fs):
+    small = {"w": Trainable(jnp.arange(4.0))}
+    save_adapters(tiny_fs / "ck", small)
+    with pytest.raises(OSError) as info:
+        save_adapters(tiny_fs / "ck", _big(0), overwrite=True)
+    _assert_no_space_error(info.value, tiny_fs / "ck")
+    assert os.listdir(tiny_fs) == ["ck"]
+    np.testing.assert_array_equal(load_adapters(tiny_fs / "ck", {"w": jnp.zeros(4)})["w"].value, np.arange(4.0))
+
+    with TrainCheckpointer(tiny_fs / "run") as ckpt:
+        ckpt.save(1, small)
+        with pytest.raises(OSError) as info:
+            ckpt.save(2, _big(1))
+        _assert_no_space_error(info.value, tiny_fs / "run")
+        assert os.listdir(tiny_fs / "run") == ["1"]
+        assert ckpt.restore({"w": jnp.zeros(4)}).step == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# TrainCheckpointer's arguments.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"every": "2"}, TypeError, "every must be a positive int, got '2'"),
+        ({"every": 2.5}, TypeError, "every must be a positive int, got 2.5"),
+        ({"every": True}, TypeError, "every must be a positive int, got True"),
+        ({"every": 0}, ValueError, "every must be a positive int, got 0"),
+        ({"keep": 1.5}, TypeError, "keep must be a positive int or None, got 1.5"),
+        ({"keep": True}, TypeError, "keep must be a positive int or None, got True"),
+        ({"keep": 0}, ValueError, "keep must be a positive int or None, got 0"),
+    ],
+)
+def test_train_checkpointer_arguments(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TrainCheckpointer(tmp_path / "run", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "step, error, match",
+    [(2.5, TypeError, "step must be an int >= 0, got 2.5"), (-1, ValueError, "step must be an int >= 0, got -1"),
+     (True, TypeError, "step must be an int >= 0, got True"), ("3", TypeError, "step must be an int >= 0, got '3'")],
+)
+def test_train_checkpointer_step_must_be_a_natural_number(tmp_path, step, error, match):
+    params = {"w": _k()}
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        with pytest.raises(error, match=match):
+            ckpt.save(step, params, force=True)
+        assert ckpt.all_steps() == []
+        assert ckpt.save(np.int64(4), params)  # numpy (and 0-d jax) integers are ints
+        assert ckpt.all_steps() == [4]
+
+
+def test_peft_export_overwrite_keeps_other_files(tmp_path):
+    """export_peft shares the atomic writer: overwrite=True replaces a previous export only."""
+    from jlora import export_peft
+
+    k = LoraKernel(jnp.zeros((6, 5)), jnp.ones((6, 2)), jnp.ones((2, 5)), layout=Layout((), (0,), (1,)), scale=2.0)
+    params = {"params": {"layers_0": {"self_attn": {"q_proj": {"kernel": k}}}}}
+    d = export_peft(tmp_path / "peft", params)
+    export_peft(d, params, overwrite=True)  # a previous export: replaced
+    (d / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"tokenizer.json.*not a PEFT adapter export.*another directory"):
+        export_peft(d, params, overwrite=True)
+    assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
+
+
+def test_train_checkpointer_opt_state_with_bool_and_int_leaves(tmp_path):
+    """optax.apply_if_finite keeps a bool and int counters in its state: saved and restored as they are."""
+    base, batches = _tiny_problem()
+    params = _fresh_params(base, 0)
+    tx = jlora.optimizer(optax.apply_if_finite(optax.adam(1e-2), 3), params)
+    p, state, _ = _make_step(tx)(params, tx.init(params), *batches[0])
+    assert {str(x.dtype) for x in jax.tree.leaves(state)} >= {"bool", "int32", "float32"}
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        ckpt.save(1, p, state)
+        got = ckpt.restore(base, tx.init(params))
+    assert jax.tree.structure(got.opt_state) == jax.tree.structure(state)
+    jax.tree.map(lambda a, b: (np.testing.assert_array_equal(a, b), a.dtype == b.dtype or pytest.fail()), got.opt_state, state)
+
+
+def test_load_refuses_a_base_with_two_leaves_on_one_path(saved):
+    d, base = saved
+    base["params/dense"] = {"kernel": base["params"]["dense"]["kernel"]}  # also spells params/dense/kernel
+    with pytest.raises(CheckpointError, match=r"2 base leaves have the path 'params/dense/kernel'"):
+        load_adapters(d, base)
+
+
+def test_load_over_an_adapters_tree_names_the_mistake(saved):
+    d, base = saved
+    adapters = jlora.split(_inject(base))[0]
+    with pytest.raises(CheckpointError, match=r"base leaf 'params/\w+/kernel' is None; load over the plain params"):
+        load_adapters(d, adapters)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (_set("format_version", value=0), "format_version 0 is not a format version"),
+        (_set("format_version", value="1"), "format_version '1' is not"),
+        (_set("adapters", value={}), "config lists no adapters"),
+        (_set("adapters", value=[]), "config has no 'adapters' mapping"),
+        (_set("base_fingerprint", value=_DELETE), "config has no 'base_fingerprint' mapping"),
+        (_set("step", value=-3), "step -3 is not an int >= 0"),
+    ],
+)
+def test_malformed_config_top_level(saved, change, match):
+    d, base = saved
+    f = d / "config" / "jlora_config.json"
+    cfg = json.loads(f.read_text())
+    change(cfg)
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"jlora_config.json: {match}"):
+        load_adapters(d, base)
+
+
+def test_swapped_optimizer_state_fails_the_digest_check(tmp_path):
+    """Readable optimizer-state files of the right shapes that are another step's are caught (like
+    the adapters' arrays), not restored silently."""
+    import shutil
+
+    base, batches = _tiny_problem()
+    params = _fresh_params(base, 0)
+    tx = jlora.optimizer(optax.adam(1e-2), params)
+    step = _make_step(tx)
+    p1, s1, _ = step(params, tx.init(params), *batches[0])
+    p2, s2, _ = step(p1, s1, *batches[1])
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        ckpt.save(1, p1, s1)
+        ckpt.save(2, p2, s2)
+    shutil.rmtree(tmp_path / "run" / "1" / "opt_state")
+    shutil.copytree(tmp_path / "run" / "2" / "opt_state", tmp_path / "run" / "1" / "opt_state")
+    with TrainCheckpointer(tmp_path / "run") as ckpt:
+        got = ckpt.restore(base, tx.init(params), step=2)  # readable
+        jax.tree.map(np.testing.assert_array_equal, got.opt_state, s2)
+        with pytest.raises(CheckpointError, match=r"opt_state leaf 0 .*count.* is corrupt \(its sha256"):
+            ckpt.restore(base, tx.init(params), step=1)
+        # A step saved before the optimizer state's digests were recorded still restores.
+        f = tmp_path / "run" / "2" / "config" / "jlora_config.json"
+        cfg = json.loads(f.read_text())
+        del cfg["opt_state"]["sha256"]
+        f.write_text(json.dumps(cfg))
+        jax.tree.map(np.testing.assert_array_equal, ckpt.restore(base, tx.init(params), step=2).opt_state, s2)
