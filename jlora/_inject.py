@@ -117,6 +117,17 @@ def _trace(apply_fn, base_leaves, base_def, args, kwargs):
     return closed, out_tree, [a_leaves[i] for i in dyn]
 
 
+def trace_uses(apply_fn, leaves, treedef, example_args, example_kwargs, candidates):
+    """How ``apply_fn(params, *example_args, **example_kwargs)`` uses each candidate leaf.
+
+    ``leaves`` / ``treedef`` are the params flattened with jlora's units as leaves (plain values
+    in their places); returns ``{leaf index: [Use, ...]}`` for ``candidates``.
+    """
+    base_def = jax.tree.structure(jax.tree.unflatten(treedef, [0] * len(leaves)))
+    closed, _, _ = _trace(apply_fn, leaves, base_def, tuple(example_args), example_kwargs)
+    return discover(closed, len(leaves), candidates)
+
+
 def _base_view(params):
     """``params`` with every jlora node replaced by its base leaf (the tree apply_fn expects)."""
 
@@ -361,10 +372,8 @@ def inject(
     skipped: list[tuple[str, tuple, str]] = []
 
     if example_args or example_kwargs:
-        base_def = jax.tree.structure(jax.tree.unflatten(treedef, [0] * len(leaves)))
-        closed, _, _ = _trace(apply_fn, leaves, base_def, tuple(example_args), example_kwargs)
         cands = [i for i, f in enumerate(is_float) if f]
-        uses = discover(closed, len(leaves), cands)
+        uses = trace_uses(apply_fn, leaves, treedef, example_args, example_kwargs, cands)
         for i in cands:
             lay, why = layout_from_uses(uses[i], len(_shape(leaves[i])))
             tied = any(u.kind == "gather" for u in uses[i])
