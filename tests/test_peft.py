@@ -244,7 +244,11 @@ def test_dict_module_map_and_prefix(tmp_path):
                                 "encoder.layer.0.attention.query.lora_B.weight"]
     cfg = _cfg(d)
     assert cfg["task_type"] is None and cfg["target_modules"] == ["query"]
-    back = import_peft(d, {"encoder": {"blocks": [{"attn": {"w": w0}}]}}, module_map=mm, base_model_prefix="")
+    plain = {"encoder": {"blocks": [{"attn": {"w": w0}}]}}
+    with pytest.raises(ValueError, match=r"'encoder/blocks/0/attn/w' \[4, 3\].*ambiguous.*apply_fn"):
+        import_peft(d, plain, module_map=mm, base_model_prefix="")  # a 'w' may be (out, in)
+    f = lambda p, x: x @ p["encoder"]["blocks"][0]["attn"]["w"]  # noqa: E731
+    back = import_peft(d, plain, module_map=mm, base_model_prefix="", apply_fn=f, example_args=(jnp.ones((1, 4)),))
     np.testing.assert_array_equal(back["encoder"]["blocks"][0]["attn"]["w"].a, a)
     np.testing.assert_array_equal(back["encoder"]["blocks"][0]["attn"]["w"].b, b)
 
