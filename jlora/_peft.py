@@ -158,7 +158,9 @@ def _num(x: float) -> Union[int, float]:
     return int(round(x)) if abs(x - round(x)) < 1e-9 * max(1.0, abs(x)) else float(x)
 
 
-
+# ------------------------------------------------------------------------------------------------
+# Values refused on both sides
+# ------------------------------------------------------------------------------------------------
 def _float_dtype(dtype: Any, what: str) -> np.dtype:
     """``dtype`` as a numpy dtype, refused unless floating (integer factors would be truncated)."""
     try:
@@ -435,6 +437,13 @@ def _target_list(lora, names: set[str], target_modules: Optional[Sequence[str]])
     if target_modules is not None:
         if isinstance(target_modules, str) or not all(isinstance(t, str) for t in target_modules):
             raise TypeError("target_modules must be a list of module names.")
+        # PEFT adapts a module whose name is a target or ends with "." + a target.
+        left = sorted(n for n in lora if not any(n == t or n.endswith("." + t) for t in target_modules))
+        if left:
+            raise ValueError(
+                f"export_peft: target_modules {list(target_modules)} does not name the adapted module "
+                f"{left[0]!r}; PEFT would leave it without its adapter."
+            )
         return list(target_modules)
     by_short: dict[str, set[str]] = collections.defaultdict(set)
     for n in names:
@@ -721,11 +730,11 @@ def _settings(config: dict, file: Path) -> _Settings:
 
 
 def _read_tensors(file: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
 
-    try:  # framework "flax": numpy cannot hold bfloat16, JAX's arrays can (and give ml_dtypes arrays)
-        with safe_open(str(file), framework="flax") as f:
-            tensors = {k: np.asarray(jax.device_get(f.get_tensor(k))) for k in f.keys()}
+    try:  # bfloat16 too: JAX has registered ml_dtypes' bfloat16 with numpy
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise ValueError(f"import_peft: {file} could not be read: {e}") from None
     if not tensors:
@@ -789,9 +798,13 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path) -> tuple[dict, dict
         for part, other in (("A", "B"), ("B", "A")):
             if part not in ab:
                 raise ValueError(
-                    f"import_peft: key {prefix}{name}.lora_{part}.weight is missing "
-                    f"(its lora_{other} is present)."
+                    f"import_peft: key {prefix}{name}.lora_{part}.weight is missing (its lora_{other} is present)."
                 )
+        if ab["A"].ndim < 2 or ab["A"].ndim != ab["B"].ndim:
+            raise ValueError(
+                f"import_peft: keys {prefix}{name}.lora_A.weight / lora_B.weight have shapes {ab['A'].shape} / "
+                f"{ab['B'].shape}; PEFT's are both 2-D (a Linear's) or both ConvNd weights."
+            )
     return lora, saved
 
 
@@ -986,7 +999,7 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
             )
         name, la, lb = parts[idx]
         key = f"{prefix}{name}.lora_A.weight"
-        r = int(la.shape[0]) if la.ndim else 0
+        r = int(la.shape[0])
         scale = settings.rank_scale(name, r, key)
         _check_factors(key, la, lb, layout, shape, path, conventional)
         if first is None:
