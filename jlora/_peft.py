@@ -946,7 +946,8 @@ def _layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs
         else:
             out[i] = (_conventional_layout(base, i), True)
     if traced:
-        out.update((i, (lay, False)) for i, lay in _traced_layouts(base, traced, apply_fn, example_args, example_kwargs).items())
+        found = _traced_layouts(base, traced, apply_fn, example_args, example_kwargs)
+        out.update((i, (layout, False)) for i, layout in found.items())
     return out
 
 

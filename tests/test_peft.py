@@ -634,12 +634,15 @@ def test_export_writes_beside_other_files(tmp_path):
                                   np.asarray(p2["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"].a).T)
 
 
-def test_malformed_lora_tensors_and_target_modules(exported, tmp_path):
+def test_import_lora_tensor_of_wrong_rank(exported):
     d, base = exported
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     _edit_tensors(d, lambda t: t.update({key: np.zeros(2, np.float32)}))
     with pytest.raises(ValueError, match=r"have shapes \(2,\) / \(6, 2\); PEFT's are both 2-D"):
         import_peft(d, base)
+
+
+def test_export_target_modules_must_name_every_adapted_module(tmp_path):
     # A target_modules list that misses an adapted module: PEFT would drop its adapter on loading.
     params = _adapt(_llama_tree(), ["q_proj", "v_proj"])
     with pytest.raises(ValueError, match=r"does not name the adapted module 'model.layers.0.self_attn.v_proj'"):
@@ -1022,7 +1025,9 @@ def test_conv_adapters_against_peft(tmp_path):
 
     # jlora -> PEFT: ConvNd factors, loaded by PEFT's Conv2d with every key used.
     params, apply = jlora.inject(base, f, rank=2, alpha=3.0, example_args=(jnp.asarray(x),))
-    assert params["c1"]["kernel"].layout == Layout((), (0, 1, 2), (3,), conv=(2, 0, 1))
+    layout = params["c1"]["kernel"].layout
+    assert layout == Layout((), (0, 1, 2), (3,), conv=(2, 0, 1))
+    assert Layout.from_json(json.loads(json.dumps(layout.to_json()))) == layout  # checkpoints keep it
     params = _randomize(params, b_std=0.5)
     d = export_peft(tmp_path / "e", params, module_map=mm)
     st = _load(d)
