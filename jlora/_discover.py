@@ -31,6 +31,7 @@ class Use:
     stack: frozenset = frozenset()
     in_: frozenset = frozenset()
     out: frozenset = frozenset()
+    conv: tuple | None = None  # a convolution's kernel axes (in-feature, *spatial); () if not one each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class _Probe:
     leaf: int
     tags: tuple  # per view axis: frozenset of original kernel axes (empty: an inserted unit axis)
     removed: frozenset  # original axes sliced away (scan over a stack, squeeze of an index)
+    exact: bool = True  # no element moved or dropped on the way (no flip, slice, merge or split)
 
 
 def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]):
@@ -143,11 +145,12 @@ class _Analysis:
                     removed |= u
                 for k in gn:
                     tags[k] = u
-            return [_Probe(x.leaf, tuple(tags), removed)]
+            exact = x.exact and all(len(go) <= 1 and len(gn) <= 1 for go, gn in groups)
+            return [_Probe(x.leaf, tuple(tags), removed, exact)]
         if name == "squeeze" and isinstance(x, _Probe):
             dims = set(d % len(x.tags) for d in p["dimensions"])
             removed = x.removed | _union(x.tags, dims)
-            return [_Probe(x.leaf, tuple(t for k, t in enumerate(x.tags) if k not in dims), removed)]
+            return [_Probe(x.leaf, tuple(t for k, t in enumerate(x.tags) if k not in dims), removed, x.exact)]
         if name == "broadcast_in_dim" and isinstance(x, _Probe):
             shape, bd = tuple(p["shape"]), tuple(p["broadcast_dimensions"])
             old = tuple(eqn.invars[0].aval.shape)
@@ -157,13 +160,13 @@ class _Analysis:
                 tags = [frozenset()] * len(shape)
                 for k, d in enumerate(bd):
                     tags[d] = x.tags[k]
-                return [_Probe(x.leaf, tuple(tags), x.removed)]
+                return [_Probe(x.leaf, tuple(tags), x.removed, x.exact)]
             self.other(x, eqn, "broadcasts the kernel")
             return [None]
         if name in ("slice", "rev") and isinstance(x, _Probe):
-            return [x]
+            return [dataclasses.replace(x, exact=False)]
         if name == "dynamic_slice" and isinstance(x, _Probe) and not any(isinstance(q, _Probe) for q in ins[1:]):
-            return [x]
+            return [dataclasses.replace(x, exact=False)]
         if name == "dot_general":
             return [self.dot(eqn, ins)]
         if name == "conv_general_dilated":
@@ -227,8 +230,12 @@ class _Analysis:
             self.other(rhs, eqn, "grouped/depthwise convolution")
             return None
         ins_axes = [a for a in range(len(rhs.tags)) if a != o]
+        # The kernel axes of the input-feature and spatial axes, where each is one kernel axis.
+        torch_order = [rhs.tags[a] for a in dn.rhs_spec[1:]]
+        clean = rhs.exact and all(len(t) == 1 for t in torch_order)
+        conv = tuple(next(iter(t)) for t in torch_order) if clean else ()
         self.add(rhs, Use("conv", "conv_general_dilated", C.where(eqn), stack=rhs.removed,
-                          in_=_union(rhs.tags, ins_axes), out=rhs.tags[o]))
+                          in_=_union(rhs.tags, ins_axes), out=rhs.tags[o], conv=conv))
         return None
 
     def scan(self, eqn, ins):
@@ -239,7 +246,7 @@ class _Analysis:
         for idx in range(nc + nk, len(ins)):
             x = ins[idx]
             if isinstance(x, _Probe):
-                inner[idx] = _Probe(x.leaf, x.tags[1:], x.removed | x.tags[0])
+                inner[idx] = _Probe(x.leaf, x.tags[1:], x.removed | x.tags[0], x.exact)
         outs = self.run(j, inner)
         res = [None] * len(eqn.outvars)
         for idx in range(nk):  # a kernel passed through the carry unchanged stays a kernel
@@ -321,4 +328,8 @@ def layout_from_uses(uses: list[Use], ndim: int) -> tuple[Layout | None, str]:
         if not (same or swapped) or (set(u.stack) - stack):
             return None, (f"used with different contractions ({first.op} at {first.where} and "
                           f"{u.op} at {u.where})")
-    return Layout(stack=tuple(sorted(stack)), in_=tuple(sorted(in_)), out=tuple(sorted(out))), ""
+    convs = {u.conv for u in mm if u.kind == "conv"}
+    conv = None if not convs else convs.pop() if len(convs) == 1 else ()
+    if conv and set(conv) != in_:
+        conv = ()
+    return Layout(stack=tuple(sorted(stack)), in_=tuple(sorted(in_)), out=tuple(sorted(out)), conv=conv), ""

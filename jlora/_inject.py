@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._apply import MATMUL_PATHS, Apply
-from jlora._discover import discover, gather_layout, layout_from_uses
+from jlora._discover import gather_layout, layout_from_uses
 from jlora._node import Layout, LoraKernel, Trainable, is_node
 from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest
 from jlora._quant import is_quantized
 from jlora._report import Report
 from jlora._sharding import init_factors
-from jlora._trace import Flat, shape_of, trace
+from jlora._trace import Flat, shape_of, trace_uses
 
 __all__ = ["inject", "EMBEDDING_NAMES"]
 
@@ -123,14 +123,12 @@ def _choose_traced(flat: Flat, apply_fn: Callable, targets: Targets, args: tuple
                    fallback: str | None) -> _Choice:
     """Layouts read off how the traced ``apply_fn`` uses each floating leaf."""
     leaves = flat.plain_leaves()
-    traced = trace(apply_fn, leaves, flat.treedef, args, kwargs)
-    slot = {leaf: k for k, leaf in enumerate(traced.params_in)}
-    cands = [i for i in traced.params_in if _is_float(leaves[i])]
-    uses = discover(traced.jaxpr, len(traced.jaxpr.jaxpr.invars), [slot[i] for i in cands])
+    cands = [i for i, x in enumerate(leaves) if _is_float(x)]
+    uses = trace_uses(apply_fn, leaves, flat.treedef, args, kwargs, cands)
     match = make_matcher(targets)
     choice = _Choice({}, [], {}, _TRACED)
     for i in cands:
-        u, shape, path = uses[slot[i]], shape_of(leaves[i]), flat.paths[i]
+        u, shape, path = uses[i], shape_of(leaves[i]), flat.paths[i]
         named = targets is not None and len(shape) >= 2 and match(path, leaves[i])
         lay, why = layout_from_uses(u, len(shape))
         gathered = any(x.kind == "gather" for x in u)

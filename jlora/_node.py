@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,13 @@ class Layout:
     and ``B`` has shape ``[kernel.shape[i] for i in stack] + [r] + [kernel.shape[i] for i in out]``,
     so that ``ΔW = einsum(A, B)`` over the rank axis, transposed back to the kernel's own axis order.
 
+    ``conv`` is set for a kernel that a convolution uses (``jlora.inject`` records it from the
+    trace): the kernel's input-feature axis followed by its spatial axes, in the convolution's
+    order, so that one layer's torch ``ConvNd`` weight ``(out, in, *kernel_size)`` is the kernel
+    transposed to ``(out, *conv)``. ``conv=()`` marks a convolution kernel that is flipped, sliced or
+    reshaped on its way to the convolution (no torch weight layout follows from it). ``None``: a
+    matmul weight, whose input axes PEFT/torch flatten in row-major order.
+
     Example:
         >>> Layout(stack=(), in_=(0,), out=(1,)).a_shape((4, 3), 2)
         (4, 2)
@@ -36,6 +43,7 @@ class Layout:
     stack: tuple[int, ...]
     in_: tuple[int, ...]
     out: tuple[int, ...]
+    conv: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         axes = tuple(self.stack) + tuple(self.in_) + tuple(self.out)
@@ -43,6 +51,11 @@ class Layout:
             raise ValueError(f"Layout axes {axes} are not a permutation of the kernel's axes.")
         if not self.in_ or not self.out:
             raise ValueError(f"Layout needs at least one input and one output axis, got {self}.")
+        if self.conv and (sorted(self.conv) != sorted(self.in_) or len(self.out) != 1):
+            raise ValueError(
+                f"Layout conv={self.conv} must order the input axes {self.in_} (feature axis, then "
+                f"spatial axes) of a kernel with one output axis, got {self}."
+            )
 
     @property
     def ndim(self) -> int:
@@ -58,15 +71,21 @@ class Layout:
         return int(math.prod(shape[i] for i in self.in_))
 
     def to_json(self) -> dict[str, list[int]]:
-        return {"stack": list(self.stack), "in": list(self.in_), "out": list(self.out)}
+        d = {"stack": list(self.stack), "in": list(self.in_), "out": list(self.out)}
+        if self.conv is not None:
+            d["conv"] = list(self.conv)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Layout":
-        return cls(stack=tuple(d["stack"]), in_=tuple(d["in"]), out=tuple(d["out"]))
+        conv = d.get("conv")
+        return cls(stack=tuple(d["stack"]), in_=tuple(d["in"]), out=tuple(d["out"]),
+                   conv=None if conv is None else tuple(conv))
 
     def __str__(self) -> str:
         s = f"stack={list(self.stack)} " if self.stack else ""
-        return f"{s}in={list(self.in_)} out={list(self.out)}"
+        c = "" if self.conv is None else f" conv={list(self.conv)}"
+        return f"{s}in={list(self.in_)} out={list(self.out)}{c}"
 
 
 def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype=jnp.float32) -> jax.Array:

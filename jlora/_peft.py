@@ -5,12 +5,15 @@ PEFT stores a LoRA adapter as two files in a directory:
 * ``adapter_model.safetensors`` with, per adapted ``torch.nn.Linear`` named ``<module>``, the keys
   ``base_model.model.<module>.lora_A.weight`` of shape ``(r, in)`` and
   ``base_model.model.<module>.lora_B.weight`` of shape ``(out, r)``, so that
-  ``ΔW_torch = (lora_alpha / r) · lora_B @ lora_A`` is added to the ``(out, in)`` torch weight;
+  ``ΔW_torch = (lora_alpha / r) · lora_B @ lora_A`` is added to the ``(out, in)`` torch weight
+  (for a ``torch.nn.ConvNd``: ``lora_A`` ``(r, in, *kernel_size)``, ``lora_B`` ``(out, r, 1, ...)``);
 * ``adapter_config.json`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``, ...).
 
-jlora's A ``(in..., r)`` and B ``(r, out...)`` are the transposes (Flax kernels are ``(in, out)``,
-the transpose of torch's weight); kernels with several input or output axes are flattened in the
-kernel's row-major order, and a stacked (``nn.scan``) kernel becomes one module per layer.
+jlora's A ``(in..., r)`` and B ``(r, out...)`` sit on the kernel's input and output axes, whatever
+order the kernel stores them in (its :class:`~jlora.Layout`); kernels with several input or output
+axes are flattened in the kernel's row-major order, a convolution's kernel (``Layout.conv``) is
+written in torch's ``(out, in, *kernel_size)`` order, and a stacked (``nn.scan``) kernel becomes one
+module per layer.
 
 Which torch module a jlora path is comes from ``module_map``: a callable ``path -> name`` (None for
 "not a torch module"), or a dict ``{regex: replacement}`` whose first fully matching regex wins
@@ -23,11 +26,15 @@ stack axis, filled with the layer index: ``"model.layers.{0}.self_attn.q_proj"``
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
 import re
+import secrets
+import shutil
 import string
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -35,11 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._checkpoint import _atomic_directory, _flat, _plain, _shape, _to_numpy
-from jlora._tree import is_unit
+from jlora._checkpoint import _flat, _plain, _shape, _to_numpy
+from jlora._discover import layout_from_uses
+from jlora._trace import trace_uses
 from jlora._node import Layout, LoraKernel, Trainable, is_node
 from jlora._paths import leaf_name, nearest, path_str
 from jlora._sharding import place_factors, place_like
+from jlora._tree import is_unit
 
 __all__ = ["LLAMA_MODULE_MAP", "ModuleMap", "export_peft", "import_peft"]
 
@@ -150,21 +159,58 @@ def _num(x: float) -> Union[int, float]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Values refused on both sides
+# ------------------------------------------------------------------------------------------------
+def _float_dtype(dtype: Any, what: str) -> np.dtype:
+    """``dtype`` as a numpy dtype, refused unless floating (integer factors would be truncated)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{what}: dtype={dtype!r} is not a dtype.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"{what}: dtype={dt} is not a floating dtype: LoRA factors stored as {dt} would be "
+            f"truncated (small values to zero). Use float32, bfloat16 or float16."
+        )
+    return dt
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(x.astype(np.float32))):
+        raise ValueError(f"{what} holds NaN or infinite values.")
+
+
+# ------------------------------------------------------------------------------------------------
 # A/B <-> lora_A/lora_B
 # ------------------------------------------------------------------------------------------------
+def _torch_shapes(layout: Layout, shape: tuple[int, ...], r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One layer's lora_A / lora_B shapes: a Linear's (r, in), (out, r); a ConvNd's (r, in, *k), (out, r, 1...)."""
+    if layout.conv:
+        ones = (1,) * (len(layout.conv) - 1)
+        return (r, *(shape[ax] for ax in layout.conv)), (shape[layout.out[0]], r, *ones)
+    return (r, layout.fan_in(shape)), (math.prod(shape[ax] for ax in layout.out), r)
+
+
 def _to_torch(a: np.ndarray, b: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """One layer's A (in..., r), B (r, out...) -> lora_A (r, in_flat), lora_B (out_flat, r)."""
+    """One layer's A (in..., r), B (r, out...) -> lora_A, lora_B (see :func:`_torch_shapes`)."""
     ni, r = len(layout.in_), a.shape[-1]
-    a2 = a.transpose([*np.argsort(layout.in_), ni]).reshape(-1, r)
-    b2 = b.transpose([0, *(1 + np.argsort(layout.out))]).reshape(r, -1)
-    return np.ascontiguousarray(a2.T), np.ascontiguousarray(b2.T)
+    if layout.conv:
+        la = a.transpose([ni, *(layout.in_.index(ax) for ax in layout.conv)])
+        lb = b.T.reshape(b.shape[1], r, *(1,) * (len(layout.conv) - 1))
+    else:
+        la = a.transpose([*np.argsort(layout.in_), ni]).reshape(-1, r).T
+        lb = b.transpose([0, *(1 + np.argsort(layout.out))]).reshape(r, -1).T
+    return np.ascontiguousarray(la), np.ascontiguousarray(lb)
 
 
 def _from_torch(
     la: np.ndarray, lb: np.ndarray, layout: Layout, shape: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """lora_A (r, in_flat), lora_B (out_flat, r) -> one layer's A (in..., r), B (r, out...)."""
+    """lora_A, lora_B (see :func:`_torch_shapes`) -> one layer's A (in..., r), B (r, out...)."""
     r = la.shape[0]
+    if layout.conv:
+        a = la.transpose([*(1 + layout.conv.index(ax) for ax in layout.in_), 0])
+        return a, lb.reshape(lb.shape[0], r).T
     s_in, s_out = sorted(layout.in_), sorted(layout.out)
     a = la.T.reshape([shape[i] for i in s_in] + [r])
     a = a.transpose([s_in.index(ax) for ax in layout.in_] + [len(s_in)])
@@ -174,8 +220,271 @@ def _from_torch(
 
 
 # ------------------------------------------------------------------------------------------------
+# Writing the two files
+# ------------------------------------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory's entries to disk (best effort: some file systems refuse)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_temp(directory: Path, name: str, write: Callable[[Path], Any]) -> Path:
+    """``write`` a new hidden file beside ``directory / name``, flushed; removed if writing fails."""
+    tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
+    try:
+        write(tmp)
+        _fsync(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _replace_all(directory: Path, tmps: Mapping[str, Path]) -> None:
+    """Rename each temporary file onto its name; if one rename fails, put back what was there."""
+    backups: dict[str, Path] = {}
+    done: list[str] = []
+    try:
+        for name, tmp in tmps.items():
+            final = directory / name
+            if final.exists():
+                backups[name] = directory / f".{name}.{secrets.token_hex(6)}.bak"
+                try:
+                    os.link(final, backups[name])
+                except OSError:  # no hard links here: copy
+                    shutil.copy2(final, backups[name])
+            os.replace(tmp, final)
+            done.append(name)
+    except BaseException:
+        for name in done:
+            if name in backups:
+                os.replace(backups.pop(name), directory / name)
+            else:
+                (directory / name).unlink(missing_ok=True)
+        raise
+    finally:
+        for bak in backups.values():
+            bak.unlink(missing_ok=True)
+        _fsync(directory)
+
+
+def _write_adapter(directory: Path, writers: Mapping[str, Callable[[Path], Any]], overwrite: bool) -> None:
+    """Write each file of ``writers`` into ``directory``, all or none, leaving other files alone."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"export_peft: {directory} exists and is not a directory.")
+    there = [n for n in writers if (directory / n).exists()]
+    if there and not overwrite:
+        raise FileExistsError(
+            f"export_peft: {directory} already holds {', '.join(there)}; pass overwrite=True to "
+            f"replace them (export_peft never touches the directory's other files)."
+        )
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, Path] = {}
+    try:
+        try:
+            for name, write in writers.items():
+                tmps[name] = _write_temp(directory, name, write)
+            _replace_all(directory, tmps)
+        finally:
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if still empty
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
+def _template(resolve: _Resolver, path: str, nstack: Optional[int]) -> str:
+    """The torch module name (template) of ``path``, with one '{}' field per stack axis."""
+    t = resolve(path)
+    if t is None:
+        raise ValueError(f"export_peft: module_map gives no torch module name for {path!r}.")
+    n = _fields(t)
+    if nstack is not None and n != nstack:
+        raise ValueError(
+            f"export_peft: {path!r} has {nstack} stack axes but its module name {t!r} has {n} "
+            f"'{{}}' fields; a stacked kernel needs one per stack axis (e.g. 'model.layers.{{0}}.x')."
+        )
+    return t
+
+
+def _claim(owner: dict[str, str], name: str, path: str) -> None:
+    if name in owner and owner[name] != path:
+        raise ValueError(f"export_peft: {owner[name]!r} and {path!r} both map to torch module {name!r}.")
+    owner[name] = path
+
+
+def _check_exportable(path: str, x: LoraKernel) -> None:
+    if x.a is None or x.b is None:
+        raise ValueError(f"export_peft: {path!r} is a LoraKernel without A/B.")
+    if leaf_name(path) == "embedding":
+        raise ValueError(
+            f"export_peft: {path!r} is an embedding table (a tied output head?); PEFT's LoRA "
+            f"on embeddings has another layout (lora_embedding_A/B), which export_peft does not write."
+        )
+    if x.layout.conv == ():
+        raise ValueError(
+            f"export_peft: {path!r} (layout {x.layout}) is used by a convolution whose kernel is "
+            f"flipped, sliced or reshaped on the way, so which torch ConvNd weight it is is not known."
+        )
+
+
+def _export_lora(adapted, resolve, prefix: str, cast) -> tuple[dict, dict, dict]:
+    """lora_A/lora_B tensors; per torch module (r, alpha, dropout); torch module -> jlora path."""
+    tensors: dict[str, np.ndarray] = {}
+    lora: dict[str, tuple[int, float, float]] = {}
+    owner: dict[str, str] = {}
+    for path, x in adapted:
+        if not isinstance(x, LoraKernel):
+            continue
+        _check_exportable(path, x)
+        ns = len(x.layout.stack)
+        template = _template(resolve, path, ns)
+        a, b = _to_numpy(x.a), _to_numpy(x.b)
+        _check_finite(a, f"export_peft: the A of {path!r}")
+        _check_finite(b, f"export_peft: the B of {path!r}")
+        r = int(a.shape[-1])
+        for idx in np.ndindex(*a.shape[:ns]):
+            name = _expand(template, idx)
+            _claim(owner, name, path)
+            la, lb = _to_torch(a[idx], b[idx], x.layout)
+            tensors[f"{prefix}{name}.lora_A.weight"] = cast(la)
+            tensors[f"{prefix}{name}.lora_B.weight"] = cast(lb)
+            lora[name] = (r, x.scale * r, x.dropout)
+    return tensors, lora, owner
+
+
+def _export_saved(adapted, universe, resolve, prefix: str, cast, tensors: dict) -> dict[str, str]:
+    """Leaves trained in full -> modules_to_save, with every parameter of their module."""
+    save_modules: dict[str, str] = {}  # torch module name -> jlora path of the Trainable leaf
+    done: set[str] = set()
+    for path, x in adapted:
+        if not isinstance(x, Trainable):
+            continue
+        template = _template(resolve, path, None)
+        if template in done:
+            continue
+        done.add(template)
+        ns = _fields(template)
+        for mpath, leaf in universe[template]:
+            if isinstance(leaf, LoraKernel):
+                continue  # LoRA on a module trained in full is refused by the caller
+            value = _to_numpy(_plain(leaf))
+            if value.ndim < ns:
+                raise ValueError(f"export_peft: {mpath!r} has fewer axes than the {ns} stack axes of {template!r}.")
+            _check_finite(value, f"export_peft: {mpath!r}")
+            pname, transpose = _param_name(mpath)
+            for idx in np.ndindex(*value.shape[:ns]):
+                v = value[idx]
+                if transpose:
+                    if v.ndim != 2:
+                        raise ValueError(f"export_peft: {mpath!r} is not a 2-D kernel (shape {v.shape}).")
+                    v = v.T
+                name = _expand(template, idx)
+                tensors[f"{prefix}{name}.{pname}"] = cast(v)
+                save_modules[name] = path
+    return save_modules
+
+
+def _module_names(universe) -> set[str]:
+    """Every torch module name that the mapped leaves of params stand for."""
+    names: set[str] = set()
+    for t, leaves in universe.items():
+        ns = _fields(t)
+        for _, leaf in leaves:
+            names.update(_expand(t, idx) for idx in np.ndindex(*_shape(_plain(leaf))[:ns]))
+    return names
+
+
+def _pattern_key(name: str, names: set[str]) -> str:
+    """``name`` as a rank_pattern / alpha_pattern key. PEFT matches a key as a regex against the end
+    of each module name (``(.*\\.)?(key)$``), so a bare ``lin`` also sets ``enc.lin``: where another
+    module would match, the key is anchored and escaped."""
+    plain = re.escape(name) == name.replace(".", "\\.")
+    if plain and not any(n != name and re.match(rf"(.*\.)?({name})$", n) for n in names):
+        return name
+    return "^" + re.escape(name)
+
+
+def _common(lora: Mapping[str, tuple[int, float, float]]) -> tuple[int, float, float]:
+    """The most common (r, alpha) and dropout: the config's r / lora_alpha / lora_dropout."""
+    if not lora:
+        return 8, 8, 0.0
+    (r0, alpha0), _ = collections.Counter((r, al) for r, al, _ in lora.values()).most_common(1)[0]
+    dropouts = collections.Counter(d for _, _, d in lora.values())
+    dropout0 = dropouts.most_common(1)[0][0]
+    if len(dropouts) > 1:
+        warnings.warn(
+            f"export_peft: kernels use different dropout rates {sorted(dropouts)}; PEFT has one "
+            f"lora_dropout, {dropout0} is written.",
+            stacklevel=4,  # the caller of export_peft
+        )
+    return r0, alpha0, dropout0
+
+
+def _target_list(lora, names: set[str], target_modules: Optional[Sequence[str]]) -> list[str]:
+    """Short names (``q_proj``) where every module of that name is adapted, full names otherwise."""
+    if target_modules is not None:
+        if isinstance(target_modules, str) or not all(isinstance(t, str) for t in target_modules):
+            raise TypeError("target_modules must be a list of module names.")
+        # PEFT adapts a module whose name is a target or ends with "." + a target.
+        left = sorted(n for n in lora if not any(n == t or n.endswith("." + t) for t in target_modules))
+        if left:
+            raise ValueError(
+                f"export_peft: target_modules {list(target_modules)} does not name the adapted module "
+                f"{left[0]!r}; PEFT would leave it without its adapter."
+            )
+        return list(target_modules)
+    by_short: dict[str, set[str]] = collections.defaultdict(set)
+    for n in names:
+        by_short[n.rsplit(".", 1)[-1]].add(n)
+    chosen = set()
+    for n in lora:
+        short = n.rsplit(".", 1)[-1]
+        chosen.add(short if by_short[short] <= set(lora) else n)
+    return sorted(chosen)
+
+
+def _peft_config(lora, save_modules, names, *, target_modules, builtin, base_model_name_or_path) -> dict:
+    r0, alpha0, dropout0 = _common(lora)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if builtin else None,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": int(r0),
+        "lora_alpha": _num(alpha0),
+        "lora_dropout": float(dropout0),
+        "target_modules": _target_list(lora, names, target_modules),
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": sorted(save_modules) or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {_pattern_key(n, names): r for n, (r, _, _) in sorted(lora.items()) if r != r0},
+        "alpha_pattern": {_pattern_key(n, names): _num(al) for n, (_, al, _) in sorted(lora.items()) if al != alpha0},
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+        "layer_replication": None,
+    }
+
+
 def export_peft(
     directory: PathLike,
     params: Any,
@@ -192,14 +501,18 @@ def export_peft(
     The directory gets ``adapter_model.safetensors`` and ``adapter_config.json``, as PEFT's
     ``save_pretrained`` writes them, so ``PeftModel.from_pretrained(model, directory)`` loads it.
     ``lora_A = Aᵀ`` (r, in) and ``lora_B = Bᵀ`` (out, r), with multi-axis input / output groups
-    flattened in the kernel's row-major order and stacked (scanned) kernels split per layer;
-    ``lora_alpha = scale · r``. Kernels of different rank or scale go into PEFT's
-    ``rank_pattern`` / ``alpha_pattern``. Leaves trained in full (:class:`~jlora.Trainable`)
-    become ``modules_to_save``.
+    flattened in the kernel's row-major order and stacked (scanned) kernels split per layer; a
+    kernel that a convolution uses (``Layout.conv``, recorded by ``jlora.inject`` with
+    ``example_args``) gets PEFT's ``ConvNd`` factors, ``lora_A`` (r, in, *kernel_size) and
+    ``lora_B`` (out, r, 1, ...). ``lora_alpha = scale · r``. Kernels of different rank or scale go
+    into PEFT's ``rank_pattern`` / ``alpha_pattern`` (a key is anchored, ``^name``, where it would
+    also match another module's name). Leaves trained in full (:class:`~jlora.Trainable`) become
+    ``modules_to_save``. Adapters holding NaN or infinite values are refused.
 
     Args:
-        directory: The directory to write (refused if it exists and is not empty, unless
-            ``overwrite``; written under a temporary name and renamed into place).
+        directory: The directory to write into (created if missing). Only the two files are
+            written, each to a temporary file that is renamed into place once both are complete;
+            the directory's other files are left alone, as with PEFT's ``save_pretrained``.
         params: Injected params.
         module_map: jlora path -> torch module name: a callable, or ``{regex: replacement}``.
             None uses :data:`LLAMA_MODULE_MAP` (``jlora.models.llama``, unrolled or scanned) if every
@@ -208,10 +521,9 @@ def export_peft(
         target_modules: The config's ``target_modules``; by default the adapted modules' short
             names (``q_proj``) where every module of that name is adapted, full names otherwise.
         base_model_name_or_path: Stored in the config (e.g. ``"HuggingFaceTB/SmolLM2-135M"``).
-        dtype: Dtype of the stored tensors (default: the adapters' own).
-        overwrite: Replace a previous export at ``directory`` (a directory holding only
-            ``adapter_model.safetensors`` and ``adapter_config.json``; other files are never deleted:
-            a directory that holds any is refused).
+        dtype: Floating dtype of the stored tensors (default: the adapters' own).
+        overwrite: Replace an existing ``adapter_model.safetensors`` / ``adapter_config.json``
+            (without it, either one being there is a ``FileExistsError``).
 
     Returns:
         The absolute path of the directory.
@@ -234,90 +546,23 @@ def export_peft(
 
     from jlora import __version__
 
+    dt = None if dtype is None else _float_dtype(dtype, "export_peft")
     flat = _flat(params)
     adapted = [(p, x) for p, x in flat if is_node(x)]
     if not adapted:
         raise ValueError("params hold no adapters (no LoraKernel or Trainable node) to export.")
     resolve, builtin = _resolver(module_map, [p for p, _ in adapted], "export_peft")
 
-    def template_of(path: str, nstack: Optional[int]) -> str:
-        t = resolve(path)
-        if t is None:
-            raise ValueError(f"export_peft: module_map gives no torch module name for {path!r}.")
-        n = _fields(t)
-        if nstack is not None and n != nstack:
-            raise ValueError(
-                f"export_peft: {path!r} has {nstack} stack axes but its module name {t!r} has {n} "
-                f"'{{}}' fields; a stacked kernel needs one per stack axis (e.g. 'model.layers.{{0}}.x')."
-            )
-        return t
-
-    tensors: dict[str, np.ndarray] = {}
-    owner: dict[str, str] = {}  # torch module name -> jlora path
-    lora: dict[str, tuple[int, float, float]] = {}  # module -> (r, alpha, dropout)
-    save_modules: dict[str, str] = {}  # torch module name -> jlora path of the Trainable leaf
-
-    def claim(name: str, path: str) -> None:
-        if name in owner and owner[name] != path:
-            raise ValueError(f"export_peft: {owner[name]!r} and {path!r} both map to torch module {name!r}.")
-        owner[name] = path
-
     def cast(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x.astype(jnp.dtype(dtype)) if dtype is not None else x)
+        return np.ascontiguousarray(x if dt is None else x.astype(dt))
 
-    for path, x in adapted:
-        if not isinstance(x, LoraKernel):
-            continue
-        if x.a is None or x.b is None:
-            raise ValueError(f"export_peft: {path!r} is a LoraKernel without A/B.")
-        if leaf_name(path) == "embedding":
-            raise ValueError(
-                f"export_peft: {path!r} is an embedding table (a tied output head?); PEFT's LoRA "
-                f"on embeddings has another layout (lora_embedding_A/B), which export_peft does not write."
-            )
-        ns = len(x.layout.stack)
-        template = template_of(path, ns)
-        a, b = _to_numpy(x.a), _to_numpy(x.b)
-        r = int(a.shape[-1])
-        for idx in np.ndindex(*a.shape[:ns]):
-            name = _expand(template, idx)
-            claim(name, path)
-            la, lb = _to_torch(a[idx], b[idx], x.layout)
-            tensors[f"{base_model_prefix}{name}.lora_A.weight"] = cast(la)
-            tensors[f"{base_model_prefix}{name}.lora_B.weight"] = cast(lb)
-            lora[name] = (r, x.scale * r, x.dropout)
-
-    # Leaves trained in full -> modules_to_save, with every parameter of their module.
+    tensors, lora, owner = _export_lora(adapted, resolve, base_model_prefix, cast)
     universe: dict[str, list[tuple[str, Any]]] = collections.defaultdict(list)
     for path, x in flat:
         t = resolve(path)
         if t is not None:
             universe[t].append((path, x))
-    done_templates: set[str] = set()
-    for path, x in adapted:
-        if not isinstance(x, Trainable):
-            continue
-        template = template_of(path, None)
-        if template in done_templates:
-            continue
-        done_templates.add(template)
-        ns = _fields(template)
-        for mpath, leaf in universe[template]:
-            if isinstance(leaf, LoraKernel):
-                continue  # LoRA on a module trained in full is refused below
-            value = _to_numpy(_plain(leaf))
-            if value.ndim < ns:
-                raise ValueError(f"export_peft: {mpath!r} has fewer axes than the {ns} stack axes of {template!r}.")
-            pname, transpose = _param_name(mpath)
-            for idx in np.ndindex(*value.shape[:ns]):
-                v = value[idx]
-                if transpose:
-                    if v.ndim != 2:
-                        raise ValueError(f"export_peft: {mpath!r} is not a 2-D kernel (shape {v.shape}).")
-                    v = v.T
-                name = _expand(template, idx)
-                tensors[f"{base_model_prefix}{name}.{pname}"] = cast(v)
-                save_modules[name] = path
+    save_modules = _export_saved(adapted, universe, resolve, base_model_prefix, cast, tensors)
     clash = sorted(set(lora) & set(save_modules))
     if clash:
         name = clash[0]
@@ -325,90 +570,126 @@ def export_peft(
             f"export_peft: torch module {name!r} is both LoRA-adapted ({owner[name]!r}) and trained in "
             f"full ({save_modules[name]!r}); PEFT cannot express both on one module."
         )
-
-    if lora:
-        (r0, alpha0), _ = collections.Counter((r, al) for r, al, _ in lora.values()).most_common(1)[0]
-        dropouts = collections.Counter(d for _, _, d in lora.values())
-        dropout0 = dropouts.most_common(1)[0][0]
-    else:
-        r0, alpha0, dropout0, dropouts = 8, 8, 0.0, collections.Counter()
-    if len(dropouts) > 1:
-        import warnings
-
-        warnings.warn(
-            f"export_peft: kernels use different dropout rates {sorted(dropouts)}; PEFT has one "
-            f"lora_dropout, {dropout0} is written.",
-            stacklevel=2,
-        )
-    rank_pattern = {n: r for n, (r, _, _) in sorted(lora.items()) if r != r0}
-    alpha_pattern = {n: _num(al) for n, (_, al, _) in sorted(lora.items()) if al != alpha0}
-
-    if target_modules is None:
-        all_names: dict[str, set[str]] = collections.defaultdict(set)
-        for t, leaves in universe.items():
-            ns = _fields(t)
-            for _, leaf in leaves:
-                shape = _shape(_plain(leaf))
-                for idx in np.ndindex(*shape[:ns]):
-                    n = _expand(t, idx)
-                    all_names[n.rsplit(".", 1)[-1]].add(n)
-        chosen: set[str] = set()
-        for n in lora:
-            short = n.rsplit(".", 1)[-1]
-            chosen.add(short if all_names[short] <= set(lora) else n)
-        target_list = sorted(chosen)
-    else:
-        if isinstance(target_modules, str) or not all(isinstance(t, str) for t in target_modules):
-            raise TypeError("target_modules must be a list of module names.")
-        target_list = list(target_modules)
-
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if builtin else None,
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": int(r0),
-        "lora_alpha": _num(alpha0),
-        "lora_dropout": float(dropout0),
-        "target_modules": target_list,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": sorted(save_modules) or None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "loftq_config": {},
-        "layer_replication": None,
+    config = _peft_config(lora, save_modules, _module_names(universe), target_modules=target_modules,
+                          builtin=builtin, base_model_name_or_path=base_model_name_or_path)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    metadata = {"format": "pt", "jlora_version": __version__}
+    writers = {
+        _WEIGHTS: lambda p: save_file(tensors, str(p), metadata=metadata),
+        _CONFIG: lambda p: p.write_text(text),
     }
-    exported = lambda d: {p.name for p in d.iterdir()} <= {_WEIGHTS, _CONFIG}  # what overwrite may replace
-    with _atomic_directory(directory, overwrite=overwrite, replaceable=exported, kind="PEFT adapter export") as tmp:
-        tmp.mkdir()
-        save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt", "jlora_version": __version__})
-        (tmp / _CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(directory).absolute()
+    directory = Path(directory)
+    _write_adapter(directory, writers, overwrite)
+    return directory.absolute()
 
 
 # ------------------------------------------------------------------------------------------------
-# import
+# import: read and check the two files
 # ------------------------------------------------------------------------------------------------
-_UNSUPPORTED = (  # config key, value that is fine, what it is
-    ("use_dora", (False, None), "DoRA (use_dora)"),
+_UNSUPPORTED = (  # config key, values that are fine, what it is
     ("bias", ("none", None), "LoRA biases (bias)"),
     ("lora_bias", (False, None), "lora_bias"),
     ("layer_replication", (None,), "layer_replication"),
     ("target_parameters", (None, [], ()), "target_parameters (LoRA on nn.Parameter)"),
     ("trainable_token_indices", (None,), "trainable_token_indices"),
-    ("alora_invocation_tokens", (None,), "aLoRA (alora_invocation_tokens)"),
-    ("use_qalora", (False, None), "QALoRA (use_qalora)"),
 )
+# LoRA variants whose forward is not W0 + s·B·A (PEFT turns each on when its key is truthy).
+_VARIANTS = (
+    ("use_dora", "DoRA (use_dora)"),
+    ("use_qalora", "QALoRA (use_qalora)"),
+    ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
+    ("velora_config", "VeLoRA (velora_config)"),
+    ("monteclora_config", "MonteCLoRA (monteclora_config)"),
+    ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("arrow_config", "Arrow routing (arrow_config)"),
+    ("kasa_config", "KaSA (kasa_config)"),
+)
+# init_lora_weights values that leave the base weights alone (MiCA only freezes B while training).
+_INIT_PLAIN = ("gaussian", "eva", "orthogonal", "mica")
+# ... and those that subtract the initial adapter from the base weights when it is created.
+_INIT_MODIFIES_BASE = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA"}
+
+
+def _check_init(value: Any, file: Path) -> None:
+    """Refuse an adapter that only works over a base PEFT modified (PiSSA, OLoRA, LoftQ, ...)."""
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and value.lower() in _INIT_PLAIN):
+        return
+    low = value.lower() if isinstance(value, str) else ""
+    kind = next((v for k, v in _INIT_MODIFIES_BASE.items() if low.startswith(k)), None)
+    if kind is not None:
+        raise ValueError(
+            f"import_peft: {file}: init_lora_weights={value!r}: {kind} subtracts the initial adapter "
+            f"from the base model's weights, so these factors are only right on top of that modified "
+            f"base, not on the original weights import_peft loads them onto. jlora does not support "
+            f"such adapters; save it with PEFT converted to a standard LoRA: "
+            f"model.save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter saved "
+            f"before training>), which writes init_lora_weights=True and rank 2r, and import that."
+        )
+    if low == "loftq":
+        raise ValueError(
+            f"import_peft: {file}: init_lora_weights='loftq': LoftQ trains the adapter against a base "
+            f"whose weights it replaced by their quantized approximation, not the original weights "
+            f"import_peft loads it onto; jlora does not support LoftQ adapters."
+        )
+    raise ValueError(
+        f"import_peft: {file}: init_lora_weights={value!r} is not a value jlora knows (True, False, "
+        f"{', '.join(repr(v) for v in _INIT_PLAIN)}); it may change the base weights."
+    )
+
+
+def _check_supported(config: dict, file: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"import_peft: {file}: peft_type {peft_type!r} is not supported (only 'LORA').")
+    for key, fine, what in _UNSUPPORTED:
+        if key in config and config[key] not in fine:
+            raise ValueError(f"import_peft: {file}: {what} is not supported ({key}={config[key]!r}).")
+    for key, what in _VARIANTS:
+        if config.get(key):
+            raise ValueError(f"import_peft: {file}: {what} is not supported ({key}={config[key]!r}).")
+    _check_init(config.get("init_lora_weights"), file)
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_pos_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _pattern(config: dict, key: str, ok: Callable[[Any], bool], want: str, file: Path) -> dict:
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"import_peft: {file}: {key}={pattern!r} is not a dict {{module regex: value}}.")
+    for k, v in pattern.items():
+        try:
+            re.compile(rf"(.*\.)?({k})$")
+        except re.error as e:
+            raise ValueError(f"import_peft: {file}: {key} key {k!r} is not a valid regular expression: {e}.") from None
+        if not ok(v):
+            raise ValueError(f"import_peft: {file}: {key}[{k!r}]={v!r} is not {want}.")
+    return pattern
+
+
+class _Settings(NamedTuple):
+    """The config values import_peft uses, checked."""
+
+    r: int
+    alpha: float
+    rank_pattern: dict
+    alpha_pattern: dict
+    rslora: bool
+    dropout: float
+    modules_to_save: list
+
+    def rank_scale(self, name: str, r: int, key: str) -> float:
+        """The scale of module ``name``, whose lora_A (``key``) has rank ``r``."""
+        want = _pattern_get(self.rank_pattern, name, self.r)
+        if r != want:
+            raise ValueError(f"import_peft: key {key!r} has rank {r}, the config says r={want}.")
+        alpha = float(_pattern_get(self.alpha_pattern, name, self.alpha))
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
 def _pattern_get(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -419,85 +700,54 @@ def _pattern_get(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def _load_peft_config(file: Path) -> dict:
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"import_peft: {file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"import_peft: {file} does not hold a JSON object.")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise ValueError(f"import_peft: {file}: peft_type {peft_type!r} is not supported (only 'LORA').")
-    for key, fine, what in _UNSUPPORTED:
-        if key in config and config[key] not in fine:
-            raise ValueError(f"import_peft: {file}: {what} is not supported ({key}={config[key]!r}).")
+def _settings(config: dict, file: Path) -> _Settings:
+    def bad(key: str, want: str) -> ValueError:
+        return ValueError(f"import_peft: {file}: {key}={config.get(key)!r} is not {want}.")
+
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise ValueError(f"import_peft: {file}: {key!r} is missing or not a number.")
-    return config
+        if config.get(key) is None:
+            raise ValueError(f"import_peft: {file}: {key!r} is missing.")
+    if not _is_pos_int(config["r"]):
+        raise bad("r", "a positive integer")
+    if not _is_pos_num(config["lora_alpha"]):
+        raise bad("lora_alpha", "a positive finite number")
+    dropout = config.get("lora_dropout")
+    dropout = 0.0 if dropout is None else dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise bad("lora_dropout", "a number in [0, 1)")
+    rslora = config.get("use_rslora")
+    if rslora is not None and not isinstance(rslora, bool):
+        raise bad("use_rslora", "true or false")
+    mts = config.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
+        raise bad("modules_to_save", "a list of module names")
+    return _Settings(
+        r=config["r"], alpha=float(config["lora_alpha"]),
+        rank_pattern=_pattern(config, "rank_pattern", _is_pos_int, "a positive integer", file),
+        alpha_pattern=_pattern(config, "alpha_pattern", _is_pos_num, "a positive finite number", file),
+        rslora=bool(rslora), dropout=float(dropout), modules_to_save=mts,
+    )
 
 
-class _Mapped(NamedTuple):
-    """A base leaf that module_map names (see import_peft)."""
-
-    template: str
-    stack: tuple[int, ...]  # the leaf's axes that the template's '{}' fields index
-    layout: Optional[Layout]  # LoRA factors' layout; None where the in/out axes are ambiguous
-    stack_shape: tuple[int, ...]
-
-
-def import_peft(
-    directory: PathLike,
-    base: Any,
-    *,
-    module_map: ModuleMap = None,
-    dtype: Any = jnp.float32,
-    base_model_prefix: str = "base_model.model.",
-) -> Any:
-    """Read a Hugging Face PEFT LoRA adapter into injected params over ``base``.
-
-    Reads only ``adapter_model.safetensors`` and ``adapter_config.json`` (never pickle). Each
-    ``lora_A`` (r, in) / ``lora_B`` (out, r) pair becomes ``A = lora_Aᵀ``, ``B = lora_Bᵀ`` on the
-    kernel that ``module_map`` maps to that module, with ``scale = lora_alpha / r``
-    (``/ sqrt(r)`` with ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` honoured); per-layer
-    tensors are stacked back for scanned kernels. ``modules_to_save`` tensors become
-    :class:`~jlora.Trainable` leaves.
-
-    The layout of a plain base kernel is jlora's convention: ``(in, out)``, after one leading
-    stack axis per ``{}`` field of its module-name template. For kernels with several input or
-    output axes, pass injected params (from ``jlora.inject`` with ``example_args``) as ``base``:
-    their recorded layouts are used, and their adapters replaced.
-
-    Args:
-        directory: A PEFT adapter directory.
-        base: Plain base params (or injected params, whose adapters are replaced).
-        module_map: jlora path -> torch module name, as for :func:`export_peft`.
-        dtype: Dtype of the imported A and B.
-        base_model_prefix: The prefix of the keys in the safetensors file.
-
-    Returns:
-        Injected params.
-
-    Raises:
-        FileNotFoundError: A file is missing.
-        ValueError: Unsupported config (non-LoRA, DoRA, ...), or a key that is unknown, missing,
-            or of the wrong shape (the message names it).
-
-    Example:
-        >>> import os, tempfile, jax.numpy as jnp, jlora
-        >>> k = jlora.LoraKernel(jnp.zeros((6, 5)), jnp.ones((6, 2)), jnp.ones((2, 5)),
-        ...                      layout=jlora.Layout((), (0,), (1,)), scale=2.0)
-        >>> tree = lambda leaf: {"params": {"layers_0": {"mlp": {"up_proj": {"kernel": leaf}}}}}
-        >>> d = export_peft(os.path.join(tempfile.mkdtemp(), "peft"), tree(k))
-        >>> p = import_peft(d, tree(jnp.zeros((6, 5))))
-        >>> p["params"]["layers_0"]["mlp"]["up_proj"]["kernel"]
-        LoraKernel(w0=float32[6, 5], a=float32[6, 2], b=float32[2, 5], layout=(in=[0] out=[1]), scale=2)
-    """
+def _read_tensors(file: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    directory = Path(directory)
+    try:  # bfloat16 too: JAX has registered ml_dtypes' bfloat16 with numpy
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise ValueError(f"import_peft: {file} could not be read: {e}") from None
+    if not tensors:
+        raise ValueError(f"import_peft: {file} holds no tensors: there is no adapter in it.")
+    for key, v in tensors.items():
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise ValueError(f"import_peft: key {key!r} has dtype {v.dtype}, not a floating dtype.")
+        _check_finite(v, f"import_peft: key {key!r}")
+    return tensors
+
+
+def _read_adapter(directory: Path) -> tuple[_Settings, dict[str, np.ndarray], Path]:
+    """The checked config, the tensors, and the safetensors file's path."""
     cfg_file, st_file = directory / _CONFIG, directory / _WEIGHTS
     if not cfg_file.is_file():
         raise FileNotFoundError(f"import_peft: {cfg_file} is missing.")
@@ -509,62 +759,25 @@ def import_peft(
                 "with PEFT's save_pretrained(..., safe_serialization=True))"
             )
         raise FileNotFoundError(f"import_peft: {st_file} is missing{hint}.")
-    config = _load_peft_config(cfg_file)
     try:
-        tensors = load_file(str(st_file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"import_peft: {st_file} could not be read: {e}") from None
+        config = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"import_peft: {cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"import_peft: {cfg_file} does not hold a JSON object.")
+    _check_supported(config, cfg_file)
+    return _settings(config, cfg_file), _read_tensors(st_file), st_file
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_unit)
-    paths = [path_str(p) for p, _ in flat]
-    leaves = [x for _, x in flat]
-    if module_map is None:
-        llama = _Resolver(LLAMA_MODULE_MAP)
-        kernels = [p for p, x in zip(paths, leaves) if len(_shape(_plain(x))) >= 2]
-        # The built-in map applies when base is a jlora.models.llama tree.
-        matching = [p for p in kernels if llama(p) is not None]
-        resolve, _ = _resolver(None, matching or kernels[:1], "import_peft")
-    else:
-        resolve = _Resolver(module_map)
 
-    # Each base leaf module_map names, once: its template, the axes the template's fields index
-    # and, for LoRA, its layout (None where the in/out axes are ambiguous).
-    mapped: dict[int, _Mapped] = {}
-    # (torch module name, torch parameter name) -> [(leaf index, stack index)]; the parameter name
-    # is None for a leaf name jlora does not know (it may be the module's weight).
-    where: dict[tuple[str, Optional[str]], list[tuple[int, tuple[int, ...]]]] = collections.defaultdict(list)
-    for i, (path, x) in enumerate(zip(paths, leaves)):
-        t = resolve(path)
-        if t is None:
-            continue
-        ns = _fields(t)
-        shape = _shape(_plain(x))
-        if isinstance(x, LoraKernel) and len(x.layout.stack) == ns:
-            m = _Mapped(t, x.layout.stack, x.layout, tuple(shape[a] for a in x.layout.stack))
-        elif len(shape) < ns:
-            raise ValueError(
-                f"import_peft: {path!r} has shape {shape}, fewer axes than the {ns} '{{}}' fields of "
-                f"its module name {t!r}."
-            )
-        else:
-            layout = Layout(tuple(range(ns)), (ns,), (ns + 1,)) if len(shape) == ns + 2 else None
-            m = _Mapped(t, tuple(range(ns)), layout, shape[:ns])
-        mapped[i] = m
-        pname = _PARAM_NAMES.get(leaf_name(path), (None,))[0]
-        for idx in np.ndindex(*m.stack_shape):
-            where[_expand(t, idx), pname].append((i, idx))
-
-    def known_modules() -> list[str]:
-        return sorted({module for module, _ in where})
-
+def _split_keys(tensors, prefix: str, mts: list, file: Path) -> tuple[dict, dict]:
+    """``{module: {"A": lora_A, "B": lora_B}}`` and the modules_to_save ``{module: {param: value}}``."""
     lora: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     saved: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    mts = config.get("modules_to_save") or []
     rx = re.compile(r"(.+)\.lora_(A|B)\.weight")
     for key in sorted(tensors):
-        if not key.startswith(base_model_prefix):
-            raise ValueError(f"import_peft: key {key!r} does not start with {base_model_prefix!r}.")
-        rest = key[len(base_model_prefix) :]
+        if not key.startswith(prefix):
+            raise ValueError(f"import_peft: key {key!r} does not start with {prefix!r}.")
+        rest = key[len(prefix) :]
         m = rx.fullmatch(rest)
         if m:
             lora[m.group(1)][m.group(2)] = tensors[key]
@@ -579,105 +792,248 @@ def import_peft(
             f"import_peft: unknown key {key!r} (neither lora_A/lora_B of a module nor a parameter of "
             f"modules_to_save {mts})."
         )
-
-    r_default, alpha_default = config["r"], config["lora_alpha"]
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout") or 0.0)
-
-    # Per base leaf: {stack index: (lora_A, lora_B, r, scale, key)}
-    per_leaf: dict[int, dict[tuple[int, ...], tuple]] = collections.defaultdict(dict)
-    for name in sorted(lora):
-        ab = lora[name]
-        key = f"{base_model_prefix}{name}.lora_A.weight"
-        for part in ("A", "B"):
+    if not lora:
+        raise ValueError(f"import_peft: {file} holds no lora_A/lora_B tensors: there is no LoRA adapter in it.")
+    for name, ab in lora.items():
+        for part, other in (("A", "B"), ("B", "A")):
             if part not in ab:
-                other = "A" if part == "B" else "B"
                 raise ValueError(
-                    f"import_peft: key {base_model_prefix}{name}.lora_{part}.weight is missing "
-                    f"(its lora_{other} is present)."
+                    f"import_peft: key {prefix}{name}.lora_{part}.weight is missing (its lora_{other} is present)."
                 )
-        targets = where.get((name, "weight"), []) + where.get((name, None), [])
-        if not targets:
+        if ab["A"].ndim < 2 or ab["A"].ndim != ab["B"].ndim:
             raise ValueError(
-                f"import_peft: key {key!r}: module {name!r} has no kernel in base (nearest modules: "
-                f"{nearest(name, known_modules(), 3)}). Check module_map and base_model_prefix."
+                f"import_peft: keys {prefix}{name}.lora_A.weight / lora_B.weight have shapes {ab['A'].shape} / "
+                f"{ab['B'].shape}; PEFT's are both 2-D (a Linear's) or both ConvNd weights."
             )
-        if len(targets) > 1:
-            raise ValueError(
-                f"import_peft: module {name!r} maps to several base leaves: "
-                f"{[paths[i] for i, _ in targets]}."
-            )
-        (i, idx), = targets
-        la, lb = ab["A"], ab["B"]
-        if la.ndim != 2 or lb.ndim != 2:
-            raise ValueError(f"import_peft: key {key!r}: lora_A/lora_B must be 2-D, got {la.shape}/{lb.shape}.")
-        r = int(la.shape[0])
-        want_r = _pattern_get(rank_pattern, name, r_default)
-        if r != want_r:
-            raise ValueError(f"import_peft: key {key!r} has rank {r}, the config says r={want_r}.")
-        alpha = float(_pattern_get(alpha_pattern, name, alpha_default))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        per_leaf[i][idx] = (la, lb, r, scale, name)
+    return lora, saved
 
-    new = list(_plain(x) for x in leaves)
-    for i, parts in per_leaf.items():
-        path, (template, _, layout, stack_shape) = paths[i], mapped[i]
-        w0 = new[i]
-        shape = _shape(w0)
+
+# ------------------------------------------------------------------------------------------------
+# import: the base, and which of its leaves each module is
+# ------------------------------------------------------------------------------------------------
+class _Mapped(NamedTuple):
+    """A base leaf that module_map names (see import_peft)."""
+
+    template: str
+    stack: tuple[int, ...]  # the leaf's axes that the template's '{}' fields index
+    stack_shape: tuple[int, ...]
+
+
+class _Base:
+    """``base`` flattened, with the torch module name of each leaf that module_map names."""
+
+    def __init__(self, base: Any, module_map: ModuleMap):
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_unit)
+        self.paths = [path_str(p) for p, _ in flat]
+        self.leaves = [x for _, x in flat]
+        if module_map is None:  # the built-in map applies when base is a jlora.models.llama tree
+            llama = _Resolver(LLAMA_MODULE_MAP)
+            kernels = [p for p, x in zip(self.paths, self.leaves) if len(_shape(_plain(x))) >= 2]
+            matching = [p for p in kernels if llama(p) is not None]
+            resolve, self.builtin = _resolver(None, matching or kernels[:1], "import_peft")
+        else:
+            resolve, self.builtin = _Resolver(module_map), False
+        self.mapped: dict[int, _Mapped] = {}
+        # (torch module, torch parameter name) -> [(leaf index, stack index)]; the parameter name
+        # is None for a leaf name jlora does not know (it may be the module's weight).
+        self.where: dict[tuple[str, Optional[str]], list] = collections.defaultdict(list)
+        for i, (path, x) in enumerate(zip(self.paths, self.leaves)):
+            t = resolve(path)
+            if t is None:
+                continue
+            ns, shape = _fields(t), _shape(_plain(x))
+            if len(shape) < ns:
+                raise ValueError(
+                    f"import_peft: {path!r} has shape {shape}, fewer axes than the {ns} '{{}}' fields of "
+                    f"its module name {t!r}."
+                )
+            own = isinstance(x, LoraKernel) and len(x.layout.stack) == ns
+            stack = x.layout.stack if own else tuple(range(ns))
+            self.mapped[i] = m = _Mapped(t, stack, tuple(shape[a] for a in stack))
+            pname = _PARAM_NAMES.get(leaf_name(path), (None,))[0]
+            for idx in np.ndindex(*m.stack_shape):
+                self.where[_expand(t, idx), pname].append((i, idx))
+
+    def modules(self) -> list[str]:
+        return sorted({module for module, _ in self.where})
+
+    def assign(self, lora: Mapping[str, dict], prefix: str) -> dict[int, dict[tuple, tuple]]:
+        """Per leaf: ``{stack index: (module, lora_A, lora_B)}``."""
+        per_leaf: dict[int, dict[tuple, tuple]] = collections.defaultdict(dict)
+        for name in sorted(lora):
+            targets = self.where.get((name, "weight"), []) + self.where.get((name, None), [])
+            if not targets:
+                raise ValueError(
+                    f"import_peft: key {prefix + name + '.lora_A.weight'!r}: module {name!r} has no kernel "
+                    f"in base (nearest modules: {nearest(name, self.modules(), 3)}). Check module_map "
+                    f"and base_model_prefix."
+                )
+            if len(targets) > 1:
+                raise ValueError(
+                    f"import_peft: module {name!r} maps to several base leaves: "
+                    f"{[self.paths[i] for i, _ in targets]}."
+                )
+            (i, idx), = targets
+            per_leaf[i][idx] = (name, lora[name]["A"], lora[name]["B"])
+        return per_leaf
+
+
+# ------------------------------------------------------------------------------------------------
+# import: each adapted leaf's layout, known and never guessed
+# ------------------------------------------------------------------------------------------------
+def _conventional_layout(base: _Base, i: int) -> Layout:
+    """The layout of a plain base leaf without apply_fn, where a convention makes it certain."""
+    path, m = base.paths[i], base.mapped[i]
+    shape, ns, leaf = _shape(_plain(base.leaves[i])), len(base.mapped[i].stack), leaf_name(base.paths[i])
+    if len(shape) == ns + 2:
+        if base.builtin or (leaf == "kernel" and shape[ns] != shape[ns + 1]):
+            return Layout(m.stack, (ns,), (ns + 1,))  # Flax's Dense: (in, out)
+        why = (
+            "square: (in, out) as Flax's Dense stores a kernel and (out, in) as torch, equinox or "
+            "transformers' Flax Conv1D do both fit" if leaf == "kernel" else
+            f"a leaf named {leaf!r}: only leaves named 'kernel' are taken as Flax's (in, out), while "
+            f"torch and equinox store a 'weight' (out, in)"
+        )
+    else:
+        why = f"{len(shape) - ns} axes besides the {ns} stack axes"
+    raise ValueError(
+        f"import_peft: which axes of base leaf {path!r} {list(shape)} are inputs and which outputs is "
+        f"ambiguous ({why}). Pass apply_fn=<the model's apply function> and example_args=(<example "
+        f"inputs>,) so import_peft reads it from how apply_fn uses the leaf, as jlora.inject does, or "
+        f"params injected by jlora.inject(..., example_args=...) as base."
+    )
+
+
+def _traced_layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs) -> dict[int, Layout]:
+    if not callable(apply_fn):
+        raise TypeError(f"import_peft: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")
+    if not isinstance(example_args, (tuple, list)):
+        raise TypeError("import_peft: example_args must be a tuple of apply_fn's arguments after params.")
+    plain = [_plain(x) for x in base.leaves]
+    uses = trace_uses(apply_fn, plain, base.treedef, example_args, dict(example_kwargs or {}), ids)
+    layouts = {}
+    for i in ids:
+        path, m = base.paths[i], base.mapped[i]
+        layout, why = layout_from_uses(uses[i], len(_shape(plain[i])))
         if layout is None:
+            raise ValueError(f"import_peft: the layout of {path!r} cannot be read from apply_fn: {why}.")
+        if layout.stack != m.stack:
             raise ValueError(
-                f"import_peft: base kernel {path!r} has shape {shape}; which of its axes are inputs "
-                f"and which outputs is ambiguous. Pass params injected by jlora.inject(..., "
-                f"example_args=...) as base: their recorded layouts are used."
+                f"import_peft: apply_fn uses axes {list(layout.stack)} of {path!r} as stack axes, but its "
+                f"module name {m.template!r} indexes axes {list(m.stack)}."
             )
-        in_flat = layout.fan_in(shape)
-        out_flat = math.prod(shape[a] for a in layout.out)
-        first = next(iter(parts.values()))
-        r, scale = first[2], first[3]
-        a_full = np.zeros(layout.a_shape(shape, r), dtype=np.float32)
-        b_full = np.zeros(layout.b_shape(shape, r), dtype=np.float32)
-        for idx in np.ndindex(*stack_shape):
-            if idx not in parts:
-                raise ValueError(
-                    f"import_peft: key {base_model_prefix}{_expand(template, idx)}.lora_A.weight "
-                    f"is missing: the stacked kernel {path!r} is adapted in other layers, and a "
-                    f"stacked kernel needs an adapter in every layer."
-                )
-            la, lb, r_i, scale_i, name = parts[idx]
-            key = f"{base_model_prefix}{name}.lora_A.weight"
-            if (r_i, scale_i) != (r, scale):
-                raise ValueError(
-                    f"import_peft: key {key!r}: rank {r_i} / scale {scale_i:g} differ from the other "
-                    f"layers of stacked kernel {path!r} (rank {r}, scale {scale:g})."
-                )
-            if la.shape != (r, in_flat):
-                raise ValueError(f"import_peft: key {key!r} has shape {la.shape}, expected {(r, in_flat)} for {path!r}.")
-            if lb.shape != (out_flat, r):
-                kb = key.replace(".lora_A.", ".lora_B.")
-                raise ValueError(f"import_peft: key {kb!r} has shape {lb.shape}, expected {(out_flat, r)} for {path!r}.")
-            a, b = _from_torch(la.astype(np.float32), lb.astype(np.float32), layout, shape)
-            a_full[idx], b_full[idx] = a, b
-        # Sharded like the base they are loaded over, as load_adapters does.
-        a, b = place_factors(w0, layout, a_full.astype(jnp.dtype(dtype)), b_full.astype(jnp.dtype(dtype)))
-        new[i] = LoraKernel(w0, jnp.asarray(a), jnp.asarray(b), layout=layout, scale=scale, dropout=dropout)
+        layouts[i] = layout
+    return layouts
 
-    # modules_to_save -> Trainable leaves
+
+def _layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs) -> dict[int, tuple[Layout, bool]]:
+    """Per leaf: ``(layout, taken by convention)``."""
+    if apply_fn is None and (example_args or example_kwargs):
+        raise TypeError("import_peft: example_args / example_kwargs are inputs of apply_fn; pass apply_fn too.")
+    out: dict[int, tuple[Layout, bool]] = {}
+    traced = []
+    for i in ids:
+        x, m = base.leaves[i], base.mapped[i]
+        if isinstance(x, LoraKernel):
+            if x.layout.stack != m.stack:
+                raise ValueError(
+                    f"import_peft: {base.paths[i]!r} has {len(x.layout.stack)} stack axes (layout "
+                    f"{x.layout}) but its module name {m.template!r} has {len(m.stack)} '{{}}' fields."
+                )
+            out[i] = (x.layout, False)
+        elif apply_fn is not None:
+            traced.append(i)
+        else:
+            out[i] = (_conventional_layout(base, i), True)
+    if traced:
+        found = _traced_layouts(base, traced, apply_fn, example_args, example_kwargs)
+        out.update((i, (layout, False)) for i, layout in found.items())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# import: build the nodes
+# ------------------------------------------------------------------------------------------------
+def _shape_hint(la: np.ndarray, layout: Layout, shape: tuple, path: str, conventional: bool) -> str:
+    """Why lora_A / lora_B may not fit the kernel, beyond a wrong file."""
+    if layout.conv and la.ndim == 2:
+        return f"; the file holds a Linear's LoRA, but {path!r} is a convolution's kernel"
+    if not layout.conv and la.ndim > 2:
+        return (f"; the file holds a ConvNd's LoRA ((r, in, *kernel_size)), but {path!r} is not known to be "
+                f"a convolution's kernel: pass apply_fn and example_args, or injected params")
+    if conventional and len(shape) >= 2 and la.shape == (la.shape[0], shape[-1]):
+        return (f"; {path!r} looks stored (out, in) (as torch/equinox `W @ x` or transformers' Flax "
+                f"Conv1D store it): pass apply_fn and example_args, or injected params, so its layout "
+                f"is read from its use")
+    return ""
+
+
+def _check_factors(key: str, la, lb, layout: Layout, shape: tuple, path: str, conventional: bool) -> None:
+    r = la.shape[0]
+    if layout.conv == ():
+        raise ValueError(
+            f"import_peft: {path!r} (layout {layout}) is used by a convolution whose kernel is flipped, "
+            f"sliced or reshaped on the way, so which torch ConvNd weight it is is not known."
+        )
+    want_a, want_b = _torch_shapes(layout, shape, r)
+    for k, got, want in ((key, la.shape, want_a), (key.replace(".lora_A.", ".lora_B."), lb.shape, want_b)):
+        if got != want:
+            raise ValueError(
+                f"import_peft: key {k!r} has shape {got}, expected {want} for {path!r} (layout "
+                f"{layout}){_shape_hint(la, layout, shape, path, conventional)}."
+            )
+
+
+def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool,
+                  settings: _Settings, dtype, prefix: str) -> LoraKernel:
+    """One LoraKernel over base leaf ``i`` from its per-layer ``{stack index: (module, lora_A, lora_B)}``."""
+    path, m = base.paths[i], base.mapped[i]
+    w0 = _plain(base.leaves[i])
+    shape = _shape(w0)
+    a_full = b_full = first = None
+    for idx in np.ndindex(*m.stack_shape):
+        if idx not in parts:
+            raise ValueError(
+                f"import_peft: key {prefix}{_expand(m.template, idx)}.lora_A.weight is missing: the "
+                f"stacked kernel {path!r} is adapted in other layers, and a stacked kernel needs an "
+                f"adapter in every layer."
+            )
+        name, la, lb = parts[idx]
+        key = f"{prefix}{name}.lora_A.weight"
+        r = int(la.shape[0])
+        scale = settings.rank_scale(name, r, key)
+        _check_factors(key, la, lb, layout, shape, path, conventional)
+        if first is None:
+            first = (r, scale)
+            a_full = np.zeros(layout.a_shape(shape, r), np.float32)
+            b_full = np.zeros(layout.b_shape(shape, r), np.float32)
+        elif (r, scale) != first:
+            raise ValueError(
+                f"import_peft: key {key!r}: rank {r} / scale {scale:g} differ from the other layers of "
+                f"stacked kernel {path!r} (rank {first[0]}, scale {first[1]:g})."
+            )
+        a_full[idx], b_full[idx] = _from_torch(la.astype(np.float32), lb.astype(np.float32), layout, shape)
+    # Sharded like the base they are loaded over, as load_adapters does.
+    a, b = place_factors(w0, layout, a_full.astype(dtype), b_full.astype(dtype))
+    return LoraKernel(w0, jnp.asarray(a), jnp.asarray(b), layout=layout, scale=first[1], dropout=settings.dropout)
+
+
+def _attach_saved(base: _Base, new: list, saved: Mapping[str, dict], prefix: str) -> None:
+    """modules_to_save tensors -> Trainable leaves in ``new``."""
     used: set[tuple[str, str]] = set()
-    for i, (template, stack, _, stack_shape) in mapped.items():
+    for i, (template, stack, stack_shape) in base.mapped.items():
         hits = [(idx, _expand(template, idx)) for idx in np.ndindex(*stack_shape)]
         if not any(name in saved for _, name in hits):
             continue
         if isinstance(new[i], LoraKernel):
-            raise ValueError(f"import_peft: {paths[i]!r} is both LoRA-adapted and in modules_to_save.")
-        pname, transpose = _param_name(paths[i])
+            raise ValueError(f"import_peft: {base.paths[i]!r} is both LoRA-adapted and in modules_to_save.")
+        pname, transpose = _param_name(base.paths[i])
         plain = new[i]
         # Stack axes first (they may sit elsewhere in a base LoraKernel's w0), so value[idx] is a layer.
         lead = tuple(range(len(stack)))
         value = np.moveaxis(np.array(_to_numpy(plain)), stack, lead)
         for idx, name in hits:
-            key = f"{base_model_prefix}{name}.{pname}"
+            key = f"{prefix}{name}.{pname}"
             if pname not in saved.get(name, {}):
                 raise ValueError(f"import_peft: key {key!r} is missing (module {name!r} is in modules_to_save).")
             v = saved[name][pname]
@@ -692,7 +1048,85 @@ def import_peft(
         for pname in ps:
             if (module, pname) not in used:
                 raise ValueError(
-                    f"import_peft: key {base_model_prefix}{module}.{pname!s} (modules_to_save) has no "
-                    f"leaf in base (nearest modules: {nearest(module, known_modules(), 3)})."
+                    f"import_peft: key {prefix}{module}.{pname!s} (modules_to_save) has no leaf in base "
+                    f"(nearest modules: {nearest(module, base.modules(), 3)})."
                 )
-    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def import_peft(
+    directory: PathLike,
+    base: Any,
+    *,
+    module_map: ModuleMap = None,
+    dtype: Any = jnp.float32,
+    base_model_prefix: str = "base_model.model.",
+    apply_fn: Optional[Callable] = None,
+    example_args: Sequence[Any] = (),
+    example_kwargs: Optional[dict[str, Any]] = None,
+) -> Any:
+    """Read a Hugging Face PEFT LoRA adapter into injected params over ``base``.
+
+    Reads only ``adapter_model.safetensors`` and ``adapter_config.json`` (never pickle). Each
+    ``lora_A`` (r, in) / ``lora_B`` (out, r) pair becomes ``A = lora_Aᵀ``, ``B = lora_Bᵀ`` on the
+    kernel that ``module_map`` maps to that module, with ``scale = lora_alpha / r``
+    (``/ sqrt(r)`` with ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` honoured); per-layer
+    tensors are stacked back for scanned kernels, and a ``ConvNd``'s factors
+    ((r, in, *kernel_size), (out, r, 1, ...)) go onto a convolution's kernel. ``modules_to_save``
+    tensors become :class:`~jlora.Trainable` leaves.
+
+    Which axes of each adapted kernel are its inputs and outputs is known, never guessed:
+
+    * a :class:`~jlora.LoraKernel` in ``base`` (params from ``jlora.inject``) brings its layout,
+      and its adapter is replaced;
+    * with ``apply_fn`` and ``example_args``, the layouts are read from how ``apply_fn`` uses the
+      leaves, as ``jlora.inject`` reads them;
+    * otherwise only two conventions hold: the built-in :data:`LLAMA_MODULE_MAP`'s
+      ``jlora.models.llama`` kernels are ``(in, out)``, and so is a non-square leaf named
+      ``kernel`` (Flax's ``Dense``), after one leading stack axis per ``{}`` field of its module
+      name. A square kernel (Flax's ``(in, out)`` and torch's ``(out, in)`` both fit), a leaf named
+      otherwise (``weight`` is ``(out, in)`` in torch and equinox) or one with more axes is refused.
+
+    Adapters that do not add ``s·B·A`` to the original base weights are refused: DoRA and other
+    LoRA variants, and ``init_lora_weights`` that modify the base (PiSSA, OLoRA, CorDA, LoRA-GA: save
+    those converted with PEFT's ``path_initial_model_for_weight_conversion``; LoftQ).
+
+    Args:
+        directory: A PEFT adapter directory.
+        base: Plain base params (or injected params, whose adapters are replaced).
+        module_map: jlora path -> torch module name, as for :func:`export_peft`.
+        dtype: Floating dtype of the imported A and B.
+        base_model_prefix: The prefix of the keys in the safetensors file.
+        apply_fn: ``apply_fn(params, *example_args, **example_kwargs)``, e.g. ``model.apply``: traced
+            once (never run) to read the layouts of plain base kernels.
+        example_args, example_kwargs: Example inputs of ``apply_fn`` (after params).
+
+    Returns:
+        Injected params.
+
+    Raises:
+        FileNotFoundError: A file is missing.
+        ValueError: Unsupported or malformed config (non-LoRA, DoRA, PiSSA, a non-positive r, ...,
+            naming the file and key), an empty adapter, a kernel whose layout is not known, or a key
+            that is unknown, missing, or of the wrong shape (the message names it).
+
+    Example:
+        >>> import os, tempfile, jax.numpy as jnp, jlora
+        >>> k = jlora.LoraKernel(jnp.zeros((6, 5)), jnp.ones((6, 2)), jnp.ones((2, 5)),
+        ...                      layout=jlora.Layout((), (0,), (1,)), scale=2.0)
+        >>> tree = lambda leaf: {"params": {"layers_0": {"mlp": {"up_proj": {"kernel": leaf}}}}}
+        >>> d = export_peft(os.path.join(tempfile.mkdtemp(), "peft"), tree(k))
+        >>> p = import_peft(d, tree(jnp.zeros((6, 5))))
+        >>> p["params"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+        LoraKernel(w0=float32[6, 5], a=float32[6, 2], b=float32[2, 5], layout=(in=[0] out=[1]), scale=2)
+    """
+    dtype = _float_dtype(dtype, "import_peft")
+    settings, tensors, st_file = _read_adapter(Path(directory))
+    lora, saved = _split_keys(tensors, base_model_prefix, settings.modules_to_save, st_file)
+    tree = _Base(base, module_map)
+    per_leaf = tree.assign(lora, base_model_prefix)
+    layouts = _layouts(tree, sorted(per_leaf), apply_fn, example_args, example_kwargs)
+    new = [_plain(x) for x in tree.leaves]
+    for i, parts in per_leaf.items():
+        new[i] = _build_kernel(tree, i, parts, *layouts[i], settings, dtype, base_model_prefix)
+    _attach_saved(tree, new, saved, base_model_prefix)
+    return jax.tree_util.tree_unflatten(tree.treedef, new)

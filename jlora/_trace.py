@@ -15,12 +15,13 @@ import jax
 import numpy as np
 
 from jlora import _compat as C
+from jlora._discover import discover
 from jlora._node import LoraKernel, Trainable
 from jlora._paths import path_str
 from jlora._quant import is_quantized
 from jlora._tree import is_unit
 
-__all__ = ["Flat", "Traced", "is_input", "plain", "shape_of", "trace"]
+__all__ = ["Flat", "Traced", "is_input", "plain", "shape_of", "trace", "trace_uses"]
 
 
 def plain(x: Any) -> Any:
@@ -98,3 +99,14 @@ def trace(apply_fn: Callable, leaves: list[Any], treedef: Any, args: tuple, kwar
     specs = [_spec(leaves[i]) for i in p_in] + [_spec(a_leaves[i]) for i in a_in]
     closed, out_tree = C.make_jaxpr(flat_fn, *specs)
     return Traced(closed, out_tree, p_in, [a_leaves[i] for i in a_in])
+
+
+def trace_uses(apply_fn: Callable, leaves: list[Any], treedef: Any, args: tuple, kwargs: dict,
+               candidates: list[int]) -> dict[int, list]:
+    """How ``apply_fn(params, *args, **kwargs)`` uses each candidate leaf: ``{leaf index: [Use]}``
+    (a leaf that is not an array, hence not traced, has no uses)."""
+    traced = trace(apply_fn, leaves, treedef, tuple(args), dict(kwargs))
+    slot = {leaf: k for k, leaf in enumerate(traced.params_in)}
+    inside = [i for i in candidates if i in slot]
+    found = discover(traced.jaxpr, len(traced.jaxpr.jaxpr.invars), [slot[i] for i in inside])
+    return {i: (found[slot[i]] if i in slot else []) for i in candidates}

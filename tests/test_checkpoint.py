@@ -1050,20 +1050,6 @@ def test_train_checkpointer_step_must_be_a_natural_number(tmp_path, step, error,
         assert ckpt.all_steps() == [4]
 
 
-def test_peft_export_overwrite_keeps_other_files(tmp_path):
-    """export_peft shares the atomic writer: overwrite=True replaces a previous export only."""
-    from jlora import export_peft
-
-    k = LoraKernel(jnp.zeros((6, 5)), jnp.ones((6, 2)), jnp.ones((2, 5)), layout=Layout((), (0,), (1,)), scale=2.0)
-    params = {"params": {"layers_0": {"self_attn": {"q_proj": {"kernel": k}}}}}
-    d = export_peft(tmp_path / "peft", params)
-    export_peft(d, params, overwrite=True)  # a previous export: replaced
-    (d / "tokenizer.json").write_text("{}")
-    with pytest.raises(FileExistsError, match=r"tokenizer.json.*not a PEFT adapter export.*another directory"):
-        export_peft(d, params, overwrite=True)
-    assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
-
-
 def test_train_checkpointer_opt_state_with_bool_and_int_leaves(tmp_path):
     """optax.apply_if_finite keeps a bool and int counters in its state: saved and restored as they are."""
     base, batches = _tiny_problem()

@@ -278,7 +278,7 @@ def test_linen_conv_net():
     v = m.init(K(18), x)
     lp, apply = jlora.inject(v, m.apply, rank=2, example_args=(x,))
     c = lp["params"]["Conv_0"]["kernel"]
-    assert c.layout == jlora.Layout((), (0, 1, 2), (3,)) and c.a.shape == (3, 3, 3, 2) and c.b.shape == (2, 4)
+    assert c.layout == jlora.Layout((), (0, 1, 2), (3,), conv=(2, 0, 1)) and c.a.shape == (3, 3, 3, 2) and c.b.shape == (2, 4)
     np.testing.assert_array_equal(apply(lp, x), m.apply(v, x))
     lp = randomize(lp, scale=0.3)
     close(jax.jit(apply)(lp, x), m.apply(jlora.merge(lp), x), 1e-4)

@@ -244,7 +244,11 @@ def test_dict_module_map_and_prefix(tmp_path):
                                 "encoder.layer.0.attention.query.lora_B.weight"]
     cfg = _cfg(d)
     assert cfg["task_type"] is None and cfg["target_modules"] == ["query"]
-    back = import_peft(d, {"encoder": {"blocks": [{"attn": {"w": w0}}]}}, module_map=mm, base_model_prefix="")
+    plain = {"encoder": {"blocks": [{"attn": {"w": w0}}]}}
+    with pytest.raises(ValueError, match=r"'encoder/blocks/0/attn/w' \[4, 3\].*ambiguous.*apply_fn"):
+        import_peft(d, plain, module_map=mm, base_model_prefix="")  # a 'w' may be (out, in)
+    f = lambda p, x: x @ p["encoder"]["blocks"][0]["attn"]["w"]  # noqa: E731
+    back = import_peft(d, plain, module_map=mm, base_model_prefix="", apply_fn=f, example_args=(jnp.ones((1, 4)),))
     np.testing.assert_array_equal(back["encoder"]["blocks"][0]["attn"]["w"].a, a)
     np.testing.assert_array_equal(back["encoder"]["blocks"][0]["attn"]["w"].b, b)
 
@@ -471,6 +475,242 @@ def test_import_places_adapters_like_sharded_base(tmp_path):
     np.testing.assert_array_equal(back["norm"]["scale"].value, 2 * np.ones(6))
 
 
+# ------------------------------------------------------------------------------------------------
+# Trust (issue 12): what would give a silently wrong model is refused, with the reason.
+# ------------------------------------------------------------------------------------------------
+def _lora(shape, layout, rank=2, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    w0, a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                for s in (shape, layout.a_shape(shape, rank), layout.b_shape(shape, rank)))
+    return LoraKernel(w0, a, b, layout=layout, scale=scale)
+
+
+@pytest.mark.parametrize("value", ["pissa", "pissa_niter_4", "olora", "corda", "lora_ga", "loftq", "bogus", 3])
+def test_import_refuses_base_modifying_init(exported, value):
+    # These adapters were trained over base weights that PEFT changed when it created them.
+    d, base = exported
+    _edit_config(d, init_lora_weights=value)
+    what = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA"}
+    kind = next((v for k, v in what.items() if str(value).startswith(k)), None)
+    match = (rf"init_lora_weights={value!r}: {kind} .*path_initial_model_for_weight_conversion" if kind
+             else "LoftQ" if value == "loftq" else "not a value jlora knows")
+    with pytest.raises(ValueError, match=match):
+        import_peft(d, base)
+
+
+@pytest.mark.parametrize("value", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_import_accepts_inits_that_leave_the_base_alone(exported, value):
+    d, base = exported
+    _edit_config(d, init_lora_weights=value)
+    assert isinstance(import_peft(d, base)["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"], LoraKernel)
+
+
+@pytest.mark.parametrize(
+    "key, value, want",
+    [
+        ("lora_alpha", float("nan"), "a positive finite number"),
+        ("lora_alpha", float("inf"), "a positive finite number"),
+        ("lora_alpha", 0, "a positive finite number"),
+        ("lora_alpha", -4, "a positive finite number"),
+        ("lora_alpha", "4", "a positive finite number"),
+        ("r", 0, "a positive integer"),
+        ("r", -2, "a positive integer"),
+        ("r", 2.5, "a positive integer"),
+        ("r", True, "a positive integer"),
+        ("lora_dropout", 1.0, r"a number in \[0, 1\)"),
+        ("lora_dropout", -0.1, r"a number in \[0, 1\)"),
+        ("lora_dropout", "0.1", r"a number in \[0, 1\)"),
+        ("use_rslora", "false", "true or false"),
+        ("modules_to_save", "model.norm", "a list of module names"),
+        ("rank_pattern", {"q_proj": 0}, "a positive integer"),
+        ("rank_pattern", {"q_proj": 1.5}, "a positive integer"),
+        ("rank_pattern", {"q_(proj": 2}, "not a valid regular expression"),
+        ("rank_pattern", [2], r"not a dict"),
+        ("alpha_pattern", {"q_proj": float("nan")}, "a positive finite number"),
+        ("alpha_pattern", {"q_proj": -1}, "a positive finite number"),
+    ],
+)
+def test_import_refuses_malformed_config(exported, key, value, want):
+    d, base = exported
+    _edit_config(d, **{key: value})
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {key}.*{want}"):
+        import_peft(d, base)
+
+
+@pytest.mark.parametrize("changes, what", [
+    ({"use_bdlora": {"nblocks": 2}}, "block-diagonal"), ({"kasa_config": {"x": 1}}, "KaSA"),
+    ({"arrow_config": {"top_k": 2}}, "Arrow"), ({"velora_config": {"x": 1}}, "VeLoRA"),
+    ({"monteclora_config": {"x": 1}}, "MonteCLoRA"), ({"use_qalora": True}, "QALoRA"),
+])
+def test_import_refuses_lora_variants(exported, changes, what):
+    d, base = exported
+    _edit_config(d, **changes)
+    with pytest.raises(ValueError, match=f"{what}.*is not supported"):
+        import_peft(d, base)
+
+
+def test_import_refuses_empty_adapter(exported):
+    from safetensors.numpy import save_file
+
+    d, base = exported
+    save_file({}, str(Path(d) / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="holds no tensors"):
+        import_peft(d, base)
+    # Only a modules_to_save tensor: no LoRA either.
+    _edit_config(d, modules_to_save=["model.norm"])
+    save_file({"base_model.model.model.norm.weight": np.ones(6, np.float32)}, str(Path(d) / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="holds no lora_A/lora_B tensors"):
+        import_peft(d, base)
+
+
+def test_refuses_non_floating_dtypes(exported, tmp_path):
+    d, base = exported
+    for dtype in (jnp.int32, int, np.uint8, bool):
+        with pytest.raises(ValueError, match="not a floating dtype"):
+            import_peft(d, base, dtype=dtype)
+    params = _adapt(_llama_tree(), ["q_proj"])
+    for dtype in (jnp.int8, int):
+        with pytest.raises(ValueError, match="not a floating dtype"):
+            export_peft(tmp_path / "x", params, dtype=dtype)
+    with pytest.raises(TypeError, match="not a dtype"):
+        export_peft(tmp_path / "x", params, dtype="float-ish")
+    assert not (tmp_path / "x").exists()
+
+
+def test_bfloat16_files_round_trip(tmp_path):
+    # numpy cannot hold bfloat16; import_peft reads it all the same (PEFT saves bf16 adapters).
+    params = _adapt(_llama_tree(), ["q_proj"])
+    d = export_peft(tmp_path / "bf", params, dtype=jnp.bfloat16)
+    back = import_peft(d, _llama_tree(), dtype=jnp.bfloat16)
+    q, got = params["params"]["layers_1"]["self_attn"]["q_proj"]["kernel"], back["params"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
+    assert got.a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got.a, q.a.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(got.b, q.b.astype(jnp.bfloat16))
+
+
+def test_nan_adapters_are_refused(exported, tmp_path):
+    params = _adapt(_llama_tree(), ["q_proj"])
+    q = params["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    params["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"] = LoraKernel(
+        q.w0, q.a, q.b.at[0, 0].set(jnp.nan), layout=q.layout, scale=q.scale)
+    with pytest.raises(ValueError, match=r"the B of 'params/layers_0/self_attn/q_proj/kernel' holds NaN"):
+        export_peft(tmp_path / "nan", params)
+    d, base = exported
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _edit_tensors(d, lambda t: t[key].__setitem__((0, 0), np.inf))
+    with pytest.raises(ValueError, match=f"key '{re.escape(key)}' holds NaN or infinite"):
+        import_peft(d, base)
+
+
+def test_import_injected_stack_mismatch_is_refused(tmp_path):
+    # An injected kernel (2, 4, 3) whose layout has no stack axis must not be re-read as a stack
+    # of two (4, 3) layers because its module name has a '{}' field.
+    k = _lora((2, 4, 3), Layout((), (0, 1), (2,)))
+    stacked = _lora((2, 4, 3), Layout((0,), (1,), (2,)))
+    d = export_peft(tmp_path / "s", {"x": stacked}, module_map=lambda p: "x.{0}")
+    with pytest.raises(ValueError, match=r"'x' has 0 stack axes.*'x.\{0\}' has 1 '\{\}' fields"):
+        import_peft(d, {"x": k}, module_map=lambda p: "x.{0}")
+
+
+def test_export_writes_beside_other_files(tmp_path):
+    d = tmp_path / "out"
+    (d / "sub").mkdir(parents=True)
+    (d / "README.md").write_text("my notes")
+    (d / "sub" / "x.bin").write_bytes(b"123")
+    p1 = _adapt(_llama_tree(), ["q_proj"], seed=1)
+    export_peft(d, p1)  # a directory with other files in it is fine
+    assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub"]
+    p2 = _adapt(_llama_tree(), ["q_proj"], rank=3, seed=2)
+    with pytest.raises(FileExistsError, match="adapter_config.json, adapter_model.safetensors|adapter_model.safetensors, adapter_config.json"):
+        export_peft(d, p2)
+    (d / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileExistsError, match="adapter_config.json; pass overwrite=True"):
+        export_peft(d, p2)  # either file there is refused
+    export_peft(d, p2, overwrite=True)
+    assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub"]
+    assert (d / "README.md").read_text() == "my notes" and (d / "sub" / "x.bin").read_bytes() == b"123"
+    assert _cfg(d)["r"] == 3
+    np.testing.assert_array_equal(_load(d)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+                                  np.asarray(p2["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"].a).T)
+
+
+def test_import_lora_tensor_of_wrong_rank(exported):
+    d, base = exported
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _edit_tensors(d, lambda t: t.update({key: np.zeros(2, np.float32)}))
+    with pytest.raises(ValueError, match=r"have shapes \(2,\) / \(6, 2\); PEFT's are both 2-D"):
+        import_peft(d, base)
+
+
+def test_export_target_modules_must_name_every_adapted_module(tmp_path):
+    # A target_modules list that misses an adapted module: PEFT would drop its adapter on loading.
+    params = _adapt(_llama_tree(), ["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match=r"does not name the adapted module 'model.layers.0.self_attn.v_proj'"):
+        export_peft(tmp_path / "t", params, target_modules=["q_proj"])
+    d = export_peft(tmp_path / "t", params, target_modules=["q_proj", "self_attn.v_proj"])
+    assert _cfg(d)["target_modules"] == ["q_proj", "self_attn.v_proj"]
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def test_export_failing_mid_way_changes_nothing(tmp_path, monkeypatch):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "README.md").write_text("keep")
+    export_peft(d, _adapt(_llama_tree(), ["q_proj"], seed=1))
+    before = _snapshot(d)
+    p2 = _adapt(_llama_tree(), ["v_proj"], rank=3, seed=2)
+
+    # The second file (the config) cannot be written: the first (the weights) is not replaced either.
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full)
+        with pytest.raises(OSError, match="No space left"):
+            export_peft(d, p2, overwrite=True)
+        with pytest.raises(OSError, match="No space left"):
+            export_peft(tmp_path / "new", p2)
+    assert _snapshot(d) == before  # no temporary file left, both files as they were
+    assert not (tmp_path / "new").exists()
+
+    # The second rename fails: the first one is undone.
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "I/O error")
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", second_fails)
+        with pytest.raises(OSError, match="I/O error"):
+            export_peft(d, p2, overwrite=True)
+    assert _snapshot(d) == before
+    export_peft(d, p2, overwrite=True)  # and it works when nothing fails
+    assert _cfg(d)["r"] == 3 and (d / "README.md").read_text() == "keep"
+
+
+def test_rank_and_alpha_pattern_keys_match_one_module(tmp_path):
+    # PEFT matches a pattern key against the end of each module name: a bare "lin" would give
+    # "enc.lin" and "dec.lin" the alpha of "lin" too. Such keys are anchored: "^lin".
+    params = {"lin": {"kernel": _lora((6, 4), Layout((), (0,), (1,)), scale=3.0, seed=1)},
+              "enc": {"lin": {"kernel": _lora((6, 4), Layout((), (0,), (1,)), scale=1.0, seed=2)}},
+              "dec": {"lin": {"kernel": _lora((6, 4), Layout((), (0,), (1,)), scale=1.0, seed=3)}}}
+    mm = lambda p: p.rsplit("/", 1)[0].replace("/", ".")  # noqa: E731
+    d = export_peft(tmp_path / "p", params, module_map=mm)
+    cfg = _cfg(d)
+    assert (cfg["lora_alpha"], cfg["alpha_pattern"]) == (2, {"^lin": 6})
+    assert _peft._pattern_get(cfg["alpha_pattern"], "enc.lin", 2) == 2
+    assert _peft._pattern_get(cfg["alpha_pattern"], "lin", 2) == 6
+    back = import_peft(d, jax.tree.map(lambda k: k.w0, params, is_leaf=LORA_NODE), module_map=mm)
+    assert [back[k]["lin"]["kernel"].scale for k in ("enc", "dec")] == [1.0, 1.0]
+    assert back["lin"]["kernel"].scale == 3.0
+
+
 # ================================================================================================
 # Against PEFT itself
 # ================================================================================================
@@ -677,6 +917,207 @@ def test_multi_axis_kernels_against_peft(tmp_path):
         want2 = pm2(torch.from_numpy(x)).numpy()
     back = import_peft(tmp_path / "i", params, module_map=mm)
     np.testing.assert_allclose(np.asarray(apply(back, jnp.asarray(x))), want2, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trust (issue 12), against PEFT: layouts read from the model, conv factors, PiSSA, pattern keys.
+# ------------------------------------------------------------------------------------------------
+def _two_linears(torch, d_in=6, square=6, out=4, seed=0):
+    """torch Net: x -> ns(tanh(sq(x))), sq square (6, 6), ns non-square (4, 6)."""
+    torch.manual_seed(seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sq = torch.nn.Linear(d_in, square, bias=False)
+            self.ns = torch.nn.Linear(square, out, bias=False)
+
+        def forward(self, x):
+            return self.ns(torch.tanh(self.sq(x)))
+
+    return Net().eval()
+
+
+def _peft_adapter(torch, peft, net, d, targets, seed=1, **config):
+    """A PEFT adapter with nonzero B on ``targets``, saved in ``d``; returns the PeftModel."""
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(target_modules=targets, **config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5)
+    pm.save_pretrained(str(d))
+    return pm.eval()
+
+
+def _torch_out(torch, model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(x))).numpy()
+
+
+def test_import_weights_stored_out_in_against_peft(tmp_path):
+    """jlora params holding torch's (out, in) weights, used as x @ W.T: the layout comes from apply_fn."""
+    torch, _, peft = _torch_stack()
+    net = _two_linears(torch)
+    base = {n: {"weight": jnp.asarray(getattr(net, n).weight.detach().numpy())} for n in ("sq", "ns")}
+
+    def f(p, x):
+        return jnp.tanh(x @ p["sq"]["weight"].T) @ p["ns"]["weight"].T
+
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    np.testing.assert_allclose(f(base, x), _torch_out(torch, net, x), rtol=1e-5, atol=1e-5)
+    pm = _peft_adapter(torch, peft, net, tmp_path / "a", ["sq", "ns"], r=2, lora_alpha=4)
+    want = _torch_out(torch, pm, x)
+    assert np.abs(want - f(base, x)).max() > 0.1  # the adapter matters
+    mm = lambda p: p.split("/")[0]  # noqa: E731
+
+    # Without the layout, a 'weight' leaf is refused: square or not, (in, out) and (out, in) may both fit.
+    with pytest.raises(ValueError, match=r"'ns/weight' \[4, 6\].*ambiguous.*apply_fn"):
+        import_peft(tmp_path / "a", {"ns": base["ns"], "sq": base["sq"]}, module_map=mm)
+    params = import_peft(tmp_path / "a", base, module_map=mm, apply_fn=f, example_args=(jnp.asarray(x),))
+    assert params["sq"]["weight"].layout == Layout((), (1,), (0,)) == params["ns"]["weight"].layout
+    _, apply = jlora.inject(base, f, rank=1, example_args=(jnp.asarray(x),))
+    np.testing.assert_allclose(np.asarray(jax.jit(apply)(params, jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+    # Injected params bring their layouts: no apply_fn needed.
+    again = import_peft(tmp_path / "a", params, module_map=mm)
+    np.testing.assert_allclose(np.asarray(apply(again, jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+
+    # The same (out, in) weights under Flax's leaf name 'kernel' (transformers' Flax GPT-2 Conv1D):
+    # square is refused; non-square fails the shape check with the reason, not just "wrong file".
+    kbase = {n: {"kernel": v["weight"]} for n, v in base.items()}
+    with pytest.raises(ValueError, match=r"'sq/kernel' \[6, 6\].*ambiguous \(square"):
+        import_peft(tmp_path / "a", kbase, module_map=mm)
+    _peft_adapter(torch, peft, net, tmp_path / "b", ["ns"], r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"expected \(2, 4\) for 'ns/kernel'.*looks stored \(out, in\).*apply_fn"):
+        import_peft(tmp_path / "b", kbase, module_map=mm)
+
+
+def _conv_net(torch):
+    """torch Conv2d(3->4, 3x3, padding 1) -> relu -> Conv2d(4->5, 3x3, stride 2), and the same in JAX (NHWC/HWIO)."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.c2 = torch.nn.Conv2d(4, 5, 3, stride=2, bias=False)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.c1(x)))
+
+    def f(p, x):
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["c1"]["kernel"], (1, 1), "SAME", dimension_numbers=dn))
+        return jax.lax.conv_general_dilated(h, p["c2"]["kernel"], (2, 2), "VALID", dimension_numbers=dn)
+
+    net = Net().eval()
+    base = {n: {"kernel": jnp.asarray(getattr(net, n).weight.detach().numpy().transpose(2, 3, 1, 0))} for n in ("c1", "c2")}
+    return net, f, base
+
+
+def test_conv_adapters_against_peft(tmp_path):
+    torch, _, peft = _torch_stack()
+    net, f, base = _conv_net(torch)
+    x = np.random.default_rng(0).standard_normal((2, 7, 7, 3)).astype(np.float32)
+    torch_out = lambda model: _torch_out(torch, model, x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)  # noqa: E731
+    np.testing.assert_allclose(f(base, x), torch_out(net), rtol=1e-4, atol=1e-4)
+    mm = lambda p: p.split("/")[0]  # noqa: E731
+
+    # jlora -> PEFT: ConvNd factors, loaded by PEFT's Conv2d with every key used.
+    params, apply = jlora.inject(base, f, rank=2, alpha=3.0, example_args=(jnp.asarray(x),))
+    layout = params["c1"]["kernel"].layout
+    assert layout == Layout((), (0, 1, 2), (3,), conv=(2, 0, 1))
+    assert Layout.from_json(json.loads(json.dumps(layout.to_json()))) == layout  # checkpoints keep it
+    params = _randomize(params, b_std=0.5)
+    d = export_peft(tmp_path / "e", params, module_map=mm)
+    st = _load(d)
+    assert st["base_model.model.c1.lora_A.weight"].shape == (2, 3, 3, 3)
+    assert st["base_model.model.c1.lora_B.weight"].shape == (4, 2, 1, 1)
+    pm = _peft_load(peft, copy.deepcopy(net), d)
+    got = np.asarray(apply(params, jnp.asarray(x)))
+    assert np.abs(got - f(base, x)).max() > 0.1
+    np.testing.assert_allclose(got, torch_out(pm), rtol=1e-4, atol=1e-4)
+
+    # PEFT -> jlora: onto injected params, or onto the plain base with apply_fn; not without either.
+    pm2 = _peft_adapter(torch, peft, net, tmp_path / "i", ["c1", "c2"], r=3, lora_alpha=6)
+    want = torch_out(pm2)
+    for back in (import_peft(tmp_path / "i", params, module_map=mm),
+                 import_peft(tmp_path / "i", base, module_map=mm, apply_fn=f, example_args=(jnp.asarray(x),))):
+        assert back["c2"]["kernel"].rank == 3
+        np.testing.assert_allclose(np.asarray(apply(back, jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"'c1/kernel' \[3, 3, 3, 4\].*ambiguous"):
+        import_peft(tmp_path / "i", base, module_map=mm)
+
+
+def test_converted_pissa_imports_plain_pissa_is_refused(tmp_path):
+    """PiSSA changes the base weights; converted with path_initial_model_for_weight_conversion it
+    is a standard LoRA on the original weights, and import_peft gives PEFT's outputs."""
+    torch, _, peft = _torch_stack()
+    net = _two_linears(torch, d_in=8, square=6, out=5)
+    base = {n: {"kernel": jnp.asarray(getattr(net, n).weight.detach().numpy().T)} for n in ("sq", "ns")}
+
+    def f(p, x):
+        return jnp.tanh(x @ p["sq"]["kernel"]) @ p["ns"]["kernel"]
+
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa",
+                                                                  target_modules=["sq", "ns"]))
+    pm.peft_config["default"].init_lora_weights = True  # as PEFT's PiSSA guide saves the initial adapter
+    pm.save_pretrained(str(tmp_path / "init"))
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    torch.manual_seed(3)
+    with torch.no_grad():  # "training"
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    pm.eval()
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    want = _torch_out(torch, pm, x)
+    mm = lambda p: p.split("/")[0]  # noqa: E731
+
+    pm.save_pretrained(str(tmp_path / "raw"))
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa': PiSSA .*path_initial_model_for_weight_conversion"):
+        import_peft(tmp_path / "raw", base, module_map=mm)
+    pm.save_pretrained(str(tmp_path / "conv"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    cfg = _cfg(tmp_path / "conv")
+    assert (cfg["init_lora_weights"], cfg["r"]) == (True, 4)
+    params = import_peft(tmp_path / "conv", base, module_map=mm)
+    _, apply = jlora.inject(base, f, rank=1, example_args=(jnp.asarray(x),))
+    assert np.abs(want - f(base, x)).max() > 0.1
+    np.testing.assert_allclose(np.asarray(apply(params, jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+
+
+def test_anchored_alpha_pattern_against_peft(tmp_path):
+    """alpha_pattern {"^lin": 6} scales only module "lin" in PEFT, not "enc.lin" / "dec.lin"."""
+    torch, _, peft = _torch_stack()
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 4, bias=False)
+            self.enc, self.dec = torch.nn.Module(), torch.nn.Module()
+            self.enc.lin = torch.nn.Linear(6, 4, bias=False)
+            self.dec.lin = torch.nn.Linear(6, 4, bias=False)
+
+        def forward(self, x):
+            return self.lin(x) + self.enc.lin(x) * 2 + self.dec.lin(x) * 3
+
+    net = Net().eval()
+    w = lambda m: jnp.asarray(m.weight.detach().numpy().T)  # noqa: E731
+    base = {"lin": {"kernel": w(net.lin)}, "enc": {"lin": {"kernel": w(net.enc.lin)}}, "dec": {"lin": {"kernel": w(net.dec.lin)}}}
+
+    def f(p, x):
+        return x @ p["lin"]["kernel"] + (x @ p["enc"]["lin"]["kernel"]) * 2 + (x @ p["dec"]["lin"]["kernel"]) * 3
+
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    params, apply = jlora.inject(base, f, rank=2, example_args=(jnp.asarray(x),))
+    params = _randomize(params, b_std=0.5)
+    k = params["lin"]["kernel"]
+    params["lin"]["kernel"] = LoraKernel(k.w0, k.a, k.b, layout=k.layout, scale=3.0)
+    d = export_peft(tmp_path / "p", params, module_map=lambda p: p.rsplit("/", 1)[0].replace("/", "."))
+    assert _cfg(d)["alpha_pattern"] == {"^lin": 6}
+    pm = _peft_load(peft, copy.deepcopy(net), d)
+    np.testing.assert_allclose(np.asarray(apply(params, jnp.asarray(x))), _torch_out(torch, pm, x), rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
