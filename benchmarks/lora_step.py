@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="attention: jax.nn.dot_product_attention with cuDNN (auto on GPU) or XLA (auto elsewhere), or hand-written")
     m = p.add_argument_group("measurement")
     m.add_argument("--jlora-fuse", action="store_true",
-                   help="inject(..., matmul="shared_xa"): one x·[A_q A_k A_v] and x·[A_gate A_up]")
+                   help="inject(..., matmul='shared_xa'): one x·[A_q A_k A_v] and x·[A_gate A_up]")
     m.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     m.add_argument("--steps", type=int, default=10, help="timed steps per variant (interleaved across variants)")
     m.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after the first (compiling) one")

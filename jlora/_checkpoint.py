@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._node import Layout, LoraKernel, Trainable
+from jlora._node import Layout, LoraKernel, Trainable, kernel_shape
 from jlora._paths import nearest, path_str
 from jlora._quant import _shape
 from jlora._sharding import place_factors, place_like
@@ -345,10 +345,7 @@ def _kernel_shape(layout: Layout, a_shape: Any, b_shape: Any) -> tuple[int, ...]
             f"A{a} and B{b} do not fit layout ({layout}): A must be stack + in + (rank,) and B "
             f"stack + (rank,) + out, with the same stack sizes and rank."
         )
-    shape = [0] * layout.ndim
-    for axis, n in zip(layout.stack + layout.in_ + layout.out, a[:-1] + b[ns + 1 :]):
-        shape[axis] = n
-    return tuple(shape)
+    return kernel_shape(layout, a, b)
 
 
 def _lora_entry(path: str, x: LoraKernel) -> tuple[dict, dict, dict]:

@@ -111,7 +111,7 @@ def kernel_shape(layout: Layout, a_shape: tuple[int, ...], b_shape: tuple[int, .
         >>> kernel_shape(Layout(stack=(0,), in_=(2,), out=(1,)), (3, 8, 2), (3, 2, 5))
         (3, 5, 8)
     """
-    ns, ni = len(layout.stack), len(layout.in_)
+    ns = len(layout.stack)
     shape = [0] * layout.ndim
     for k, ax in enumerate(layout.stack):
         shape[ax] = a_shape[k]
@@ -132,6 +132,10 @@ def factor_problem(node: "LoraKernel") -> str | None:
     a, b, lay = node.a, node.b, node.layout
     if a is None or b is None:
         return "it has no A/B factors"
+    if not math.isfinite(node.scale) or node.scale <= 0:
+        return f"its scale {node.scale} is not a positive finite number"
+    if not 0.0 <= node.dropout < 1.0:
+        return f"its dropout {node.dropout} is not in [0, 1)"
     a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
     for name, f in (("A", a), ("B", b)):
         dt = getattr(f, "dtype", None)
@@ -190,6 +194,9 @@ class LoraKernel:
     # -- conveniences -----------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
+        """The kernel's shape (also for an adapters-only node of :func:`jlora.split`, from A and B)."""
+        if self.w0 is None:
+            return kernel_shape(self.layout, np.shape(self.a), np.shape(self.b))
         return tuple(self.w0.shape)
 
     @property
