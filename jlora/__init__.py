@@ -12,7 +12,7 @@ from jlora._checkpoint import CheckpointError, Restored, TrainCheckpointer, load
 from jlora._apply import Apply
 from jlora._inject import inject
 from jlora._report import FusedReport, Report
-from jlora._interpret import UnsupportedOpError
+from jlora._value import UnsupportedOpError
 from jlora._node import Layout, LoraKernel, Trainable
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
 from jlora._quant import Int8Tensor, NF4Tensor, QuantizedKernel, dequantize, is_quantized, quantize

@@ -7,11 +7,12 @@ from typing import Any, Callable
 import jax
 from jax import lax
 
-from jlora._interpret import Context, LoraValue, Tag, eval_jaxpr
+from jlora._interpret import interpret
 from jlora._node import LoraKernel, Trainable, factor_problem
-from jlora._quant import dense
+from jlora._quant import dequantized
 from jlora._report import FusedReport, Report
 from jlora._trace import Flat, shape_of, trace
+from jlora._value import LoraValue, layout_tags
 
 __all__ = ["Apply", "MATMUL_PATHS"]
 
@@ -56,13 +57,10 @@ class Apply:
         self._check_structure(flat)
         traced = trace(self.apply_fn, flat.plain_leaves(), flat.treedef, args, kwargs)
         inputs = [_entry_value(flat.paths[i], flat.leaves[i]) for i in traced.params_in]
-        ctx = Context(fallback=self.fallback, rng=lora_rng, fuse=self.matmul == "shared_xa",
-                      fused_matmul=self.matmul == "pallas")
-        closed = traced.jaxpr
-        outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs + traced.args, ctx)
+        outs, fused_log = interpret(traced.jaxpr, inputs + traced.args, fallback=self.fallback, rng=lora_rng,
+                                    matmul=self.matmul)
         if self.matmul == "pallas":  # a loop body may be traced more than once: one entry per choice
-            self.fused_report = FusedReport(list(dict.fromkeys(ctx.fused_log)))
-        outs = [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
+            self.fused_report = FusedReport(list(dict.fromkeys(fused_log)))
         return jax.tree.unflatten(traced.out_tree, outs)
 
     def _check_structure(self, flat: Flat) -> None:
@@ -115,14 +113,9 @@ def _entry_value(path: str, x: Any) -> Any:
         return _lora_value(path, x)
     if isinstance(x, Trainable):
         return x.value
-    return lax.stop_gradient(dense(x))
+    return lax.stop_gradient(dequantized(x))
 
 
 def _lora_value(path: str, k: LoraKernel) -> LoraValue:
-    lay = k.layout
-    tags = [None] * lay.ndim
-    for role, axes in (("s", lay.stack), ("i", lay.in_), ("o", lay.out)):
-        for j, ax in enumerate(axes):
-            tags[ax] = Tag(role, j)
     w0 = jax.tree.map(lax.stop_gradient, k.w0)
-    return LoraValue(w0=w0, a=k.a, b=k.b, tags=tuple(tags), scale=k.scale, dropout=k.dropout, path=path)
+    return LoraValue(w0=w0, a=k.a, b=k.b, tags=layout_tags(k.layout), scale=k.scale, dropout=k.dropout, path=path)

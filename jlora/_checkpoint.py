@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._node import Layout, LoraKernel, Trainable, kernel_shape
-from jlora._paths import nearest, path_str
-from jlora._quant import _shape
+from jlora._paths import nearest
+from jlora._quant import shape_of
 from jlora._sharding import place_factors, place_like
-from jlora._tree import is_unit, iter_kernels
+from jlora._tree import Flat, host_array, iter_kernels
 
 __all__ = [
     "CheckpointError",
@@ -77,15 +77,6 @@ class CheckpointError(ValueError):
     does not match the one the adapters were trained on."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Small helpers shared with the PEFT export.
-# ------------------------------------------------------------------------------------------------
-def _flat(params: Any) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` with jlora nodes and quantized kernels kept whole."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_unit)
-    return [(path_str(p), x) for p, x in flat]
-
-
 def _dtype_name(x: Any) -> str:
     dt = getattr(x, "dtype", None)
     if dt is None:
@@ -94,19 +85,6 @@ def _dtype_name(x: Any) -> str:
         return str(np.dtype(dt))
     except TypeError:
         return str(dt)
-
-
-def _plain(x: Any) -> Any:
-    """The base value under a jlora node (a LoraKernel's ``w0``, a Trainable's value), or ``x``."""
-    if isinstance(x, LoraKernel):
-        return x.w0
-    if isinstance(x, Trainable):
-        return x.value
-    return x
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
 
 
 def _digest(x: np.ndarray) -> str:
@@ -349,10 +327,10 @@ def _kernel_shape(layout: Layout, a_shape: Any, b_shape: Any) -> tuple[int, ...]
 
 
 def _lora_entry(path: str, x: LoraKernel) -> tuple[dict, dict, dict]:
-    a, b = _to_numpy(x.a), _to_numpy(x.b)
+    a, b = host_array(x.a), host_array(x.b)
     shape = _kernel_shape(x.layout, a.shape, b.shape)
-    if x.w0 is not None and _shape(x.w0) != shape:
-        raise _Bad(f"A{a.shape} and B{b.shape} do not fit W0 of shape {_shape(x.w0)} (layout {x.layout})")
+    if x.w0 is not None and shape_of(x.w0) != shape:
+        raise _Bad(f"A{a.shape} and B{b.shape} do not fit W0 of shape {shape_of(x.w0)} (layout {x.layout})")
     entry = {
         "kind": "lora",
         "layout": x.layout.to_json(),
@@ -385,7 +363,7 @@ def _collect(params: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
             else:  # Trainable
                 if x.value is None:
                     raise _Bad("Trainable(None) (a split-off base?)")
-                v = _to_numpy(x.value)
+                v = host_array(x.value)
                 entries[path] = {"kind": "full", "dtype": str(v.dtype), "shape": list(v.shape)}
                 fingerprint[path] = {"shape": list(v.shape), "dtype": str(v.dtype)}
                 new = {f"{path}/value": v}
@@ -591,7 +569,7 @@ def _check_base_leaf(plain: Any, path: str, fp: dict, where: str) -> None:
             f"{where}: base leaf {path!r} is None; load over the plain params the adapters were trained "
             f"on (not an adapters tree)."
         )
-    got_shape, got_dtype = _shape(plain), _dtype_name(plain)
+    got_shape, got_dtype = shape_of(plain), _dtype_name(plain)
     if list(got_shape) != fp["shape"]:
         raise CheckpointError(
             f"{where}: base leaf {path!r} has shape {got_shape}, the adapters were trained on "
@@ -621,8 +599,8 @@ def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) 
     its value), so the result holds exactly the checkpoint's adapters.
     """
     entries: dict = config["adapters"]
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_unit)
-    paths = [path_str(p) for p, _ in flat]
+    flat = Flat.of(base)
+    paths = flat.paths
     count = collections.Counter(paths)
     missing = [p for p in entries if count[p] != 1]
     if missing and count[missing[0]] > 1:
@@ -633,13 +611,12 @@ def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) 
             f"{nearest(missing[0], paths, 3)}). Load over the params the adapters were trained on."
         )
     leaves = []
-    for (_, x), path in zip(flat, paths):
-        plain = _plain(x)
+    for path, x in zip(paths, flat.plain_leaves()):
         if path in entries:
-            _check_base_leaf(plain, path, config["base_fingerprint"][path], where)
-            plain = _node(plain, path, entries[path], arrays)
-        leaves.append(plain)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+            _check_base_leaf(x, path, config["base_fingerprint"][path], where)
+            x = _node(x, path, entries[path], arrays)
+        leaves.append(x)
+    return jax.tree_util.tree_unflatten(flat.treedef, leaves)
 
 
 def _verify_arrays(
@@ -649,7 +626,7 @@ def _verify_arrays(
     for key, spec in specs.items():
         if key not in arrays:
             raise CheckpointError(f"{where}: array {key!r} is missing.")
-        x = _to_numpy(arrays[key])
+        x = host_array(arrays[key])
         if x.shape != spec.shape or x.dtype != spec.dtype:
             raise CheckpointError(
                 f"{where}: array {key!r} is {x.dtype}{list(x.shape)}, the config says "
@@ -843,7 +820,7 @@ def _flat_state(opt_state: Any) -> tuple[dict[str, np.ndarray], list[str]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
     arrays, names = {}, []
     for i, (p, x) in enumerate(flat):
-        arrays[f"{i:06d}"] = _to_numpy(x)
+        arrays[f"{i:06d}"] = host_array(x)
         names.append(jax.tree_util.keystr(p))
     return arrays, names
 
@@ -862,7 +839,7 @@ def _opt_state_target(saved: Any, opt_state_like: Any, where: Path) -> tuple[Any
         )
     for i, (name, (_, x)) in enumerate(zip(names, flat)):
         want = (saved["paths"][i], tuple(saved["shapes"][i]), saved["dtypes"][i])
-        got = (name, _shape(x), _dtype_name(x))
+        got = (name, shape_of(x), _dtype_name(x))
         if got != want:
             raise CheckpointError(
                 f"{where}: optimizer-state leaf {i} is {want[0]} {want[1]} {want[2]} in the "

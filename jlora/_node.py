@@ -88,22 +88,6 @@ class Layout:
         return f"{s}in={list(self.in_)} out={list(self.out)}{c}"
 
 
-def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype=jnp.float32) -> jax.Array:
-    """``A·B`` in the kernel's own axis order (the full ΔW; only for merging and references)."""
-    ns, ni, no = len(layout.stack), len(layout.in_), len(layout.out)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    s, i, o = letters[:ns], letters[ns : ns + ni], letters[ns + ni : ns + ni + no]
-    kernel = [""] * layout.ndim
-    for ax, c in zip(layout.stack + layout.in_ + layout.out, s + i + o):
-        kernel[ax] = c
-    return jnp.einsum(
-        f"{s}{i}z,{s}z{o}->{''.join(kernel)}",
-        a.astype(dtype),
-        b.astype(dtype),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-
-
 def kernel_shape(layout: Layout, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The kernel shape that factors of these shapes adapt (their inverse of ``a_shape``/``b_shape``).
 

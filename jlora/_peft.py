@@ -42,13 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._checkpoint import _flat, _plain, _shape, _to_numpy
+from jlora._quant import shape_of
 from jlora._discover import layout_from_uses
 from jlora._trace import trace_uses
 from jlora._node import Layout, LoraKernel, Trainable, is_node
 from jlora._paths import leaf_name, nearest, path_str
 from jlora._sharding import place_factors, place_like
-from jlora._tree import is_unit
+from jlora._tree import Flat, host_array, is_jlora_leaf, plain
 
 __all__ = ["LLAMA_MODULE_MAP", "ModuleMap", "export_peft", "import_peft"]
 
@@ -350,7 +350,7 @@ def _export_lora(adapted, resolve, prefix: str, cast) -> tuple[dict, dict, dict]
         _check_exportable(path, x)
         ns = len(x.layout.stack)
         template = _template(resolve, path, ns)
-        a, b = _to_numpy(x.a), _to_numpy(x.b)
+        a, b = host_array(x.a), host_array(x.b)
         _check_finite(a, f"export_peft: the A of {path!r}")
         _check_finite(b, f"export_peft: the B of {path!r}")
         r = int(a.shape[-1])
@@ -379,7 +379,7 @@ def _export_saved(adapted, universe, resolve, prefix: str, cast, tensors: dict) 
         for mpath, leaf in universe[template]:
             if isinstance(leaf, LoraKernel):
                 continue  # LoRA on a module trained in full is refused by the caller
-            value = _to_numpy(_plain(leaf))
+            value = host_array(plain(leaf))
             if value.ndim < ns:
                 raise ValueError(f"export_peft: {mpath!r} has fewer axes than the {ns} stack axes of {template!r}.")
             _check_finite(value, f"export_peft: {mpath!r}")
@@ -402,7 +402,7 @@ def _module_names(universe) -> set[str]:
     for t, leaves in universe.items():
         ns = _fields(t)
         for _, leaf in leaves:
-            names.update(_expand(t, idx) for idx in np.ndindex(*_shape(_plain(leaf))[:ns]))
+            names.update(_expand(t, idx) for idx in np.ndindex(*shape_of(plain(leaf))[:ns]))
     return names
 
 
@@ -547,7 +547,7 @@ def export_peft(
     from jlora import __version__
 
     dt = None if dtype is None else _float_dtype(dtype, "export_peft")
-    flat = _flat(params)
+    flat = Flat.of(params).items()
     adapted = [(p, x) for p, x in flat if is_node(x)]
     if not adapted:
         raise ValueError("params hold no adapters (no LoraKernel or Trainable node) to export.")
@@ -823,12 +823,12 @@ class _Base:
     """``base`` flattened, with the torch module name of each leaf that module_map names."""
 
     def __init__(self, base: Any, module_map: ModuleMap):
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_unit)
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_jlora_leaf)
         self.paths = [path_str(p) for p, _ in flat]
         self.leaves = [x for _, x in flat]
         if module_map is None:  # the built-in map applies when base is a jlora.models.llama tree
             llama = _Resolver(LLAMA_MODULE_MAP)
-            kernels = [p for p, x in zip(self.paths, self.leaves) if len(_shape(_plain(x))) >= 2]
+            kernels = [p for p, x in zip(self.paths, self.leaves) if len(shape_of(plain(x))) >= 2]
             matching = [p for p in kernels if llama(p) is not None]
             resolve, self.builtin = _resolver(None, matching or kernels[:1], "import_peft")
         else:
@@ -841,7 +841,7 @@ class _Base:
             t = resolve(path)
             if t is None:
                 continue
-            ns, shape = _fields(t), _shape(_plain(x))
+            ns, shape = _fields(t), shape_of(plain(x))
             if len(shape) < ns:
                 raise ValueError(
                     f"import_peft: {path!r} has shape {shape}, fewer axes than the {ns} '{{}}' fields of "
@@ -884,7 +884,7 @@ class _Base:
 def _conventional_layout(base: _Base, i: int) -> Layout:
     """The layout of a plain base leaf without apply_fn, where a convention makes it certain."""
     path, m = base.paths[i], base.mapped[i]
-    shape, ns, leaf = _shape(_plain(base.leaves[i])), len(base.mapped[i].stack), leaf_name(base.paths[i])
+    shape, ns, leaf = shape_of(plain(base.leaves[i])), len(base.mapped[i].stack), leaf_name(base.paths[i])
     if len(shape) == ns + 2:
         if base.builtin or (leaf == "kernel" and shape[ns] != shape[ns + 1]):
             return Layout(m.stack, (ns,), (ns + 1,))  # Flax's Dense: (in, out)
@@ -909,12 +909,12 @@ def _traced_layouts(base: _Base, ids: list[int], apply_fn, example_args, example
         raise TypeError(f"import_peft: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")
     if not isinstance(example_args, (tuple, list)):
         raise TypeError("import_peft: example_args must be a tuple of apply_fn's arguments after params.")
-    plain = [_plain(x) for x in base.leaves]
+    plain = [plain(x) for x in base.leaves]
     uses = trace_uses(apply_fn, plain, base.treedef, example_args, dict(example_kwargs or {}), ids)
     layouts = {}
     for i in ids:
         path, m = base.paths[i], base.mapped[i]
-        layout, why = layout_from_uses(uses[i], len(_shape(plain[i])))
+        layout, why = layout_from_uses(uses[i], len(shape_of(plain[i])))
         if layout is None:
             raise ValueError(f"import_peft: the layout of {path!r} cannot be read from apply_fn: {why}.")
         if layout.stack != m.stack:
@@ -988,8 +988,8 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
                   settings: _Settings, dtype, prefix: str) -> LoraKernel:
     """One LoraKernel over base leaf ``i`` from its per-layer ``{stack index: (module, lora_A, lora_B)}``."""
     path, m = base.paths[i], base.mapped[i]
-    w0 = _plain(base.leaves[i])
-    shape = _shape(w0)
+    w0 = plain(base.leaves[i])
+    shape = shape_of(w0)
     a_full = b_full = first = None
     for idx in np.ndindex(*m.stack_shape):
         if idx not in parts:
@@ -1031,7 +1031,7 @@ def _attach_saved(base: _Base, new: list, saved: Mapping[str, dict], prefix: str
         plain = new[i]
         # Stack axes first (they may sit elsewhere in a base LoraKernel's w0), so value[idx] is a layer.
         lead = tuple(range(len(stack)))
-        value = np.moveaxis(np.array(_to_numpy(plain)), stack, lead)
+        value = np.moveaxis(np.array(host_array(plain)), stack, lead)
         for idx, name in hits:
             key = f"{prefix}{name}.{pname}"
             if pname not in saved.get(name, {}):
@@ -1125,7 +1125,7 @@ def import_peft(
     tree = _Base(base, module_map)
     per_leaf = tree.assign(lora, base_model_prefix)
     layouts = _layouts(tree, sorted(per_leaf), apply_fn, example_args, example_kwargs)
-    new = [_plain(x) for x in tree.leaves]
+    new = [plain(x) for x in tree.leaves]
     for i, parts in per_leaf.items():
         new[i] = _build_kernel(tree, i, parts, *layouts[i], settings, dtype, base_model_prefix)
     _attach_saved(tree, new, saved, base_model_prefix)

@@ -130,7 +130,7 @@ def nf4_codebook(bits: int = 4) -> tuple[float, ...]:
 # helpers
 
 
-def _shape(x: Any) -> tuple[int, ...]:
+def shape_of(x: Any) -> tuple[int, ...]:
     s = getattr(x, "shape", None)
     return tuple(s) if s is not None else tuple(np.shape(x))
 
@@ -138,7 +138,7 @@ def _shape(x: Any) -> tuple[int, ...]:
 def _nbytes(x: Any) -> int:
     dt = getattr(x, "dtype", None)
     itemsize = np.dtype(dt).itemsize if dt is not None else np.asarray(x).dtype.itemsize
-    return int(math.prod(_shape(x))) * itemsize
+    return int(math.prod(shape_of(x))) * itemsize
 
 
 def _split_stack(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -215,13 +215,13 @@ def _check_finite(x: jax.Array, what: str) -> None:
         )
 
 
-def _canonical(dtype: Any) -> np.dtype:
+def canonical_dtype(dtype: Any) -> np.dtype:
     """The dtype JAX actually produces for ``dtype`` (float64 is float32 without x64)."""
     return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def _out_dtype(x: jax.Array, dtype: Any) -> np.dtype:
-    dt = _canonical(x.dtype if dtype is None else dtype)
+    dt = canonical_dtype(x.dtype if dtype is None else dtype)
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dt}.")
     return dt
@@ -355,7 +355,7 @@ class QuantizedKernel:
     @property
     def stack_shape(self) -> tuple[int, ...]:
         """The leading dims of independently quantized slices (read off the first child)."""
-        return _shape(self._child_values()[0])[:-1]
+        return shape_of(self._child_values()[0])[:-1]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -386,7 +386,7 @@ class QuantizedKernel:
     def with_dtype(self, dtype: Any) -> "QuantizedKernel":
         """The same stored arrays, dequantizing to ``dtype`` (a cast that stays quantized)."""
         out = copy.copy(self)
-        out._dtype = _canonical(dtype)
+        out._dtype = canonical_dtype(dtype)
         return out
 
     def _repr_extra(self) -> str:
@@ -458,7 +458,7 @@ class NF4Tensor(QuantizedKernel):
         self.codes = codes
         self.scales = tuple(scales)
         self.slice_shape = tuple(int(d) for d in slice_shape)
-        self._dtype = _canonical(dtype)
+        self._dtype = canonical_dtype(dtype)
         self.block_size = int(block_size)
 
     @classmethod
@@ -632,7 +632,7 @@ class Int8Tensor(QuantizedKernel):
         self.q = q
         self.scale = scale
         self.slice_shape = tuple(int(d) for d in slice_shape)
-        self._dtype = _canonical(dtype)
+        self._dtype = canonical_dtype(dtype)
         self.block_size = None if block_size is None else int(block_size)
         self.channel_axis = int(channel_axis)
 
@@ -724,7 +724,7 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedKernel)
 
 
-def dense(x: Any) -> Any:
+def dequantized(x: Any) -> Any:
     """``x.dequantize()`` for a quantized kernel node, ``x`` itself otherwise (one leaf)."""
     return x.dequantize() if isinstance(x, QuantizedKernel) else x
 
@@ -860,5 +860,5 @@ def dequantize(tree: Any) -> Any:
         ((64, 64), True)
     """
     return jax.tree.map(
-        dense, tree, is_leaf=is_quantized
+        dequantized, tree, is_leaf=is_quantized
     )

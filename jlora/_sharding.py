@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from jlora import _compat as C
+from jlora import _compat as jax_compat
 from jlora._node import Layout, LoraKernel, is_node
+from jlora._value import Tag, factor_positions, layout_tags
 
 __all__ = [
     "adapter_specs",
@@ -51,32 +52,28 @@ def _entries(spec: PartitionSpec, ndim: int) -> list[Any]:
     return entries + [None] * (ndim - len(entries))
 
 
-def factor_specs(
-    spec: PartitionSpec, roles: Sequence[tuple[str, int]], *, a_ndim: int, b_ndim: int
-) -> tuple[PartitionSpec, PartitionSpec]:
-    """A's and B's specs from the spec of a kernel *view* whose axes have the given roles.
+def factor_specs(spec: PartitionSpec, tags: Sequence[Tag], *, a_ndim: int, b_ndim: int
+                 ) -> tuple[PartitionSpec, PartitionSpec]:
+    """A's and B's specs from the spec of a kernel *view* whose axes have the given tags.
 
-    ``roles[k]`` says what view axis ``k`` is: ``('s', j)`` stack axis ``j`` of both factors,
-    ``('i', j)`` input axis ``j`` of A, ``('o', j)`` output axis ``j`` of B, ``('u', _)`` an
-    inserted unit axis (no factor axis). The rank axis is replicated.
+    A view axis's mesh axes go to the factor axes behind it (:func:`jlora._value.factor_positions`):
+    a stack axis to both factors, an input axis to A, an output axis to B, an inserted unit axis
+    nowhere. The rank axis is replicated.
 
     Example:
         >>> from jax.sharding import PartitionSpec as P
-        >>> a, b = factor_specs(P("tp", None), [("o", 0), ("i", 0)], a_ndim=2, b_ndim=2)  # (out, in) view
+        >>> from jlora._value import Role, Tag
+        >>> a, b = factor_specs(P("tp", None), [Tag(Role.OUT), Tag(Role.IN)], a_ndim=2, b_ndim=2)
         >>> tuple(a), tuple(b)
         ((None, None), (None, 'tp'))
     """
-    entries = _entries(spec, len(roles))
-    ns = sum(r == "s" for r, _ in roles)
     a: list[Any] = [None] * a_ndim
     b: list[Any] = [None] * b_ndim
-    for (role, j), e in zip(roles, entries):
-        if role == "s":
-            a[j] = b[j] = e
-        elif role == "i":
-            a[ns + j] = e
-        elif role == "o":
-            b[ns + 1 + j] = e
+    for (pa, pb), e in zip(factor_positions(tags), _entries(spec, len(tags))):
+        if pa is not None:
+            a[pa] = e
+        if pb is not None:
+            b[pb] = e
     return PartitionSpec(*a), PartitionSpec(*b)
 
 
@@ -93,12 +90,8 @@ def adapter_specs(spec: PartitionSpec, layout: Layout) -> tuple[PartitionSpec, P
         >>> tuple(a), tuple(b)
         (('layers', None, None), ('layers', None, 'tp'))
     """
-    roles: list[tuple[str, int]] = [("u", 0)] * layout.ndim
-    for role, axes in (("s", layout.stack), ("i", layout.in_), ("o", layout.out)):
-        for j, ax in enumerate(axes):
-            roles[ax] = (role, j)
     ns = len(layout.stack)
-    return factor_specs(spec, roles, a_ndim=ns + len(layout.in_) + 1, b_ndim=ns + 1 + len(layout.out))
+    return factor_specs(spec, layout_tags(layout), a_ndim=ns + len(layout.in_) + 1, b_ndim=ns + 1 + len(layout.out))
 
 
 def _replicated_like(sharding: Sharding) -> Sharding:
@@ -148,7 +141,7 @@ def adapter_shardings(
 def _concrete_sharding(w0: Any) -> Sharding | None:
     """``w0``'s sharding if it is a concrete array with a NamedSharding (a mesh, even of one device)
     or on several devices; None for a single-device array, a tracer or a non-array."""
-    if C.is_tracer(w0) or not isinstance(w0, jax.Array):
+    if jax_compat.is_tracer(w0) or not isinstance(w0, jax.Array):
         return None
     try:
         sharding = w0.sharding
@@ -204,14 +197,14 @@ def init_factors(
     a_shape, b_shape = layout.a_shape(shape, rank), layout.b_shape(shape, rank)
     sharding = _concrete_sharding(w0)
     shardings = None if sharding is None else adapter_shardings(sharding, layout, len(shape))
-    if C.is_tracer(w0) or C.is_tracer(key):
+    if jax_compat.is_tracer(w0) or jax_compat.is_tracer(key):
         platform = None
     elif sharding is not None:
         platform = next(iter(sharding.device_set)).platform
     else:
         platform = jax.default_backend()
     a, b = _init_fn(a_shape, b_shape, jnp.dtype(dtype), float(std), shardings, platform)(key)
-    traced = _explicit_sharding(w0) if C.is_tracer(w0) else None
+    traced = _explicit_sharding(w0) if jax_compat.is_tracer(w0) else None
     if traced is not None and any(e is not None for e in traced.spec):
         sa, sb = adapter_shardings(traced, layout, len(shape))
         a, b = jax.sharding.reshard(a, sa), jax.sharding.reshard(b, sb)
@@ -277,8 +270,8 @@ def _named_with(sharding: NamedSharding, spec: PartitionSpec) -> NamedSharding:
     return NamedSharding(sharding.mesh, spec, **kw)
 
 
-def constrain_factors(eqn, a: jax.Array, b: jax.Array, roles: Sequence[tuple[str, int]]):
-    """Apply to A and B the sharding op ``eqn`` applies to a kernel view with axis ``roles``.
+def constrain_factors(eqn, a: jax.Array, b: jax.Array, tags: Sequence[Tag]):
+    """Apply to A and B the sharding op ``eqn`` applies to a kernel view with axis ``tags``.
 
     ``eqn`` is a ``sharding_constraint`` (``jax.lax.with_sharding_constraint``) or a ``reshard``
     (``jax.sharding.reshard``) equation on the kernel. The same primitive is applied to each factor
@@ -290,7 +283,7 @@ def constrain_factors(eqn, a: jax.Array, b: jax.Array, roles: Sequence[tuple[str
     sharding = p.get(key) if key else None
     if not isinstance(sharding, NamedSharding):
         return a, b
-    sa, sb = factor_specs(sharding.spec, roles, a_ndim=a.ndim, b_ndim=b.ndim)
+    sa, sb = factor_specs(sharding.spec, tags, a_ndim=a.ndim, b_ndim=b.ndim)
     out = []
     for f, spec in ((a, sa), (b, sb)):
         params = dict(p)
@@ -301,8 +294,8 @@ def constrain_factors(eqn, a: jax.Array, b: jax.Array, roles: Sequence[tuple[str
             params["unconstrained_dims"] = frozenset(
                 k for k, e in enumerate(spec) if e is PartitionSpec.UNCONSTRAINED
             )
-        with C.source_context(eqn):
-            (g,) = C.bind_with(eqn.primitive, params, f)
+        with jax_compat.source_context(eqn):
+            (g,) = jax_compat.bind_with(eqn.primitive, params, f)
         out.append(g)
     return out[0], out[1]
 

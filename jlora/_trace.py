@@ -14,52 +14,18 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jlora import _compat as C
+from jlora import _compat as jax_compat
 from jlora._discover import discover
-from jlora._node import LoraKernel, Trainable
-from jlora._paths import path_str
-from jlora._quant import is_quantized
-from jlora._tree import is_unit
+from jlora._quant import is_quantized, shape_of
+from jlora._tree import Flat, plain
 
 __all__ = ["Flat", "Traced", "is_input", "plain", "shape_of", "trace", "trace_uses"]
-
-
-def plain(x: Any) -> Any:
-    """The base value under a jlora node (a LoraKernel's ``w0``, a Trainable's value), or ``x``."""
-    if isinstance(x, LoraKernel):
-        return x.w0
-    return x.value if isinstance(x, Trainable) else x
-
-
-def shape_of(x: Any) -> tuple[int, ...]:
-    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
 def is_input(x: Any) -> bool:
     """Whether a leaf is an input of the traced jaxpr (an array, a tracer or a quantized kernel)."""
     return (isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-            or C.is_tracer(x) or is_quantized(x))
-
-
-@dataclasses.dataclass(frozen=True)
-class Flat:
-    """Params flattened with jlora's nodes and quantized kernels kept whole."""
-
-    paths: list[str]
-    leaves: list[Any]
-    treedef: Any
-
-    @classmethod
-    def of(cls, params: Any) -> "Flat":
-        """Example:
-        >>> Flat.of({"a": {"kernel": 1.0}, "b": [2.0]}).paths
-        ['a/kernel', 'b/0']
-        """
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_unit)
-        return cls([path_str(p) for p, _ in flat], [x for _, x in flat], treedef)
-
-    def plain_leaves(self) -> list[Any]:
-        return [plain(x) for x in self.leaves]
+            or jax_compat.is_tracer(x) or is_quantized(x))
 
 
 def _spec(x: Any) -> jax.ShapeDtypeStruct:
@@ -97,7 +63,7 @@ def trace(apply_fn: Callable, leaves: list[Any], treedef: Any, args: tuple, kwar
         return apply_fn(jax.tree.unflatten(treedef, pl), *a, **kw)
 
     specs = [_spec(leaves[i]) for i in p_in] + [_spec(a_leaves[i]) for i in a_in]
-    closed, out_tree = C.make_jaxpr(flat_fn, *specs)
+    closed, out_tree = jax_compat.make_jaxpr(flat_fn, *specs)
     return Traced(closed, out_tree, p_in, [a_leaves[i] for i in a_in])
 
 

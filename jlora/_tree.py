@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,16 +11,54 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora._node import LoraKernel, Trainable, delta, factor_problem, is_node
+from jlora._node import LoraKernel, Trainable, factor_problem, is_node
 from jlora._paths import path_str
-from jlora._quant import dense, is_quantized
+from jlora._quant import dequantized, is_quantized
+from jlora._value import delta
 
-__all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_kernels", "base_of"]
+__all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_kernels", "base_of", "Flat",
+           "host_array", "is_jlora_leaf", "plain"]
 
 
-def is_unit(x: Any) -> bool:
+def is_jlora_leaf(x: Any) -> bool:
     """A leaf for jlora's own flattening: a LoraKernel/Trainable node or a quantized kernel."""
     return is_node(x) or is_quantized(x)
+
+
+def plain(x: Any) -> Any:
+    """The base value under a jlora node (a LoraKernel's ``w0``, a Trainable's value), or ``x``."""
+    if isinstance(x, LoraKernel):
+        return x.w0
+    return x.value if isinstance(x, Trainable) else x
+
+
+def host_array(x: Any) -> np.ndarray:
+    """``x`` as a numpy array on the host."""
+    return np.asarray(jax.device_get(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """Params flattened with jlora's nodes and quantized kernels kept whole, with their paths."""
+
+    paths: list[str]
+    leaves: list[Any]
+    treedef: Any
+
+    @classmethod
+    def of(cls, params: Any) -> "Flat":
+        """Example:
+        >>> Flat.of({"a": {"kernel": 1.0}, "b": [2.0]}).paths
+        ['a/kernel', 'b/0']
+        """
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_jlora_leaf)
+        return cls([path_str(p) for p, _ in flat], [x for _, x in flat], treedef)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(zip(self.paths, self.leaves))
+
+    def plain_leaves(self) -> list[Any]:
+        return [plain(x) for x in self.leaves]
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -57,12 +96,7 @@ def split(params: Any) -> tuple[Any, Any]:
 def base_of(params: Any) -> Any:
     """``params`` with every jlora node replaced by its plain base value (``split``'s base)."""
 
-    def bs(x):
-        if isinstance(x, LoraKernel):
-            return x.w0
-        return x.value if isinstance(x, Trainable) else x
-
-    return jax.tree.map(bs, params, is_leaf=is_node)
+    return jax.tree.map(plain, params, is_leaf=is_node)
 
 
 def combine(adapters: Any, base: Any) -> Any:
@@ -154,7 +188,7 @@ def merge(params: Any) -> Any:
             if x.w0 is None:
                 raise ValueError("merge: these params hold adapters without their base kernels (split's "
                                  "adapters tree); pass jlora.combine(adapters, base).")
-            w0 = dense(x.w0)
+            w0 = dequantized(x.w0)
             d = delta(x.a, x.b, x.layout, jnp.float32)
             return (w0.astype(jnp.float32) + x.scale * d).astype(w0.dtype)
         if isinstance(x, Trainable):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jlora
-from conftest import randomize
+from helpers import randomize
 
 K = jax.random.key
 

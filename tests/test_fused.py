@@ -17,7 +17,7 @@ import pytest
 
 import jlora
 from jlora import _fused
-from conftest import randomize
+from helpers import randomize
 
 F32 = jnp.float32
 

@@ -36,7 +36,7 @@ def test_qlora_over_q4_1_trains_and_matches_dense(both):
     tokens = jnp.asarray([[1, 504, 3458, 282, 4649, 314, 2]])
     lp, apply = jlora.inject(quant, model.apply, rank=4, targets=["q_proj", "v_proj"], example_args=(tokens,))
     lp_dense, apply_dense = jlora.inject(dense, model.apply, rank=4, targets=["q_proj", "v_proj"], example_args=(tokens,))
-    from conftest import randomize
+    from helpers import randomize
 
     lp, lp_dense = randomize(lp, scale=0.05), randomize(lp_dense, scale=0.05)
     step = jax.jit(lambda p, t: apply(p, t))

@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 import jlora
-from conftest import randomize
+from helpers import randomize
 
 K = jax.random.key
 

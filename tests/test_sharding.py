@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jlora
 from jlora import Layout, LoraKernel
 from jlora._sharding import adapter_shardings, adapter_specs, factor_specs, shard_adapters
-from conftest import randomize
+from helpers import randomize
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 

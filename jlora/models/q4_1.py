@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._quant import QuantizedKernel, _canonical, _shape
+from jlora._quant import QuantizedKernel, canonical_dtype, shape_of
 
 __all__ = ["Q4_1Kernel"]
 
@@ -37,7 +37,7 @@ class Q4_1Kernel(QuantizedKernel):
 
     def __init__(self, d, m, qs, *, dtype=jnp.float32):
         self.d, self.m, self.qs = d, m, qs
-        self._dtype = _canonical(dtype)
+        self._dtype = canonical_dtype(dtype)
 
     @classmethod
     def from_raw(cls, raw: np.ndarray, *, dtype: Any = jnp.float32) -> "Q4_1Kernel":
@@ -64,12 +64,12 @@ class Q4_1Kernel(QuantizedKernel):
     @property
     def stack_shape(self) -> tuple[int, ...]:
         """The leading dims of a stack of layers (read off ``d``, ``(..., out, blocks)``)."""
-        return _shape(self.d)[:-2]
+        return shape_of(self.d)[:-2]
 
     @property
     def slice_shape(self) -> tuple[int, ...]:
         """The Flax kernel shape of one layer, ``(in, out)``."""
-        *_, out, blocks = _shape(self.d)
+        *_, out, blocks = shape_of(self.d)
         return (blocks * 32, out)
 
     def dequantize(self) -> jax.Array:
