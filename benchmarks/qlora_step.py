@@ -10,7 +10,7 @@ Prints bytes per quantized base parameter (real storage of every child array), m
 the ratio to lora_bf16, and XLA's static memory plan of the step. ``--scan`` (default) runs the
 layers with lax.scan, so a quantized layer is dequantized one at a time inside the loop.
 
-    python benchmarks/qlora_step.py                       # DESIGN.md's 0.9 B shape, on a GPU
+    python benchmarks/qlora_step.py                       # the reference 0.9 B shape, on a GPU
     python benchmarks/qlora_step.py --d 64 --layers 2 --heads 4 --ffn 128 --vocab 256 --seq 32 --batch 2 --rank 4
 """
 

@@ -120,7 +120,7 @@ def allocator_peak() -> int | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("dp", "fsdp"), default="fsdp")
-    g = p.add_argument_group("model shape (default: DESIGN.md's 0.9 B Llama-shaped model)")
+    g = p.add_argument_group("model shape (default: the reference 0.9 B Llama-shaped model)")
     g.add_argument("--d", type=int, default=2048)
     g.add_argument("--layers", type=int, default=16)
     g.add_argument("--heads", type=int, default=16)

@@ -16,9 +16,9 @@ from jlora._value import UnsupportedOpError
 from jlora._node import Layout, LoraKernel, Trainable
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
 from jlora._quant import Int8Tensor, NF4Tensor, QuantizedKernel, dequantize, is_quantized, quantize
+from jlora._version import __version__  # noqa: F401
 from jlora._tree import combine, labels, merge, optimizer, split, summary
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Apply",

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from glob import escape as glob_escape
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -34,8 +31,6 @@ import math
 import operator
 import os
 import shutil
-import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Union
 
@@ -43,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._version import __version__
+from jlora._atomic import atomic_directory, disk_full_is_clear, resolve
 from jlora._node import Layout, LoraKernel, Trainable, kernel_shape
 from jlora._paths import nearest
 from jlora._quant import shape_of
@@ -68,8 +65,6 @@ _CONFIG_ITEM = "config"
 _CONFIG_FILE = "jlora_config.json"
 _ADAPTERS_ITEM = "adapters"
 _OPT_ITEM = "opt_state"
-_TMP_TAG = ".jlora-tmp-"
-_OLD_TAG = ".jlora-old-"
 
 
 class CheckpointError(ValueError):
@@ -91,72 +86,6 @@ def _digest(x: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
 
 
-def _fsync(path: PathLike) -> None:
-    """Flush a file or directory (its entries) to disk; best effort: a crash of the process needs
-    none of it, a power cut does."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True  # it exists (PermissionError included: another user's process)
-
-
-def _cleanup_stale(target: Path, *, backups: bool = False) -> None:
-    """Remove temporary siblings of ``target`` left by writers that died (killed mid-save), and
-    with ``backups`` the old checkpoints moved aside by an interrupted overwrite (only once a
-    complete ``target`` exists again)."""
-    parent = target.parent
-    if not parent.is_dir():
-        return
-    prefixes = [f".{target.name}{_TMP_TAG}"] + ([f".{target.name}{_OLD_TAG}"] if backups else [])
-    for entry in parent.iterdir():
-        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
-        if prefix is None:
-            continue
-        try:
-            pid = int(entry.name[len(prefix) :].split("-", 1)[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
-
-
-def _listing(directory: Path, most: int = 6) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
-    more = f", ... ({len(names)} entries)" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
-
-
 def _is_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds a jlora adapter checkpoint and nothing else: what
     ``save_adapters(..., overwrite=True)`` may replace without losing anything but that checkpoint."""
@@ -168,139 +97,6 @@ def _is_checkpoint(directory: Path) -> bool:
         return False
     ours = (_ADAPTERS_ITEM, _CONFIG_ITEM, "commit_success.txt")
     return all(p.name in ours or p.name.startswith("_") for p in directory.iterdir())  # _*: Orbax's
-
-
-def _check_target(target: Path, overwrite: bool, replaceable: Callable[[Path], bool], kind: str) -> bool:
-    """Whether ``target`` exists with content (to be replaced); raises if it may not be."""
-    if not os.path.lexists(target):
-        return False
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory.")
-    if not any(target.iterdir()):
-        return False  # an empty directory holds nothing to lose
-    if not overwrite:
-        raise FileExistsError(
-            f"{target} already exists; pass overwrite=True to replace it (atomically), or choose "
-            f"another directory."
-        )
-    if not replaceable(target):
-        raise FileExistsError(
-            f"{target} holds {_listing(target)}: that is not a {kind} (or not only one), and "
-            f"overwrite=True replaces only a previous {kind}, never other files. Pick another directory."
-        )
-    return True
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on device, disk quota exceeded
-
-
-def _disk_full(err: Optional[BaseException]) -> Optional[int]:
-    """``errno.ENOSPC`` / ``errno.EDQUOT`` if ``err`` or an exception it was raised from is a full
-    disk or quota (TensorStore reports one as a ValueError whose text carries the OS error)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _FULL:
-            return err.errno
-        code = next((c for c in _FULL if os.strerror(c) in str(err)), None)
-        if code is not None:
-            return code
-        err = err.__cause__ or err.__context__
-    return None
-
-
-@contextlib.contextmanager
-def _disk_full_is_clear(directory: Path, consequence: str) -> Iterator[None]:
-    """Turn a full disk (or quota), whatever layer reports it, into a short ``OSError(ENOSPC)``
-    (``EDQUOT``) that names ``directory``, with the original chained."""
-    try:
-        yield
-    except Exception as err:
-        code = _disk_full(err)
-        if code is None:
-            raise
-        raise OSError(
-            code, f"{os.strerror(code)} while saving {directory}; {consequence} Free some space and save again."
-        ) from err
-
-
-@contextlib.contextmanager
-def _atomic_directory(
-    directory: PathLike,
-    *,
-    overwrite: bool,
-    replaceable: Callable[[Path], bool] = _is_checkpoint,
-    kind: str = "jlora checkpoint",
-) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``directory``; on success, put it in place atomically.
-
-    An existing non-empty ``directory`` is replaced only with ``overwrite`` and only if
-    ``replaceable(directory)`` (it holds a previous ``kind`` and nothing else). On an exception the
-    temporary directory is removed and ``directory`` is untouched; a full disk is reported as a short
-    ``OSError(ENOSPC)``. If the process is killed, only a hidden ``.<name>.jlora-tmp-<pid>-...``
-    sibling is left behind (never read, and removed by the next write to the same directory).
-    """
-    target = Path(directory).absolute()
-    check = lambda: _check_target(target, overwrite, replaceable, kind)
-    check()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(target)
-    tmp = target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with _disk_full_is_clear(target, "what was there is unchanged and nothing was left behind."):
-            yield tmp
-            for dirpath, _, files in os.walk(tmp):
-                for name in files:
-                    _fsync(os.path.join(dirpath, name))
-                _fsync(dirpath)
-            _commit(tmp, target, check)
-        _cleanup_stale(target, backups=True)
-    finally:
-        # The temporary directory, and any sibling a writer derived from its name (Orbax's own
-        # `<tmp>.orbax-checkpoint-tmp-*`), are ours to remove.
-        for p in target.parent.glob(glob_escape(tmp.name) + "*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _commit(tmp: Path, target: Path, check: Callable[[], bool]) -> None:
-    exists = check()  # re-check: it may have appeared meanwhile
-    if not exists:
-        if target.is_dir():
-            target.rmdir()  # empty; rename cannot replace a directory on every platform
-        os.rename(tmp, target)
-    elif _exchange(tmp, target):
-        # `target` is now the new checkpoint and `tmp` holds the old one (removed by the caller).
-        pass
-    else:
-        # No atomic exchange here: move the old one aside first. A crash between the two renames
-        # leaves the complete old checkpoint at `.<name>.jlora-old-...`, which _resolve() finds.
-        old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(target.parent)
-
-
-def _resolve(directory: PathLike) -> Path:
-    """The directory to read, recovering from an overwrite interrupted between its two renames."""
-    target = Path(directory).absolute()
-    if target.is_dir():
-        return target
-    if os.path.lexists(target):
-        raise CheckpointError(f"{target} is not a directory.")
-    backups = (
-        sorted(target.parent.glob(f".{target.name}{_OLD_TAG}*"), key=lambda p: p.stat().st_mtime)
-        if target.parent.is_dir()
-        else []
-    )
-    if backups:
-        warnings.warn(
-            f"{target} is missing but {backups[-1].name} (the previous checkpoint, moved aside by "
-            f"an interrupted overwrite) is complete; reading it.",
-            stacklevel=3,
-        )
-        return backups[-1]
-    raise FileNotFoundError(f"No checkpoint at {target}.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,7 +176,6 @@ def _collect(params: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.
 
 def _make_config(params: Any, metadata: Optional[Mapping[str, Any]], **extra: Any) -> tuple[dict, dict]:
     """The config (with ``extra`` entries) and the arrays to write; refuses what loading would refuse."""
-    from jlora import __version__
 
     try:
         entries, fingerprint, arrays = _collect(params)
@@ -530,7 +325,6 @@ def _check_config(config: Any, where: Path) -> dict:
     if not _is_int(version) or version < 1:
         raise CheckpointError(f"{where}: format_version {version!r} is not a format version (an int >= 1).")
     if version > FORMAT_VERSION:
-        from jlora import __version__
 
         raise CheckpointError(
             f"{where} was written by jlora {config.get('jlora_version')} in format version {version}; "
@@ -736,7 +530,7 @@ def save_adapters(
         )
     config, arrays = _make_config(params, metadata)
     target = Path(directory).absolute()
-    with _atomic_directory(target, overwrite=overwrite) as tmp:
+    with atomic_directory(target, overwrite=overwrite, replaceable=_is_checkpoint, kind="jlora checkpoint") as tmp:
         ckptr = _composite_checkpointer()
         try:
             ckptr.save(
@@ -787,7 +581,10 @@ def load_adapters(directory: PathLike, base: Any) -> Any:
     """
     import orbax.checkpoint as ocp
 
-    ckpt = _resolve(directory)
+    try:
+        ckpt = resolve(directory)
+    except NotADirectoryError as e:
+        raise CheckpointError(str(e)) from None
     config = _read_config(ckpt)
     target = _abstract(config)
     if not (ckpt / _ADAPTERS_ITEM).is_dir():
@@ -969,10 +766,10 @@ class TrainCheckpointer:
     def _writing(self) -> Iterator[None]:
         """Report a full disk as a short ``OSError(ENOSPC)`` and drop the partial step it left."""
         try:
-            with _disk_full_is_clear(self.directory, "the step being written is dropped, the others are intact."):
+            with disk_full_is_clear(self.directory, "the step being written is dropped, the others are intact."):
                 yield
         except OSError as err:
-            if err.errno in _FULL and jax.process_count() == 1:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) and jax.process_count() == 1:
                 for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):  # nothing is in flight now
                     shutil.rmtree(partial, ignore_errors=True)
             raise

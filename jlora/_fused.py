@@ -3,8 +3,8 @@
 ``lora_matmul(x, w0, a, b, scale=s)`` is ``x·W0 + s·(x·A)·B`` for a 2-D kernel ``W0 (K, N)``. Plain XLA
 computes it as three matmuls and an add: the rank-r product ``(x·A)·B`` is written as a full
 ``M × N`` array and read back to be added to ``x·W0``; the backward does the same for ``dx``. Those
-extra passes over ``M × N`` activations are most of LoRA's cost over the frozen model (DESIGN.md's
-performance model). Here one kernel computes each output tile of ``x·W0`` and, before storing it,
+extra passes over ``M × N`` activations are most of LoRA's cost over the frozen model (the
+performance model in docs/architecture.md). Here one kernel computes each output tile of ``x·W0`` and, before storing it,
 adds ``u_tile · v_tile`` with ``u = s·(x·A)`` (``M × r``) and ``v = B``: one more tensor-core
 instruction per tile and an ``M × r`` read. The backward's ``dx = dy·W0ᵀ + s·(dy·Bᵀ)·Aᵀ`` is the same
 kernel over ``W0ᵀ`` (one transposed copy of the weight per step, a few MB). ``x·A``, ``dy·Bᵀ``,

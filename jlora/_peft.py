@@ -26,13 +26,10 @@ stack axis, filled with the layer index: ``"model.layers.{0}.self_attn.q_proj"``
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
 import os
 import re
-import secrets
-import shutil
 import string
 import warnings
 from pathlib import Path
@@ -43,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._quant import shape_of
+from jlora._version import __version__
+from jlora._atomic import write_files
 from jlora._discover import layout_from_uses
 from jlora._trace import trace_uses
 from jlora._node import Layout, LoraKernel, Trainable, is_node
@@ -220,88 +219,6 @@ def _from_torch(
 
 
 # ------------------------------------------------------------------------------------------------
-# Writing the two files
-# ------------------------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory's entries to disk (best effort: some file systems refuse)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_temp(directory: Path, name: str, write: Callable[[Path], Any]) -> Path:
-    """``write`` a new hidden file beside ``directory / name``, flushed; removed if writing fails."""
-    tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
-    try:
-        write(tmp)
-        _fsync(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _replace_all(directory: Path, tmps: Mapping[str, Path]) -> None:
-    """Rename each temporary file onto its name; if one rename fails, put back what was there."""
-    backups: dict[str, Path] = {}
-    done: list[str] = []
-    try:
-        for name, tmp in tmps.items():
-            final = directory / name
-            if final.exists():
-                backups[name] = directory / f".{name}.{secrets.token_hex(6)}.bak"
-                try:
-                    os.link(final, backups[name])
-                except OSError:  # no hard links here: copy
-                    shutil.copy2(final, backups[name])
-            os.replace(tmp, final)
-            done.append(name)
-    except BaseException:
-        for name in done:
-            if name in backups:
-                os.replace(backups.pop(name), directory / name)
-            else:
-                (directory / name).unlink(missing_ok=True)
-        raise
-    finally:
-        for bak in backups.values():
-            bak.unlink(missing_ok=True)
-        _fsync(directory)
-
-
-def _write_adapter(directory: Path, writers: Mapping[str, Callable[[Path], Any]], overwrite: bool) -> None:
-    """Write each file of ``writers`` into ``directory``, all or none, leaving other files alone."""
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"export_peft: {directory} exists and is not a directory.")
-    there = [n for n in writers if (directory / n).exists()]
-    if there and not overwrite:
-        raise FileExistsError(
-            f"export_peft: {directory} already holds {', '.join(there)}; pass overwrite=True to "
-            f"replace them (export_peft never touches the directory's other files)."
-        )
-    created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    tmps: dict[str, Path] = {}
-    try:
-        try:
-            for name, write in writers.items():
-                tmps[name] = _write_temp(directory, name, write)
-            _replace_all(directory, tmps)
-        finally:
-            for tmp in tmps.values():
-                tmp.unlink(missing_ok=True)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # only if still empty
-        raise
-
-
-# ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
 def _template(resolve: _Resolver, path: str, nstack: Optional[int]) -> str:
@@ -410,8 +327,8 @@ def _pattern_key(name: str, names: set[str]) -> str:
     """``name`` as a rank_pattern / alpha_pattern key. PEFT matches a key as a regex against the end
     of each module name (``(.*\\.)?(key)$``), so a bare ``lin`` also sets ``enc.lin``: where another
     module would match, the key is anchored and escaped."""
-    plain = re.escape(name) == name.replace(".", "\\.")
-    if plain and not any(n != name and re.match(rf"(.*\.)?({name})$", n) for n in names):
+    literal = re.escape(name) == name.replace(".", "\\.")
+    if literal and not any(n != name and re.match(rf"(.*\.)?({name})$", n) for n in names):
         return name
     return "^" + re.escape(name)
 
@@ -544,8 +461,6 @@ def export_peft(
     """
     from safetensors.numpy import save_file
 
-    from jlora import __version__
-
     dt = None if dtype is None else _float_dtype(dtype, "export_peft")
     flat = Flat.of(params).items()
     adapted = [(p, x) for p, x in flat if is_node(x)]
@@ -579,7 +494,7 @@ def export_peft(
         _CONFIG: lambda p: p.write_text(text),
     }
     directory = Path(directory)
-    _write_adapter(directory, writers, overwrite)
+    write_files(directory, writers, overwrite=overwrite, what="export_peft")
     return directory.absolute()
 
 
@@ -909,12 +824,12 @@ def _traced_layouts(base: _Base, ids: list[int], apply_fn, example_args, example
         raise TypeError(f"import_peft: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")
     if not isinstance(example_args, (tuple, list)):
         raise TypeError("import_peft: example_args must be a tuple of apply_fn's arguments after params.")
-    plain = [plain(x) for x in base.leaves]
-    uses = trace_uses(apply_fn, plain, base.treedef, example_args, dict(example_kwargs or {}), ids)
+    values = [plain(x) for x in base.leaves]
+    uses = trace_uses(apply_fn, values, base.treedef, example_args, dict(example_kwargs or {}), ids)
     layouts = {}
     for i in ids:
         path, m = base.paths[i], base.mapped[i]
-        layout, why = layout_from_uses(uses[i], len(shape_of(plain[i])))
+        layout, why = layout_from_uses(uses[i], len(shape_of(values[i])))
         if layout is None:
             raise ValueError(f"import_peft: the layout of {path!r} cannot be read from apply_fn: {why}.")
         if layout.stack != m.stack:
@@ -1028,10 +943,10 @@ def _attach_saved(base: _Base, new: list, saved: Mapping[str, dict], prefix: str
         if isinstance(new[i], LoraKernel):
             raise ValueError(f"import_peft: {base.paths[i]!r} is both LoRA-adapted and in modules_to_save.")
         pname, transpose = _param_name(base.paths[i])
-        plain = new[i]
+        leaf = new[i]
         # Stack axes first (they may sit elsewhere in a base LoraKernel's w0), so value[idx] is a layer.
         lead = tuple(range(len(stack)))
-        value = np.moveaxis(np.array(host_array(plain)), stack, lead)
+        value = np.moveaxis(np.array(host_array(leaf)), stack, lead)
         for idx, name in hits:
             key = f"{prefix}{name}.{pname}"
             if pname not in saved.get(name, {}):
@@ -1042,8 +957,8 @@ def _attach_saved(base: _Base, new: list, saved: Mapping[str, dict], prefix: str
                 raise ValueError(f"import_peft: key {key!r} has shape {v.shape}, expected {value[idx].shape}.")
             value[idx] = v
             used.add((name, pname))
-        value = np.moveaxis(value, lead, stack)  # dtype is plain's: np.array kept it
-        new[i] = Trainable(jnp.asarray(place_like(plain, value)))
+        value = np.moveaxis(value, lead, stack)  # dtype is the leaf's: np.array kept it
+        new[i] = Trainable(jnp.asarray(place_like(leaf, value)))
     for module, ps in saved.items():
         for pname in ps:
             if (module, pname) not in used:

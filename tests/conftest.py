@@ -18,3 +18,32 @@ def gguf_path():
         return default_gguf_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2(gguf_path):
+    """The real SmolLM2-135M-Instruct, float32, unrolled layers: ``(config, params, tokenizer)``,
+    read from the GGUF file once per test session. Tests must not modify it."""
+    from jlora.models.gguf import load_gguf
+
+    return load_gguf(gguf_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_scanned(smollm2):
+    """:func:`smollm2` with its layers stacked (``scan_layers=True``), without reading the file again."""
+    from jlora.models.llama import stack_layer_params
+
+    cfg, params, tok = smollm2
+    return cfg.replace(scan_layers=True), stack_layer_params(params), tok
+
+
+def pytest_collection_modifyitems(config, items):
+    """Model-level tests (the real SmolLM2, transformers/PEFT models, the demo, the notebook, the
+    benchmark scripts) are marked ``slow``: ``make test-fast`` leaves them out."""
+    slow_modules = {"test_llama", "test_examples", "test_benchmarks_smoke", "test_gguf_qlora"}
+    slow_fixtures = {"smollm2", "smollm2_scanned", "gguf_path", "smol"}
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in slow_modules or slow_fixtures & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

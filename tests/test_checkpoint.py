@@ -328,7 +328,7 @@ _WRITER = textwrap.dedent(
     """
     import os, sys, time
     import numpy as np, jax.numpy as jnp
-    from jlora import _checkpoint as C
+    from jlora import _atomic as A, _checkpoint as C
     from jlora import Layout, LoraKernel, Trainable
 
     directory, seed, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -339,16 +339,16 @@ _WRITER = textwrap.dedent(
         def hang(*a, **k):
             print("COMMIT", flush=True)
             time.sleep(1000)
-        C._commit = hang
+        A.commit = hang
     elif mode == "between_renames":
-        C._exchange = lambda a, b: False   # as on a platform without renameat2
+        A.exchange = lambda a, b: False   # as on a platform without renameat2
         real = os.rename
         def rename(a, b):
             real(a, b)
             if ".jlora-old-" in os.fspath(b):  # the old checkpoint was just moved aside
                 print("RENAMED", flush=True)
                 time.sleep(1000)
-        C.os.rename = rename
+        A.os.rename = rename
     print("START", flush=True)
     C.save_adapters(directory, params, overwrite=True)
     print("DONE", flush=True)
@@ -497,16 +497,16 @@ def test_sigkill_between_fallback_renames_recovers_old(tmp_path):
 def test_overwrite_uses_atomic_exchange_on_linux(tmp_path, monkeypatch):
     if sys.platform != "linux":
         pytest.skip("renameat2 is Linux-only")
-    from jlora import _checkpoint as C
+    from jlora import _atomic as A
 
     results = []
-    real = C._exchange
+    real = A.exchange
 
     def exchange(a, b):
         results.append(real(a, b))
         return results[-1]
 
-    monkeypatch.setattr(C, "_exchange", exchange)
+    monkeypatch.setattr(A, "exchange", exchange)
     base = _base()
     save_adapters(tmp_path / "ck", _inject(base, 1))
     save_adapters(tmp_path / "ck", _inject(base, 2), overwrite=True)

@@ -1,4 +1,4 @@
-"""DESIGN.md's public contract as behaviour: split/combine, the one-line call, and refusals.
+"""The public contract (README's API table) as behaviour: split/combine, the one-line call, and refusals.
 
 Each test here was written against a failure found by probing the public API (issue 12); each
 checks against an independent reference (hand-written W0 + s·A·B, the base model itself).
@@ -14,6 +14,13 @@ import jlora
 from helpers import randomize
 
 K = jax.random.key
+
+
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion():
+    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
 
 
 def close(a, b, tol=2e-5):

@@ -15,6 +15,13 @@ from helpers import randomize
 K = jax.random.key
 
 
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion():
+    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
 def close(a, b, tol=2e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
@@ -423,16 +430,16 @@ def test_labels_for_callable_root():
 
 
 def _dot_shapes(jaxpr, acc):
-    from jlora import _compat as C
+    from jlora import _compat as jax_compat
 
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
             acc.append(tuple(eqn.outvars[0].aval.shape))
         for v in eqn.params.values():
             for j in (v if isinstance(v, (tuple, list)) else [v]):
-                if isinstance(j, C.ClosedJaxpr):
+                if isinstance(j, jax_compat.ClosedJaxpr):
                     _dot_shapes(j.jaxpr, acc)
-                elif isinstance(j, C.Jaxpr):
+                elif isinstance(j, jax_compat.Jaxpr):
                     _dot_shapes(j, acc)
     return acc
 

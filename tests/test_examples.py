@@ -11,7 +11,7 @@ pytest.importorskip("flax")
 pytestmark = pytest.mark.usefixtures("gguf_path")  # skips without the SmolLM2 GGUF file
 
 
-def test_demo_short_run_writes_files_and_loss_falls(tmp_path):
+def test_demo_short_run_writes_files_and_loss_falls(tmp_path, smollm2_scanned):
     sys.path.insert(0, str(ROOT / "examples"))
     import finetune_smollm2
 
@@ -28,10 +28,9 @@ def test_demo_short_run_writes_files_and_loss_falls(tmp_path):
     import numpy as np
 
     import jlora
-    from jlora.models.gguf import load_gguf
     from jlora.models.llama import Llama
 
-    cfg, variables, _ = load_gguf(scan_layers=True)
+    cfg, variables, _ = smollm2_scanned
     restored = jlora.load_adapters(out / "adapter", variables)
     trained, apply = result["params"], result["apply"]
     want, got = jlora.split(trained)[0], jlora.split(restored)[0]

@@ -11,8 +11,8 @@ gguf_mod = pytest.importorskip("jlora.models.gguf")
 
 
 @pytest.fixture(scope="module")
-def both(gguf_path):
-    cfg, dense, tok = gguf_mod.load_gguf(gguf_path, scan_layers=True)
+def both(gguf_path, smollm2_scanned):
+    cfg, dense, tok = smollm2_scanned
     _, quant, _ = gguf_mod.load_gguf(gguf_path, scan_layers=True, quantized=True)
     return cfg, dense, quant
 

@@ -245,15 +245,14 @@ SAMPLE_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm(gguf_path):
+def smollm(gguf_path, smollm2):
     """(config, params, tokenizer, hf_model, hf_tokenizer), loaded once per module."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jlora.models.gguf import load_gguf
 
     path = gguf_path
     t0 = time.perf_counter()
-    cfg, params, tok = load_gguf(path, dtype=jnp.float32)
+    cfg, params, tok = smollm2
     t1 = time.perf_counter()
     folder, name = os.fspath(path.parent), path.name
     hf = transformers.LlamaForCausalLM.from_pretrained(

@@ -1124,7 +1124,7 @@ def test_anchored_alpha_pattern_against_peft(tmp_path):
 # The real SmolLM2-135M, read from its GGUF by transformers and by jlora.models.gguf.
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2):
     torch, transformers, peft = _torch_stack()
     pytest.importorskip("gguf")
     from jlora.models import gguf as G
@@ -1141,7 +1141,7 @@ def smol():
     except TypeError:  # transformers < 4.56
         hf = transformers.LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     hf.eval()
-    cfg, params, tok = G.load_gguf(path)
+    cfg, params, tok = smollm2
     model = Llama(cfg)
     ids = np.asarray([tok.encode("The capital of France is")], np.int32)
     ids_j = jnp.asarray(ids)

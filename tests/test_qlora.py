@@ -13,6 +13,13 @@ from helpers import randomize
 K = jax.random.key
 
 
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion():
+    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
 def scan_model(p, x):
     def layer(h, w):
         return jnp.tanh(h @ w["up"]) @ w["down"] + h, None

@@ -22,6 +22,13 @@ from jlora._rules import RULES
 from jlora._value import Role, Tag, subscripts
 
 K = jax.random.key
+
+
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion():
+    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 # Registered names no row here produces: the names other JAX releases give the same primitives

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jlora
 from jlora import Layout, LoraKernel
 from jlora._sharding import adapter_shardings, adapter_specs, factor_specs, shard_adapters
+from jlora._value import Role, Tag
 from helpers import randomize
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -110,7 +111,8 @@ def test_adapter_specs_follow_the_kernel():
     heads = Layout(stack=(), in_=(0,), out=(1, 2))  # (D, N, H) query kernel, heads over 'tp'
     assert adapter_specs(P("fsdp", "tp", None), heads) == (P("fsdp", None), P(None, "tp", None))
     # a view seen by apply's interpreter: (out, in) after a transpose, plus an inserted unit axis
-    assert factor_specs(P("tp", None, "fsdp"), [("o", 0), ("u", 0), ("i", 0)], a_ndim=2, b_ndim=2) == (
+    view = [Tag(Role.OUT), Tag(Role.UNIT), Tag(Role.IN)]
+    assert factor_specs(P("tp", None, "fsdp"), view, a_ndim=2, b_ndim=2) == (
         P("fsdp", None), P(None, "tp"))
     with pytest.raises(ValueError, match="more entries"):
         adapter_specs(P("a", "b", "c"), two)
