@@ -17,9 +17,11 @@ K = jax.random.key
 
 
 @pytest.fixture(autouse=True)
-def _strict_dtype_promotion():
-    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion."""
-    with jax.numpy_dtype_promotion("strict"):
+def _strict_dtype_promotion(request):
+    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion (tests that
+    also run an optax optimizer, which promotes its step count, are marked ``optax_promotion``)."""
+    mode = "standard" if request.node.get_closest_marker("optax_promotion") else "strict"
+    with jax.numpy_dtype_promotion(mode):
         yield
 
 
@@ -99,6 +101,7 @@ def test_apply_refuses_base_and_adapters_alone():
         jlora.merge(adapters)
 
 
+@pytest.mark.optax_promotion
 def test_optimizer_over_adapters_tree_with_a_quantized_base():
     """README's QLoRA recipe: gradients w.r.t. split(params)[0], jlora.optimizer(tx, params)."""
     p = {"w": jax.random.normal(K(5), (64, 64)) / 8}
