@@ -161,7 +161,7 @@ def test_sft_end_to_end_files_and_exact_resume(tiny, tmp_path, cache, capsys):
 
     # What was written computes what was trained: the merged folder and the PEFT adapter in
     # transformers, the GGUF file in jlora's reader.
-    params, apply, cfg, tok = full["params"], full["apply"], full["config"], full["tokenizer"]
+    params, apply, tok = full["params"], full["apply"], full["tokenizer"]
     ids = np.asarray([tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}]))])
     want = np.asarray(apply(params, jnp.asarray(ids)))
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()

@@ -25,7 +25,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import jax
 import numpy as np

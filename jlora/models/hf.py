@@ -24,7 +24,8 @@ Example (a tiny random model written with :func:`save_pretrained` and read back)
     >>> from jlora.models.llama import Llama, LlamaConfig
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
     ...                   num_heads=2, num_kv_heads=1, head_dim=8)
-    >>> params = Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> shapes = jax.eval_shape(Llama(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> params = jax.tree.map(lambda s: jnp.linspace(-1, 1, s.size).reshape(s.shape), shapes)
     >>> folder = tempfile.mkdtemp() + "/tiny"
     >>> _ = save_pretrained(folder, params, cfg)
     >>> cfg2, params2, tok = from_pretrained(folder, dtype=jnp.float32)
@@ -46,7 +47,7 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
