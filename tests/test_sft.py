@@ -181,6 +181,8 @@ def test_sft_end_to_end_files_and_exact_resume(tiny, tmp_path, cache, capsys):
     assert part["stopped"] and not (tmp_path / "part" / "adapter").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         run(tiny, tmp_path / "part", cache)
+    with pytest.raises(ValueError, match=r"settings differ.*'lr': \(0.01, 0.02\)"):
+        run(tiny, tmp_path / "part", cache, "--resume", "--lr", "2e-2")
     resumed = run(tiny, tmp_path / "part", cache, "--resume", "--no-merged")
     assert resumed["start_step"] == 2
     assert resumed["losses"] == full["losses"]

@@ -26,7 +26,8 @@ base (quantized as it is loaded).
 Outputs in ``--out``: ``adapter/`` (``jlora.save_adapters``), ``peft/`` (``jlora.export_peft``),
 ``merged/`` (the merged model as a Hugging Face folder, :func:`~jlora.models.hf.save_pretrained`),
 ``model-<dtype>.gguf`` with ``--gguf`` (:func:`~jlora.models.gguf_writer.save_gguf`), ``loss.png``,
-``metrics.json`` and ``checkpoints/``.
+``metrics.json``, ``checkpoints/`` and ``run.json`` (the settings; ``--resume`` refuses different
+ones, the data compared by its SHA-256).
 """
 
 from __future__ import annotations
@@ -289,6 +290,18 @@ def _dtype(name: str) -> Any:
     return {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32}[name]
 
 
+def _run_settings(args: argparse.Namespace) -> dict:
+    """What a resumed run must share with the run it continues (the data by content)."""
+    import hashlib
+
+    keys = ("model", "seed", "batch", "seq_len", "long", "buckets", "eval_fraction", "rank", "alpha",
+            "targets", "dropout", "qlora", "dtype", "steps", "lr", "warmup")
+    out = {k: getattr(args, k) for k in keys}
+    out["model"] = str(Path(args.model).resolve())
+    out["data_sha256"] = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="jlora-sft", description=__doc__.split("\n\n")[0],
@@ -470,7 +483,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
 
-    # Checkpoints, resume.
+    # Checkpoints, resume (only a run of the same settings: anything else would not continue it).
+    run_file = out / "run.json"
+    run = _run_settings(args)
+    if args.resume and run_file.is_file():
+        before = json.loads(run_file.read_text())
+        changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"--resume: these settings differ from the run in {out} (before, now): {changed}; "
+                f"resume with the same ones, or choose another --out."
+            )
     ckpt = jlora.TrainCheckpointer(out / "checkpoints", every=args.save_every, keep=2)
     losses_file = out / "losses.json"
     losses: list[float] = []
@@ -491,6 +514,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     elif args.resume:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting at step 0")
 
+    run_file.write_text(json.dumps(run, indent=1))
     eval_before = evaluate(adapters) if start == 0 else None
     if eval_before is not None:
         print(f"held-out loss before: {eval_before:.4f}")
