@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -44,6 +45,9 @@ __all__ = [
     "left_pad",
     "stack_layer_params",
     "unstack_layer_params",
+    "from_pretrained",
+    "save_pretrained",
+    "save_gguf",
 ]
 
 Array = jax.Array
@@ -71,6 +75,17 @@ class LlamaConfig:
         dtype: Compute dtype of activations (norms and softmax always run in float32).
         param_dtype: Dtype that freshly initialised parameters get.
         scan_layers: Run the layers as one ``nn.scan`` over stacked parameters.
+        qkv_bias: Give the q/k/v projections a bias (Qwen2); the params then hold
+            ``self_attn/{q,k,v}_proj/bias``.
+        rope_scaling: ``None``, or transformers' RoPE scaling parameters as a mapping:
+            ``{'rope_type': 'linear', 'factor': f}`` or ``{'rope_type': 'llama3', 'factor': ...,
+            'low_freq_factor': ..., 'high_freq_factor': ..., 'original_max_position_embeddings':
+            ...}`` (Llama 3.1+). Stored as a sorted tuple of ``(key, value)`` pairs so that the
+            config stays hashable; ``dict(cfg.rope_scaling)`` reads it back.
+        sliding_window: Mistral's sliding-window attention: a query at position ``p`` sees keys at
+            positions ``p - sliding_window < q <= p`` (``None``: every earlier key).
+        max_position_embeddings: The context length the model was trained for (written to
+            ``config.json`` and GGUF metadata; not used in the computation).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -92,6 +107,10 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
+    qkv_bias: bool = False
+    rope_scaling: Any = None
+    sliding_window: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -100,6 +119,10 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}.")
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         """A copy with some fields changed."""
@@ -110,13 +133,66 @@ class LlamaConfig:
 # Building blocks.
 
 
-def rope_tables(positions: Array, *, head_dim: int, theta: float) -> tuple[Array, Array]:
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope_scaling(scaling: Any) -> tuple[tuple[str, Any], ...]:
+    """``scaling`` (a mapping or pairs; transformers' ``type`` or ``rope_type`` key) as the sorted
+    ``(key, value)`` pairs that :attr:`LlamaConfig.rope_scaling` holds, only the keys it uses."""
+    scaling = dict(scaling)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in _ROPE_KEYS:
+        raise NotImplementedError(
+            f"RoPE scaling of type {kind!r} is not implemented; supported: "
+            f"{sorted(_ROPE_KEYS)} (and no scaling)."
+        )
+    missing = [k for k in _ROPE_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"RoPE scaling {kind!r} needs {missing}; got {scaling}.")
+    return tuple(sorted({"rope_type": kind, **{k: scaling[k] for k in _ROPE_KEYS[kind]}}.items()))
+
+
+def rope_tables(
+    positions: Array, *, head_dim: int, theta: float, scaling: Any = None
+) -> tuple[Array, Array]:
     """Cosine and sine tables of rotary embeddings: float32, ``positions.shape + (head_dim,)``.
 
     The frequencies are repeated, not interleaved (``[f0..f_{d/2-1}, f0..f_{d/2-1}]``), to go with
     :func:`apply_rope`'s rotate-half convention (the one transformers uses).
+
+    ``scaling`` (:attr:`LlamaConfig.rope_scaling`) rescales the inverse frequencies exactly as
+    transformers' ``ROPE_INIT_FUNCTIONS`` do: ``'linear'`` divides all of them by ``factor``;
+    ``'llama3'`` divides those of wavelength above ``original_max_position_embeddings /
+    low_freq_factor`` by ``factor``, keeps those below ``original_max_position_embeddings /
+    high_freq_factor`` and interpolates smoothly in between. Neither changes the amplitude.
+
+    Example:
+        >>> pos = jnp.arange(4)[None]
+        >>> cos, _ = rope_tables(pos, head_dim=8, theta=10000.0)
+        >>> cos2, _ = rope_tables(2 * pos, head_dim=8, theta=10000.0,
+        ...                       scaling={"rope_type": "linear", "factor": 2.0})
+        >>> cos.shape, bool(jnp.allclose(cos, cos2, atol=1e-6))
+        ((1, 4, 8), True)
     """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is not None:
+        scaling = dict(_rope_scaling(scaling))
+        kind = scaling["rope_type"]
+        factor = float(scaling["factor"])
+        if kind == "linear":
+            inv_freq = inv_freq / factor
+        else:  # llama3, as transformers' _compute_llama3_parameters (float32 throughout)
+            low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+            old_len = float(scaling["original_max_position_embeddings"])
+            wavelen = 2 * math.pi / inv_freq
+            scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+            inv_freq = jnp.where(medium, smoothed, scaled)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -146,10 +222,10 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
+def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features,
-        use_bias=False,
+        use_bias=bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         kernel_init=_INIT,
@@ -179,9 +255,10 @@ class Attention(nn.Module):
         cfg = self.config
         batch, seq, _ = x.shape
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg, heads * dim, "q_proj")(x).reshape(batch, seq, heads, dim)
-        k = _dense(cfg, kv_heads * dim, "k_proj")(x).reshape(batch, seq, kv_heads, dim)
-        v = _dense(cfg, kv_heads * dim, "v_proj")(x).reshape(batch, seq, kv_heads, dim)
+        bias = cfg.qkv_bias
+        q = _dense(cfg, heads * dim, "q_proj", bias)(x).reshape(batch, seq, heads, dim)
+        k = _dense(cfg, kv_heads * dim, "k_proj", bias)(x).reshape(batch, seq, kv_heads, dim)
+        v = _dense(cfg, kv_heads * dim, "v_proj", bias)(x).reshape(batch, seq, kv_heads, dim)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
@@ -293,7 +370,11 @@ class Llama(nn.Module):
             key_slot = jnp.arange(cache["pos"].shape[1], dtype=jnp.int32)
         # (batch, seq, keys): causal in slot order, and padding (position < 0) never seen.
         mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & (key_pos[:, None, :] >= 0)
-        cos, sin = rope_tables(positions, head_dim=cfg.head_dim, theta=cfg.rope_theta)
+        if cfg.sliding_window is not None:  # Mistral: keys within the window before the query
+            mask &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
+        cos, sin = rope_tables(
+            positions, head_dim=cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling
+        )
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -589,3 +670,23 @@ def unstack_layer_params(params: Mapping[str, Any]) -> dict[str, Any]:
     for i in range(n):
         out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return {"params": out} if wrapped else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folders and GGUF files, from their own modules (imported on first use).
+
+_ELSEWHERE = {
+    "from_pretrained": "jlora.models.hf",
+    "save_pretrained": "jlora.models.hf",
+    "save_gguf": "jlora.models.gguf_writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``from_pretrained`` / ``save_pretrained`` (:mod:`jlora.models.hf`) and ``save_gguf``
+    (:mod:`jlora.models.gguf_writer`), importable from here."""
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
