@@ -90,7 +90,7 @@ def main(argv=None) -> pathlib.Path:
     import ml_dtypes
     import transformers
 
-    from jlora.models.hf import _size_bytes, _tensors, config_from_hf, write_safetensors
+    from jlora.models.hf import size_bytes, tensor_plan, config_from_hf, write_safetensors
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,9 +113,9 @@ def main(argv=None) -> pathlib.Path:
         # drawn by JAX on its default device (a GPU draws 8 B values in seconds), then copied out
         return np.asarray(draw(jax.random.fold_in(key, i), t.torch_shape))
 
-    tensors = _tensors(cfg)
+    tensors = tensor_plan(cfg)
     index = {t.hf: i for i, t in enumerate(tensors)}
-    limit, shards, used = _size_bytes(args.max_shard_size), [[]], 0
+    limit, shards, used = size_bytes(args.max_shard_size), [[]], 0
     for t in tensors:
         size = 2 * int(np.prod(t.torch_shape))
         if shards[-1] and used + size > limit:

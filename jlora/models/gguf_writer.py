@@ -194,9 +194,9 @@ def _array(x: Any) -> np.ndarray:
 
 def _plan(params: Any, config: LlamaConfig) -> list[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]]:
     """``(gguf name, make float32 array in numpy/torch order, shape)`` for every tensor."""
-    from jlora.models.hf import _check_plain
+    from jlora.models.hf import check_plain
 
-    _check_plain(params)
+    check_plain(params)
     inner = _inner(params)
     scanned = "layers" in inner
     cfg = config

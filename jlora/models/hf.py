@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._atomic import replace_all
 from jlora.models.llama import LlamaConfig
 
 __all__ = [
@@ -259,7 +260,7 @@ class _Tensor(NamedTuple):
     kind: tuple[str, ...]  # path inside a layer (or the full path outside)
 
 
-def _tensors(cfg: LlamaConfig) -> list[_Tensor]:
+def tensor_plan(cfg: LlamaConfig) -> list[_Tensor]:
     d, f = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     out = [_Tensor("model.embed_tokens.weight", ("embed_tokens", "embedding"), (cfg.vocab_size, d),
@@ -517,7 +518,7 @@ def from_pretrained(
     np_dtype = np.dtype(dtype)
     files = _weight_files(directory)
     in_file = _strip_prefix(list(files))
-    wanted = _tensors(cfg)
+    wanted = tensor_plan(cfg)
     names = {t.hf for t in wanted}
     missing = [t.hf for t in wanted if t.hf not in in_file]
     if missing:
@@ -648,7 +649,7 @@ def write_safetensors(
     return offset
 
 
-def _size_bytes(size: Union[int, str]) -> int:
+def size_bytes(size: Union[int, str]) -> int:
     """``'5GB'`` -> 5·10⁹, ``'500MiB'`` -> 500·2²⁰, an int as is (transformers' convention)."""
     if isinstance(size, int):
         return size
@@ -665,7 +666,7 @@ def _inner(params: Mapping[str, Any]) -> Mapping[str, Any]:
     return params
 
 
-def _check_plain(params: Any) -> None:
+def check_plain(params: Any) -> None:
     from jlora._node import LoraKernel, Trainable, is_node
     from jlora._paths import path_str
 
@@ -723,13 +724,13 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         os.replace(tmp, target)
         return
-    new = {p.name for p in tmp.iterdir()}
-    for old in target.iterdir():
+    new = {p.name: p for p in tmp.iterdir()}
+    # all or none: every file is renamed over its old version, and put back if one rename fails
+    replace_all(target, dict(sorted(new.items(), key=lambda kv: kv[0] == "config.json")))
+    for old in target.iterdir():  # an earlier save's shards that this one does not write
         stale = _WEIGHT_FILE.match(old.name) or old.name == "model.safetensors.index.json"
         if stale and old.name not in new and old.is_file():
             old.unlink()
-    for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last
-        os.replace(tmp / name, target / name)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -786,11 +787,11 @@ def save_pretrained(
             f"{target} is not empty; pass overwrite=True to replace the model files in it "
             f"(other files are left alone)."
         )
-    _check_plain(params)
+    check_plain(params)
     inner = _inner(params)
     scanned = "layers" in inner
     np_dtype = None if dtype is None else np.dtype(dtype)
-    tensors = _tensors(config)
+    tensors = tensor_plan(config)
     plan = []
     for t in tensors:
         x = _getter(inner, t, scanned)
@@ -805,7 +806,7 @@ def save_pretrained(
     if tokenizer is not None and not isinstance(tokenizer, HFTokenizer):
         raise TypeError(f"tokenizer must be a jlora HFTokenizer or GGUF Tokenizer, got {type(tokenizer).__name__}.")
 
-    limit = _size_bytes(max_shard_size)
+    limit = size_bytes(max_shard_size)
     shards: list[list] = [[]]
     used = 0
     for entry in plan:
