@@ -308,7 +308,7 @@ def test_save_pretrained_merges_refuses_lora_and_writes_atomically(tmp_path, tok
     tokens = jnp.asarray(tokens_for(cfg.vocab_size))
     lora, apply = jlora.inject(params, Llama(cfg).apply, rank=4, example_args=(tokens,))
     lora = jax.tree.map(lambda x: x, lora)
-    from conftest import randomize
+    from helpers import randomize
 
     lora = randomize(lora, scale=0.2)
     with pytest.raises(ValueError, match=r"LoraKernel.*jlora\.merge"):
