@@ -343,9 +343,9 @@ def find_trace(log_dir: str) -> str | None:
 
 
 _KINDS = (
-    ("fused LoRA kernel", re.compile(r"mosaic|_mosaic_fused|lora", re.I)),
-    ("gemm", re.compile(r"gemm|nvjet|cublas|xmma|cutlass|sm90_|sm80_|triton_gemm|matmul|dot", re.I)),
-    ("attention", re.compile(r"cudnn|flash|fmha|attention", re.I)),
+    ("fused LoRA kernel", re.compile(r"jlora_fused_matmul|mosaic", re.I)),  # _fused.py names the kernel
+    ("attention", re.compile(r"cudnn|flash|fmha|sdpa|attention", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cublas|xmma|cutlass|triton_gemm|matmul|ynn_fusion|\bdot", re.I)),
     ("dynamic-update-slice", re.compile(r"dynamic.update.slice|dynamic_update_slice", re.I)),
     ("dynamic-slice", re.compile(r"dynamic.slice", re.I)),
     ("transpose", re.compile(r"transpose", re.I)),
@@ -374,9 +374,9 @@ def base_name(name: str) -> str:
 def aggregate_trace(path: str, steps: int) -> dict:
     """Per-step device kernel time by kernel name and kind, and the busy time (interval union).
 
-    Device events are those of a process named ``/device:...`` on threads named ``Stream ...`` (the
-    GPU's kernels and copies). Without any, the host threads' events other than Python's are
-    aggregated instead (a CPU run), with ``device: False``."""
+    Device events are those of a process named ``/device:...`` on lines named ``Stream ...`` (the
+    GPU's kernels and copies), or else on its ``XLA Ops`` line. Without any, the host threads' events
+    other than Python's are aggregated instead (a CPU run), with ``device: False``."""
     with gzip.open(path, "rt") as fh:
         trace = json.load(fh)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -387,13 +387,16 @@ def aggregate_trace(path: str, steps: int) -> dict:
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             threads[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
     dev_pids = {pid for pid, n in procs.items() if n.startswith("/device:")}
-    stream = lambda e: threads.get((e.get("pid"), e.get("tid")), "").startswith("Stream")
-    picked = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev_pids and stream(e)]
+    line = lambda e: threads.get((e.get("pid"), e.get("tid")), "")
+    on_device = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev_pids]
+    # the GPU's own lines ("Stream #N ...": kernels, copies); else the derived "XLA Ops" line
+    picked = [e for e in on_device if line(e).startswith("Stream")] or \
+        [e for e in on_device if line(e) == "XLA Ops"]
     device = bool(picked)
     if not device:  # a CPU trace: XLA's thunks run on the host's worker threads
         picked = [e for e in events if e.get("ph") == "X" and e.get("pid") not in dev_pids
                   and not threads.get((e.get("pid"), e.get("tid")), "").startswith("python")
-                  and not str(e.get("name", "")).startswith(("ThreadpoolListener", "end: "))]
+                  and not str(e.get("name", "")).startswith(("ThreadpoolListener", "ThunkExecutor", "end: "))]
     by_name: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     intervals = []

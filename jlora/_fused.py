@@ -74,7 +74,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
 
     main_tf, low_tf, out_tf = tf(tk), tf(r), tf(epi)  # wgmma wants one swizzle for both operands
 
-    def body(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem):
+    def jlora_fused_matmul(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem):  # the kernel's name in profiles
         def pipeline(mma, ctx):
             return plgpu.emit_pipeline_warp_specialized(
                 mma, grid=(k_iters,), memory_registers=40,
@@ -142,7 +142,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     f = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m, n), dtype),
+        jlora_fused_matmul, out_type=jax.ShapeDtypeStruct((m, n), dtype),
         grid=(backend.get_default_device().core_count,), grid_names=("sm",),
         num_threads=3, thread_name="wg",  # two compute warpgroups and one that issues the copies
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
