@@ -258,12 +258,18 @@ def hlo_census(text: str, top: int = 10) -> dict:
             nbytes = int(sum(_BYTES[d] * math.prod(int(x) for x in s.split(",") if x) for d, s in shapes))
             add("all-gather", nbytes, times, ins, label)
 
+    def visit_fused(ins: Instr, times: int, label: str, depth: int = 0):
+        for inner in comps[ins.attr("calls")]:
+            if inner.op == "fusion" and inner.attr("calls") in comps and depth < 4:  # nested (GPU)
+                visit_fused(inner, times, f"{label}/{inner.name}", depth + 1)
+            else:
+                visit(inner, times, f"{label}/{inner.name}")
+
     for comp, times in mult.items():
         for ins in comps.get(comp, []):
             outer = ins
             if ins.op == "fusion" and ins.attr("calls") in comps:
-                for inner in comps[ins.attr("calls")]:
-                    visit(inner, times, f"{ins.name}/{inner.name}")
+                visit_fused(ins, times, ins.name)
             else:
                 visit(ins, times, ins.name)
     for row in out.values():
@@ -284,7 +290,13 @@ def hlo_census_of(comps, types, names) -> dict[str, tuple[int, int]]:
     res = {c: [0, 0] for c in CATEGORIES}
     for comp in names:
         for ins in comps.get(comp, []):
-            inner = comps.get(ins.attr("calls"), []) if ins.op == "fusion" else [ins]
+            inner, todo = [], [ins]
+            while todo:  # fusions looked into, nested ones too
+                i = todo.pop()
+                if i.op == "fusion" and i.attr("calls") in comps:
+                    todo.extend(comps[i.attr("calls")])
+                else:
+                    inner.append(i)
             for i in inner:
                 cat = {"copy-start": "copy", "all-gather-start": "all-gather"}.get(i.op, i.op)
                 if cat not in res:
@@ -327,7 +339,7 @@ def print_census_table(census: dict[str, dict]) -> None:
             items = c["categories"][cat]["items"]
             if items:
                 print(f"  largest {cat}:")
-                for nbytes, times, label, where in items[:5]:
+                for nbytes, times, label, where in items[:8]:
                     print(f"    {fmt_bytes(nbytes):>10}  ×{times:<4} {label}  {where[:150]}")
 
 
@@ -561,7 +573,8 @@ def main(argv=None) -> int:
                     else:
                         profiles[key] = aggregate_trace(path, a.steps)
                         print(f"{key}: profiled {a.steps} steps in {time.perf_counter() - t0:.1f} s", flush=True)
-                run.compiled, run.state = None, None  # free the device memory before the next variant
+                # free the device memory before the next variant (the first step's loss and grads stay)
+                run.compiled, run.state, run.const, run.step, run.apply = None, None, None, None, None
             except Exception as e:  # one variant's failure must not lose the others' numbers
                 failed.append(key)
                 print(f"{key}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)

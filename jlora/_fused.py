@@ -14,6 +14,11 @@ The kernel is a Pallas Mosaic GPU kernel (wgmma, TMA copies, warp-specialized, p
 needs an sm_90 GPU (H100/H200) and shapes divisible by its tiles (:func:`supported`).
 ``impl="xla"`` is the same function, custom VJP included, written with plain ``jnp``: the reference
 in tests (wherever the kernel does not apply, the interpreter uses its general LoRA rule instead).
+
+Under SPMD sharding the kernel call is partitioned (``custom_partitioning``, below): each device runs
+it on its own rows of ``x``; see "the kernel call under SPMD partitioning". The custom VJP sits behind
+one ``jax.jit`` per shape, so that a model's call sites share one trace. Inside ``lax.scan``/``while``
+bodies the interpreter leaves matmuls to XLA unless ``JLORA_FUSED_IN_LOOPS=1`` (:func:`in_loops`).
 """
 
 from __future__ import annotations
@@ -312,9 +317,38 @@ def _plus_low_rank_whole(x, w, u, v, scale, impl, tiles, w_t):
 _partitioned = custom_partitioning(_plus_low_rank_whole, static_argnums=(4, 5, 6, 7))
 _partitioned.def_partition(_partition, infer_sharding_from_operands=_infer, sharding_rule=_rule)
 
+
+@functools.lru_cache(maxsize=None)
+def _row_batched(scale: float, impl: str, tiles: Tiles, w_t: bool):
+    """The partitioned call under ``jax.vmap``: ``custom_partitioning`` has no batching rule, but the
+    call is row-wise in x and u, so a batch of them is more rows; a batch of kernels (w or v batched)
+    takes the plain XLA form, batched by JAX."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x, w, u, v):
+        return _partitioned(x, w, u, v, scale, impl, tiles, w_t)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, x, w, u, v):
+        xb, wb, ub, vb = in_batched
+        if wb or vb:
+            plain = functools.partial(_local_plus_low_rank, scale=scale, impl="xla", tiles=tiles, w_t=w_t)
+            return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, w, u, v), True
+        x = x if xb else jnp.broadcast_to(x, (axis_size, *x.shape))
+        u = u if ub else jnp.broadcast_to(u, (axis_size, *u.shape))
+        y = call(x.reshape(-1, x.shape[-1]), w, u.reshape(-1, u.shape[-1]), v)
+        return y.reshape(axis_size, -1, y.shape[-1]), True
+
+    return call
+
+
+def _partitioned_batchable(x, w, u, v, scale, impl, tiles, w_t):
+    return _row_batched(scale, impl, tiles, w_t)(x, w, u, v)
+
+
 # One jitted wrapper per (shapes, scale, impl, tiles, w_t): every call site with the same shapes reuses
 # one traced jaxpr (``custom_partitioning`` traces its function again at each call otherwise).
-_partitioned_call = jax.jit(_partitioned, static_argnums=(4, 5, 6, 7))
+_partitioned_call = jax.jit(_partitioned_batchable, static_argnums=(4, 5, 6, 7))
 
 
 def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w_t: bool = False):
@@ -362,6 +396,7 @@ def clear_caches() -> None:
     """Forget the traced kernel calls (tests that swap the kernel call for a stand-in use this)."""
     for f in (_lora_matmul_jit, _partitioned_call, _mosaic_call):
         getattr(f, "clear_cache", lambda: None)()  # a stand-in may be a plain function
+    _row_batched.cache_clear()
 
 
 def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scale: float,
@@ -380,7 +415,9 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
 
     Returns:
       ``(..., N)`` in ``x``'s dtype; gradients flow to ``x``, ``a`` and ``b``. ``w0`` is frozen: its
-      gradient is zero, and no ``xᵀ·dy`` is ever computed for it.
+      gradient is zero, and no ``xᵀ·dy`` is ever computed for it. Sharded operands (Auto mesh axes)
+      stay sharded: the kernel call is partitioned per device (rows of ``x`` as they are split, an
+      FSDP ``w0`` gathered, a column split of ``w0`` kept, a split of the contracted axis summed).
 
     Example:
       >>> import jax.numpy as jnp
