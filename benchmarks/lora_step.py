@@ -662,7 +662,7 @@ def _compile_all(a, build: Callable[[str], Run], tokens, extra: dict, status: di
             runs[name], status[name] = run, "ok"
             r = run.res
             report = getattr(run.apply, "fused_report", None)
-            if report is not None:  # matmul="pallas": how many matmuls took the kernel (JLORA_FUSED_IN_LOOPS=1 in loops)
+            if report is not None:  # matmul="pallas": how many matmuls took the kernel
                 r["fused_report"] = str(report)
             print(f"{name}: trace {r['trace_s']:.2f} s, lower {r['lower_s']:.2f} s, compile {r['compile_s']:.2f} s, "
                   f"first loss {run.first_loss:.5f}" + (f"; {report}".replace("\n", " ") if report else ""), flush=True)
