@@ -103,3 +103,43 @@ def test_sharded_benchmark_smoke():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "devices 8" in r.stdout and "tokens/s/device" in r.stdout and "memory/device" in r.stdout, r.stdout
     assert "A ('fsdp', None), B (None, None)" in r.stdout, r.stdout  # adapters follow the FSDP kernels
+
+
+def test_profile_step_smoke(tmp_path):
+    """benchmarks/profile_step.py at a tiny scanned shape on the CPU: the HLO census and the profile
+    (host events: no device line on a CPU) of plain and fused steps, the fused one inside lax.scan
+    with the kernel call replaced by plain jnp, and the diff between them."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_CPU_COMPILE)
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--tiny", "--layers", "1",
+           "--modes", "scan", "--variants", "jlora,jlora_fused", "--hlo", "--profile", "--steps", "1",
+           "--top", "5", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, log
+    assert "7 of 7 adapted matmuls fused" in r.stdout, log  # JLORA_FUSED_IN_LOOPS=1: taken inside the scan
+    assert "first step vs scan:jlora: ok" in r.stdout, log
+    for row in ("| scan:jlora |", "| scan:jlora_fused |"):
+        assert row in r.stdout, log
+    assert "no device events in the trace" in r.stdout, log
+    assert "## diff: scan:jlora_fused − scan:jlora" in r.stdout, log
+    assert (tmp_path / "scan_jlora_fused.hlo.txt").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["census"]) == {"scan:jlora", "scan:jlora_fused"}
+
+
+def test_hlo_census_counts_loop_bodies_by_trip_count():
+    """profile_step.hlo_census: an op in a scan body counts once per iteration, with its bytes."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import jax
+    import jax.numpy as jnp
+    from profile_step import hlo_census
+
+    def f(ws, x):  # per layer: a stacked residual of the tanh output, written by dynamic-update-slice
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0].sum()
+
+    text = jax.jit(jax.grad(f)).lower(jnp.ones((5, 16, 16)), jnp.ones((4, 16))).compile().as_text()
+    c = hlo_census(text)
+    fwd = [one for _, trips, one in c["loops"] if trips == 5 and one["dynamic-update-slice"][0]]
+    assert fwd, c["loops"]
+    dus = c["categories"]["dynamic-update-slice"]
+    assert dus["n"] >= 5 and dus["n"] % 5 == 0 and dus["bytes"] >= 5 * 4 * 16 * 4, dus
