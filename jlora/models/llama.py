@@ -49,7 +49,9 @@ __all__ = [
     "causal_lm_loss",
     "attention_implementation",
     "REMAT_POLICIES",
+    "remat_policy",
     "LOSS_CHUNK_BYTES",
+    "PROJECTIONS",
     "init_cache",
     "generate",
     "left_pad",
@@ -89,14 +91,18 @@ class LlamaConfig:
             softmax, what every CPU run gets); ``'xla'`` or ``'cudnn'`` force one (``'cudnn'``
             raises where cuDNN cannot run it). Calls with a KV cache always use ``'xla'``
             (:func:`attention_implementation` says what a call gets).
-        remat: Re-compute each decoder layer in the backward pass instead of storing its
-            activations (per-layer ``jax.checkpoint``; the ``nn.scan`` body with
-            ``scan_layers``): ``None`` (default: store everything, fastest while it fits),
-            ``'full'`` (store only each layer's input), ``'lora'`` (as ``'full'``, but keep
-            jlora's rank-r products ``x·A``, checkpoint name ``'jlora_xa'``) or ``'dots'``
-            (keep every matmul output, re-compute norms, RoPE, SiLU and attention). See
-            :data:`REMAT_POLICIES`. Only training uses it (calls with a cache ignore it); on a
-            CPU it costs time like anywhere else, so the default is off.
+        remat: What each decoder layer keeps for the backward pass (a per-layer
+            ``jax.checkpoint``, inside the ``nn.scan`` body with ``scan_layers``): ``None``
+            (no checkpoint: whatever autodiff saves), ``'full'`` (only the layer's input; the
+            backward runs the layer's forward again), ``'lora'`` (as ``'full'``, plus jlora's
+            rank-r products ``x·A``) or ``'dots'`` (every projection's output and the
+            attention's; RMSNorm, RoPE and SiLU are re-computed, no matmul is). See
+            :data:`REMAT_POLICIES`. ``'auto'`` (default) is ``'dots'`` with ``scan_layers``
+            (a scan otherwise stacks float32 copies and every SwiGLU intermediate per layer:
+            about twice the bytes, written and read back each step) and ``None`` without (XLA
+            fuses those copies away in an unrolled model). The same on every backend; on a CPU
+            ``'dots'`` costs the scanned demo no time. Only training uses it: calls with a cache
+            ignore it. :func:`remat_policy` says what a config gets.
         loss_chunk_tokens: How :func:`causal_lm_loss` (``model.apply(..., labels=...)``) splits
             the tokens: ``None`` (default) into chunks whose float32 logits take at most
             :data:`LOSS_CHUNK_BYTES` (256 MiB), and not at all when the whole batch fits (so a
@@ -124,14 +130,16 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     attention: Optional[str] = None
-    remat: Optional[str] = None
+    remat: Optional[str] = "auto"
     loss_chunk_tokens: Optional[int] = None
 
     def __post_init__(self):
         if self.attention not in (None, "xla", "cudnn"):
             raise ValueError(f"attention must be None, 'xla' or 'cudnn', got {self.attention!r}.")
-        if self.remat is not None and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be None or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}.")
+        if self.remat not in (None, "auto", *REMAT_POLICIES):
+            raise ValueError(
+                f"remat must be None, 'auto' or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
+            )
         if self.loss_chunk_tokens is not None and (
             not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0
         ):
@@ -206,16 +214,61 @@ def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
 # ----------------------------------------------------------------------------------------------
 # Attention, remat policies and the chunked loss.
 
-#: ``LlamaConfig.remat`` names and the ``jax.checkpoint`` policy each one applies per layer.
+#: Checkpoint names of the projections' outputs (the Flax module names).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _project(cfg: LlamaConfig, features: int, name: str, x: Array) -> Array:
+    """A projection, its output named ``name`` for remat policies (:data:`REMAT_POLICIES`)."""
+    return checkpoint_name(_dense(cfg, features, name)(x), name)
+
+
+def _attention_saveable(prim: Any, *_: Any, **__: Any) -> bool:
+    """cuDNN attention's forward (its output and softmax statistics: what its backward reads)."""
+    return prim.name.startswith("dot_product_attention_fwd")
+
+
+_cp = jax.checkpoint_policies
+
+#: ``LlamaConfig.remat`` names and the ``jax.checkpoint`` policy each one applies per layer:
+#:
+#: * ``'full'``: nothing is saved but the layer's input; the backward pass runs the layer's
+#:   forward again (one more forward pass in all: about 6·N instead of 4·N FLOPs a token for a
+#:   frozen base).
+#: * ``'lora'``: as ``'full'``, but jlora's rank-r products ``x·A`` (checkpoint name
+#:   ``'jlora_xa'``, N × r each) are kept.
+#: * ``'dots'``: every projection's output (checkpoint names :data:`PROJECTIONS`: with LoRA, the
+#:   sum ``x·W0 + s·(x·A)·B``, not its two terms), the attention output (``'attn_out'``), jlora's
+#:   ``x·A`` and cuDNN attention's forward results are kept; RMSNorm, RoPE, SiLU (and the softmax
+#:   of XLA's attention) are re-computed. No projection runs twice, and what is kept is in the
+#:   compute dtype: without a policy, a scanned layer stacks the float32 copies that RMSNorm and
+#:   RoPE make and every SwiGLU intermediate (``lax.scan`` saves whatever the backward reads,
+#:   where an unrolled layer leaves XLA free to fuse such copies away).
 REMAT_POLICIES: dict[str, Callable[..., Any]] = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "lora": jax.checkpoint_policies.save_only_these_names("jlora_xa"),
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _cp.nothing_saveable,
+    "lora": _cp.save_only_these_names("jlora_xa"),
+    "dots": _cp.save_from_both_policies(
+        _attention_saveable, _cp.save_only_these_names(*PROJECTIONS, "attn_out", "jlora_xa")
+    ),
 }
 
 #: Largest float32 logits (bytes) one chunk of :func:`causal_lm_loss` makes when
 #: ``loss_chunk_tokens`` is None.
 LOSS_CHUNK_BYTES = 256 * 2**20
+
+
+def remat_policy(config: LlamaConfig) -> Optional[str]:
+    """The :data:`REMAT_POLICIES` name a config's training calls use (``None``: no checkpoint).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> remat_policy(cfg), remat_policy(cfg.replace(scan_layers=True)), remat_policy(cfg.replace(remat="full"))
+        (None, 'dots', 'full')
+    """
+    if config.remat == "auto":
+        return "dots" if config.scan_layers else None
+    return config.remat
 
 
 def _on_cuda() -> bool:
@@ -293,9 +346,9 @@ class Attention(nn.Module):
         cfg = self.config
         batch, seq, _ = x.shape
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg, heads * dim, "q_proj")(x).reshape(batch, seq, heads, dim)
-        k = _dense(cfg, kv_heads * dim, "k_proj")(x).reshape(batch, seq, kv_heads, dim)
-        v = _dense(cfg, kv_heads * dim, "v_proj")(x).reshape(batch, seq, kv_heads, dim)
+        q = _project(cfg, heads * dim, "q_proj", x).reshape(batch, seq, heads, dim)
+        k = _project(cfg, kv_heads * dim, "k_proj", x).reshape(batch, seq, kv_heads, dim)
+        v = _project(cfg, kv_heads * dim, "v_proj", x).reshape(batch, seq, kv_heads, dim)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
@@ -320,7 +373,7 @@ class Attention(nn.Module):
                 q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask, implementation="xla"
             )
         out = checkpoint_name(out.reshape(batch, seq, heads * dim), "attn_out")
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out), new_kv
+        return _project(cfg, cfg.hidden_size, "o_proj", out), new_kv
 
 
 class MLP(nn.Module):
@@ -331,9 +384,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+        gate = _project(cfg, cfg.intermediate_size, "gate_proj", x)
+        up = _project(cfg, cfg.intermediate_size, "up_proj", x)
+        return _project(cfg, cfg.hidden_size, "down_proj", nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -429,11 +482,14 @@ def causal_lm_loss(
 
     Call it inside the function that ``jlora.inject``/``apply`` traces (``Llama.__call__`` does,
     with ``labels=``), so that an adapted head is computed unmerged like any other kernel: the
-    scan body closes over the kernel and jlora evaluates the body with it. The chunks run over
-    tokens, not over the vocabulary, on purpose: a vocabulary chunk is a slice of the kernel's
-    output axis, and jlora's scan rule slices adapted kernels only along stacked-layer axes (a
-    kernel fed to ``lax.scan`` as ``xs`` split along its output axis raises
-    :class:`jlora.UnsupportedOpError`), while a token chunk leaves the kernel whole.
+    scan body closes over the kernel, and jlora evaluates the body (and the ``jax.checkpoint``
+    in it) with the kernel unmerged. The chunks run over tokens, not over the vocabulary, on
+    purpose: token chunks leave the kernel whole and are independent of each other. Vocabulary
+    chunks would slice the kernel's output axis: fed to ``lax.scan`` as ``xs`` that slice is
+    refused by ``jlora.inject`` (one kernel axis would be both a stacked-layer axis and an output
+    axis; jlora's scan rule slices adapted kernels only along stacked-layer axes); a
+    ``lax.dynamic_slice`` of the closed-over kernel inside the body would be accepted, but needs
+    an online log-sum-exp across chunks and the label's logit from whichever chunk holds it.
 
     Args:
         hidden: Final hidden states, ``(..., hidden)`` (after the last norm).
@@ -577,10 +633,11 @@ class Llama(nn.Module):
         x = embed(tokens)
 
         layer_cls = DecoderLayer
-        if cfg.remat is not None and cache is None:
+        policy = remat_policy(cfg)
+        if policy is not None and cache is None:
             # Inside nn.scan, CSE across iterations cannot happen anyway (JAX's advice).
             layer_cls = nn.remat(
-                DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
+                DecoderLayer, policy=REMAT_POLICIES[policy], prevent_cse=not cfg.scan_layers
             )
         if cfg.scan_layers:
             kv = None if cache is None else (cache["k"], cache["v"])
