@@ -509,6 +509,26 @@ def test_logits_match_transformers(smollm):
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_left_padded_logits_match_transformers(smollm):
+    """Padding through the key mask (positions -1) and GQA (9 query heads on 3 KV heads), scanned
+    layout, against transformers with the same attention mask and position ids."""
+    torch = pytest.importorskip("torch")
+    cfg, params, tok, hf, _ = smollm
+    ids = [tok.encode(text) for text in PROMPTS]
+    tokens, mask = left_pad(ids, pad_id=tok.pad_id)
+    positions = np.where(mask, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)
+    scfg = cfg.replace(scan_layers=True)
+    got = np.asarray(jax.jit(Llama(scfg).apply)(stack_layer_params(params), jnp.asarray(tokens),
+                                                positions=jnp.asarray(positions)))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                  position_ids=torch.tensor(np.maximum(positions, 0), dtype=torch.long)).logits.numpy()
+    for row in range(len(ids)):
+        real = mask[row]
+        err = float(np.abs(got[row][real] - want[row][real]).max())
+        assert err <= 1e-4 * float(np.abs(want[row][real]).max()), (row, err)
+
+
 def test_tokenizer_matches_transformers(smollm):
     _, _, tok, _, hf_tok = smollm
     for text in SAMPLE_TEXTS:
