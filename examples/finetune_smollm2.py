@@ -144,10 +144,11 @@ def main(argv=None) -> dict:
     opt_state = tx.init(adapters)
 
     def loss_fn(adapters, base, ids, mask):
-        logits = apply(jlora.combine(adapters, base), ids)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
-        m = mask[:, :-1]
-        return jnp.sum(nll * m) / jnp.sum(m)
+        # The model computes the loss itself (labels=): position t predicts token t+1, the last
+        # position nothing (label -1). It goes over chunks of tokens when the float32 logits of
+        # the batch would be large (a long sequence or a big batch on a GPU); this batch fits one.
+        labels = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], -1)], axis=1)
+        return apply(jlora.combine(adapters, base), ids, labels=labels, loss_mask=mask)
 
     # The frozen base is an argument, not a closure: closed-over arrays become compile-time
     # constants that XLA would copy and constant-fold.
