@@ -314,7 +314,7 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 def _lora(cfg: LlamaConfig, targets, *, seed: int = 0):
     """(adapters, base, apply) of a tiny injected model, every A and B random (B = 0 hides bugs)."""
-    from conftest import randomize
+    from helpers import randomize
 
     params = tiny_params(cfg)
     if cfg.scan_layers:
