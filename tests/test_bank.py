@@ -16,9 +16,26 @@ import pytest
 from jax import lax
 
 import jlora
-from helpers import randomize
-
 K = jax.random.key
+
+
+def normal(seed, shape, std=1.0):
+    """Test data from numpy: jax.random would compile a sampler per shape (seconds on a busy CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * std, jnp.float32)
+
+
+def randomize(params, seed, std=0.5):
+    """Every adapter with nonzero A and B (B starts at zero, which would hide bugs)."""
+    rng = np.random.default_rng(seed)
+    is_lk = lambda x: isinstance(x, jlora.LoraKernel)  # noqa: E731
+
+    def one(x):
+        if not is_lk(x):
+            return x
+        a, b = (jnp.asarray(rng.standard_normal(np.shape(f)) * std, f.dtype) for f in (x.a, x.b))
+        return jlora.LoraKernel(x.w0, a, b, layout=x.layout, scale=x.scale, dropout=x.dropout)
+
+    return jax.tree.map(one, params, is_leaf=is_lk)
 
 
 def close(a, b, tol=2e-5):
@@ -34,12 +51,11 @@ def mlp(p, x):
 
 
 def mlp_params():
-    k1, k2, k3 = jax.random.split(K(0), 3)
-    return {"l1": {"kernel": jax.random.normal(k1, (6, 10)) / 3, "bias": jax.random.normal(k3, (10,))},
-            "l2": {"kernel": jax.random.normal(k2, (10, 7)) / 3}}
+    return {"l1": {"kernel": normal(100, (6, 10), 1 / 3), "bias": normal(101, (10,))},
+            "l2": {"kernel": normal(102, (10, 7), 1 / 3)}}
 
 
-X = jax.random.normal(K(1), (5, 6))
+X = normal(1, (5, 6))
 IDS = np.array([0, 1, -1, 1, 0], np.int32)
 
 
@@ -48,7 +64,7 @@ def two_adapters():
     p = mlp_params()
     pa, apply = jlora.inject(p, mlp, rank=2, example_args=(X,), key=K(2))
     pb, _ = jlora.inject(p, mlp, rank=3, alpha=1.0, targets=["l1"], example_args=(X,), key=K(3))
-    return p, randomize(pa, K(4)), randomize(pb, K(5)), apply
+    return p, randomize(pa, 4), randomize(pb, 5), apply
 
 
 def per_example(apply, fn, base, singles, x, ids):
@@ -99,7 +115,7 @@ def test_stack_select_round_trip_with_different_ranks_and_targets():
 def test_add_and_remove_adapters_are_pure():
     p, pa, pb, _ = two_adapters()
     pc, _ = jlora.inject(p, mlp, rank=5, targets=["l2"], example_args=(X,), key=K(6))
-    pc = randomize(pc, K(7))
+    pc = randomize(pc, 7)
     bank = jlora.stack_adapters({"a": pa})
     assert bank["l1"]["kernel"].ranks == (2,)
     bank2 = jlora.add_adapter(bank, "b", pb)
@@ -207,12 +223,12 @@ def test_mixed_batch_flax_linen_embed_conv_attention():
 
     m = Net()
     tok = jnp.asarray(np.random.default_rng(0).integers(0, 20, (4, 6)), jnp.int32)
-    v = m.init(K(10), tok)
+    v = jax.jit(m.init)(K(10), tok)
     targets = ["Embed_0", "Conv_0", "query", "key", "value", "out", "Dense_0"]
     pa, apply = jlora.inject(v, m.apply, rank=2, targets=targets, example_args=(tok,), key=K(11))
     pb, _ = jlora.inject(v, m.apply, rank=3, alpha=6.0, targets=["Conv_0", "query", "out"], example_args=(tok,),
                          key=K(12))
-    pa, pb = randomize(pa, K(13), 0.3), randomize(pb, K(14), 0.3)
+    pa, pb = randomize(pa, 13, 0.3), randomize(pb, 14, 0.3)
     params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), v)
     ids = np.array([1, 0, -1, 1], np.int32)
     got = jax.jit(lambda prm, t, i: apply(prm, t, adapter_ids=i))(params, tok, ids)
@@ -232,10 +248,10 @@ def test_mixed_batch_flax_nnx_functional():
 
     graphdef, state = nnx.split(Model(nnx.Rngs(0)))
     fn = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731
-    x = jax.random.normal(K(20), (3, 5))
+    x = normal(20, (3, 5))
     pa, apply = jlora.inject(state, fn, rank=2, example_args=(x,), key=K(21))
     pb, _ = jlora.inject(state, fn, rank=1, targets=["b"], example_args=(x,), key=K(22))
-    pa, pb = randomize(pa, K(23)), randomize(pb, K(24))
+    pa, pb = randomize(pa, 23), randomize(pb, 24)
     bank = jlora.stack_adapters({"a": jlora.split(pa)[0], "b": jlora.split(pb)[0]})
     params = jlora.combine(bank, state)
     ids = np.array([1, -1, 0], np.int32)
@@ -252,14 +268,12 @@ def scan_model(p, x):
 
 
 def test_mixed_batch_scanned_stack():
-    ks = jax.random.split(K(30), 3)
     L, d, f = 3, 6, 10
-    p = {"embed_in": jax.random.normal(ks[0], (5, d)),
-         "layers": {"up": jax.random.normal(ks[1], (L, d, f)) / 3, "down": jax.random.normal(ks[2], (L, f, d)) / 3}}
-    x = jax.random.normal(K(31), (4, 5))
+    p = {"embed_in": normal(30, (5, d)), "layers": {"up": normal(31, (L, d, f), 1 / 3), "down": normal(32, (L, f, d), 1 / 3)}}
+    x = normal(33, (4, 5))
     pa, apply = jlora.inject(p, scan_model, rank=2, targets="layers", example_args=(x,), key=K(32))
     pb, _ = jlora.inject(p, scan_model, rank=4, targets="layers/up", example_args=(x,), key=K(33))
-    pa, pb = randomize(pa, K(34), 0.3), randomize(pb, K(35), 0.3)
+    pa, pb = randomize(pa, 34, 0.3), randomize(pb, 35, 0.3)
     params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p)
     assert params["layers"]["up"].a.shape == (2, L, d, 4)  # (adapters, layers, in, r)
     ids = np.array([0, 1, 1, -1], np.int32)
@@ -300,7 +314,7 @@ def test_training_several_adapters_in_one_step():
     """Each adapter gets exactly its own examples' gradients; padding and unused slots get none."""
     p, pa, pb, apply = two_adapters()
     ad, base = jlora.split(jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p))
-    y = jax.random.normal(K(40), (5, 7))
+    y = normal(40, (5, 7))
     ids = np.array([0, 1, -1, 1, 1], np.int32)
 
     def loss(ad, x, y, ids):
@@ -314,7 +328,7 @@ def test_training_several_adapters_in_one_step():
         def loss1(sad):
             return sum(jnp.sum((apply(jlora.combine(sad, sbase), X[e:e + 1]) - y[e:e + 1]) ** 2) for e in own)
 
-        want = jax.grad(loss1)(sad)
+        want = jax.jit(jax.grad(loss1))(sad)
         got = jlora.select_adapter(g, name)
         for gw, ww in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             close(gw, ww, 1e-4)
@@ -323,8 +337,13 @@ def test_training_several_adapters_in_one_step():
     # one optimizer step over the bank: an adapter with no example in the batch does not move
     tx = jlora.optimizer(optax.adam(1e-2), ad)
     st = tx.init(ad)
-    upd, st = tx.update(jax.grad(loss)(ad, X, y, np.array([1, 1, -1, 1, 1], np.int32)), st, ad)
-    new = optax.apply_updates(ad, upd)
+
+    @jax.jit
+    def step(ad, st, ids):
+        upd, st = tx.update(jax.grad(loss)(ad, X, y, ids), st, ad)
+        return optax.apply_updates(ad, upd), st
+
+    new, st = step(ad, st, np.array([1, 1, -1, 1, 1], np.int32))
     np.testing.assert_array_equal(new["l2"]["kernel"].a, ad["l2"]["kernel"].a)  # "a" unused, "b" absent
     np.testing.assert_array_equal(new["l1"]["kernel"].a[0], ad["l1"]["kernel"].a[0])
     assert not np.allclose(new["l1"]["kernel"].a[1, :, :3], ad["l1"]["kernel"].a[1, :, :3])
@@ -465,7 +484,7 @@ def test_combine_linear_mixes_factors():
     p = mlp_params()
     pa, _ = jlora.inject(p, mlp, rank=2, example_args=(X,), key=K(60))
     pb, _ = jlora.inject(p, mlp, rank=2, alpha=4.0, example_args=(X,), key=K(61))
-    pa, pb = randomize(pa, K(62)), randomize(pb, K(63))
+    pa, pb = randomize(pa, 62), randomize(pb, 63)
     bank = jlora.stack_adapters({"a": pa, "b": pb})
     lin = jlora.combine_adapters(bank, {"a": 0.5, "b": -0.3})["l1"]["kernel"]
     ka, kb = pa["l1"]["kernel"], pb["l1"]["kernel"]
@@ -479,14 +498,12 @@ def test_combine_linear_mixes_factors():
 
 
 def test_combine_svd_of_a_scanned_stack_per_layer():
-    ks = jax.random.split(K(70), 3)
     L, d, f = 3, 6, 10
-    p = {"embed_in": jax.random.normal(ks[0], (5, d)),
-         "layers": {"up": jax.random.normal(ks[1], (L, d, f)), "down": jax.random.normal(ks[2], (L, f, d))}}
-    x = jax.random.normal(K(71), (2, 5))
+    p = {"embed_in": normal(70, (5, d)), "layers": {"up": normal(71, (L, d, f)), "down": normal(72, (L, f, d))}}
+    x = normal(73, (2, 5))
     pa, _ = jlora.inject(p, scan_model, rank=2, targets="layers", example_args=(x,), key=K(72))
     pb, _ = jlora.inject(p, scan_model, rank=3, targets="layers", example_args=(x,), key=K(73))
-    pa, pb = randomize(pa, K(74)), randomize(pb, K(75))
+    pa, pb = randomize(pa, 74), randomize(pb, 75)
     bank = jlora.stack_adapters({"a": pa, "b": pb})
     svd = jlora.combine_adapters(bank, [1.0, 0.5], method="svd", rank=2)["layers"]["up"]
     assert svd.a.shape == (L, d, 2) and svd.b.shape == (L, 2, f)
