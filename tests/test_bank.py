@@ -528,3 +528,24 @@ def test_combine_refusals():
         jlora.combine_adapters(bank, [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="not a finite number"):
         jlora.combine_adapters(bank, {"a": float("nan")})
+
+
+# -- the README's example -------------------------------------------------------------------------------------
+
+
+def test_readme_serving_example_runs():
+    from test_readme import README, _block
+
+    code = _block("Serving many adapters")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
+    ns: dict = {}
+    exec(compile(code, str(README), "exec"), ns)
+    bank, params, y, apply, x = ns["bank"], ns["params"], ns["y"], ns["apply"], ns["x"]
+    assert jlora.adapter_names(bank) == ("en", "de") and list(ns["ids"]) == [1, -1, 0]
+    assert bank["params"]["layers_0"]["kernel"].ranks == (4, 8) and bank["params"]["layers_2"]["kernel"].ranks == (4, 0)
+    model, base = ns["model"], ns["base"]
+    want = [apply(jlora.select_adapter(params, "de"), x[:1]), model.apply(base, x[1:2]),
+            apply(jlora.select_adapter(params, "en"), x[2:])]
+    close(y, jnp.concatenate(want), 1e-5)
+    mix = ns["mix"]["params"]["layers_0"]["kernel"]
+    assert mix.rank == 4 and mix.scale == 1.0
