@@ -225,6 +225,19 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
         default. Each batched axis must have ``len(adapter_ids)`` entries.
       out_axes: a prefix of the output's tree: where each output leaf's batch axis is; ``None``
         (default): axis 0 of every output with at least one axis, none for scalars.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> base = {"w": jnp.ones((3, 2))}
+        >>> fn = lambda p, x: x @ p["w"]
+        >>> _, apply = jlora.inject(base, fn, rank=1)
+        >>> lay = jlora.Layout((), (0,), (1,))
+        >>> one = lambda v: {"w": jlora.LoraKernel(None, jnp.ones((3, 1)), jnp.full((1, 2), v), layout=lay, scale=1.0)}
+        >>> params = jlora.combine(jlora.stack_adapters({"x": one(1.0), "y": one(10.0)}), base)
+        >>> apply(params, jnp.ones((3, 3)), adapter_ids=jnp.array([1, -1, 0]))   # 3 + 3·v, or 3 for the base
+        Array([[33., 33.],
+               [ 3.,  3.],
+               [ 6.,  6.]], dtype=float32)
     """
     banks = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, LoraBank)]
     if not banks:

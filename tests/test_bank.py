@@ -259,6 +259,21 @@ def test_mixed_batch_flax_nnx_functional():
     close(got, per_example(apply, fn, state, [pa, pb], x, ids), 1e-5)
 
 
+def test_mixed_batch_over_a_quantized_base():
+    """QLoRA serving: the base stays NF4 (dequantized where used), the bank's adapters per example."""
+    p = {"l1": {"kernel": normal(110, (64, 32), 0.2), "bias": normal(111, (32,))}, "l2": {"kernel": normal(112, (32, 64), 0.2)}}
+    q = jlora.quantize(p, method="nf4", min_size=0)
+    x = normal(113, (3, 64))
+    pa, apply = jlora.inject(q, mlp, rank=2, example_args=(x,), key=K(114))
+    pb, _ = jlora.inject(q, mlp, rank=3, targets=["l2"], example_args=(x,), key=K(115))
+    pa, pb = randomize(pa, 116, 0.2), randomize(pb, 117, 0.2)
+    params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), q)
+    assert jlora.is_quantized(params["l1"]["kernel"].w0)
+    ids = np.array([1, 0, -1], np.int32)
+    got = jax.jit(lambda prm, x, i: apply(prm, x, adapter_ids=i))(params, x, ids)
+    close(got, per_example(apply, lambda b, x: mlp(jlora.dequantize(b), x), q, [pa, pb], x, ids), 1e-4)
+
+
 def scan_model(p, x):
     def layer(h, w):
         return jax.nn.relu(h @ w["up"]) @ w["down"] + h, None
