@@ -14,7 +14,9 @@ Variants (all on the same plain-JAX model, bf16 weights, same tokens):
                AdamW (optax) on the adapters.
   jlora_f32    the same with jlora's default float32 adapters.
   jlora_fused  ``jlora`` with ``inject(..., matmul="pallas")``: the rank-r update inside the base
-               matmul's epilogue (Pallas Mosaic GPU kernel; sm_90 only, else the same as ``jlora``).
+               matmul's epilogue (Pallas Mosaic GPU kernel; sm_90 only, else the same as ``jlora``;
+               with ``--scan`` only under ``JLORA_FUSED_IN_LOOPS=1``, else the loop body keeps the
+               plain path; the run prints how many matmuls took the kernel).
 
 For each variant: trace / lower / compile time (``jax.jit(step).trace(...).lower().compile()``), the
 median step time over ``--steps`` interleaved repetitions (after warm-up), tokens/s, the ratio to
@@ -420,6 +422,7 @@ class Run:
     res: dict = dataclasses.field(default_factory=dict)
     first_loss: float | None = None
     first_grads: Any = None
+    apply: Any = None  # a jlora variant's apply (its fused_report is read after tracing)
 
 
 def compile_run(run: Run, tokens):
@@ -638,6 +641,7 @@ def _build(name: str, c: Cfg, tx, params, pairs: dict, jl_params: dict) -> Run:
         lp = set_jlora_pairs(lp, pairs, jnp.float32 if name == "jlora_f32" else jnp.bfloat16)
         adapters, base = jlora.split(lp)
         run.step, run.state, run.const = jlora_step(apply, tx), (adapters, jax.jit(tx.init)(adapters)), base
+        run.apply = apply
     return run
 
 
@@ -657,8 +661,11 @@ def _compile_all(a, build: Callable[[str], Run], tokens, extra: dict, status: di
                 call(run, tokens)
             runs[name], status[name] = run, "ok"
             r = run.res
+            report = getattr(run.apply, "fused_report", None)
+            if report is not None:  # matmul="pallas": how many matmuls took the kernel
+                r["fused_report"] = str(report)
             print(f"{name}: trace {r['trace_s']:.2f} s, lower {r['lower_s']:.2f} s, compile {r['compile_s']:.2f} s, "
-                  f"first loss {run.first_loss:.5f}", flush=True)
+                  f"first loss {run.first_loss:.5f}" + (f"; {report}".replace("\n", " ") if report else ""), flush=True)
         except Exception as e:
             status[name] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"{name}: {status[name]}", flush=True)

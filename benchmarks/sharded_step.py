@@ -138,6 +138,9 @@ def parse_args(argv=None):
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--lr", type=float, default=1e-4)
     m.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
+    m.add_argument("--matmul", default="xla", choices=("xla", "shared_xa", "pallas"),
+                   help="inject(..., matmul=...): 'pallas' is the fused Hopper kernel, partitioned per device "
+                        "(inside lax.scan only with JLORA_FUSED_IN_LOOPS=1; the run prints which matmuls took it)")
     m.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     m.add_argument("--json", dest="json_path", default=None, help="write the results to this file")
     if p.parse_known_args(argv)[0].tiny:
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     apply_fn = functools.partial(forward, c=c)
     lp, apply = jlora.inject(params, apply_fn, c.rank, alpha=c.alpha, targets=list(PROJ), key=jax.random.key(2),
-                             example_args=(tokens,), adapter_dtype=jnp.dtype(a.adapter_dtype))
+                             example_args=(tokens,), adapter_dtype=jnp.dtype(a.adapter_dtype), matmul=a.matmul)
     jax.block_until_ready(lp)
     t_inject = time.perf_counter() - t0
     adapters, base = jlora.split(lp)
@@ -226,6 +229,8 @@ def main(argv=None) -> int:
     spec = lambda arr: tuple(arr.sharding.spec) if hasattr(arr.sharding, "spec") else arr.sharding
     say(f"# init {t_init:.2f} s, inject {t_inject:.2f} s, trace+lower {t_lower:.2f} s, compile {t_compile:.2f} s")
     say(f"# e.g. {path}: W0 {spec(k.w0)}, A {spec(k.a)}, B {spec(k.b)}")
+    if apply.fused_report is not None:
+        say(f"# matmul={a.matmul}: {apply.fused_report}".replace("\n", " "))
     say(f"mode {a.mode}  devices {n}  step {med * 1e3:.2f} ms (median of {len(times)})  "
         f"tokens/s/device {tok_dev:,.0f}  tokens/s {tok_dev * n:,.0f}")
     say(f"memory/device: allocator peak {'n/a' if peak is None else f'{peak / MIB:,.1f} MiB'}  "
@@ -237,7 +242,8 @@ def main(argv=None) -> int:
             "backend": jax.default_backend(), "model": model_src, "shape": dataclasses.asdict(c),
             "step_ms": med * 1e3, "times_ms": [t * 1e3 for t in times], "tokens_per_s_per_device": tok_dev,
             "allocator_peak_bytes": peak, "xla_plan_bytes": plan, "resident_bytes_max": res_max,
-            "lower_s": t_lower, "compile_s": t_compile, "inject_s": t_inject, "init_s": t_init, "losses": losses})
+            "lower_s": t_lower, "compile_s": t_compile, "inject_s": t_inject, "init_s": t_init, "losses": losses,
+            "matmul": a.matmul, "fused_report": None if apply.fused_report is None else str(apply.fused_report)})
     if not all(math.isfinite(x) for x in losses):
         print("non-finite loss", losses, file=sys.stderr)
         return 1

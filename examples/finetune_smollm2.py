@@ -4,7 +4,8 @@ The task: rewrite an ISO date (``2023-04-15``) as ``DD/MM/YYYY`` (``15/04/2023``
 the date only. The base model chats about the date instead; a rank-8 LoRA on every projection
 learns the format from generated examples. The script prints the base model's answers on held-out
 dates, trains (progress bar with loss and tokens/s), prints the answers again with exact-match
-accuracy before → after, writes a loss-curve PNG and saves the adapter with ``jlora.save_adapters``.
+accuracy before → after, writes a loss-curve PNG and saves the adapter with ``jlora.save_adapters``,
+then the merged model as a Hugging Face folder (``merged/``) and a GGUF file for llama.cpp.
 
     python examples/finetune_smollm2.py                 # CPU by default; GPU when JAX sees one
     python examples/finetune_smollm2.py --steps 120 --rank 16 --targets "q_proj|v_proj"
@@ -27,7 +28,7 @@ import optax
 
 import jlora
 from jlora.models.gguf import load_gguf
-from jlora.models.llama import Llama, generate, left_pad
+from jlora.models.llama import Llama, generate, left_pad, save_gguf, save_pretrained
 
 SYSTEM = "You rewrite dates."
 PHRASINGS = [
@@ -143,10 +144,11 @@ def main(argv=None) -> dict:
     opt_state = tx.init(adapters)
 
     def loss_fn(adapters, base, ids, mask):
-        logits = apply(jlora.combine(adapters, base), ids)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
-        m = mask[:, :-1]
-        return jnp.sum(nll * m) / jnp.sum(m)
+        # The model computes the loss itself (labels=): position t predicts token t+1, the last
+        # position nothing (label -1). It goes over chunks of tokens when the float32 logits of
+        # the batch would be large (a long sequence or a big batch on a GPU); this batch fits one.
+        labels = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], -1)], axis=1)
+        return apply(jlora.combine(adapters, base), ids, labels=labels, loss_mask=mask)
 
     # The frozen base is an argument, not a closure: closed-over arrays become compile-time
     # constants that XLA would copy and constant-fold.
@@ -202,11 +204,23 @@ def main(argv=None) -> dict:
         pass
     ckpt = out / "adapter"
     jlora.save_adapters(ckpt, params, overwrite=True)
+    # The fine-tuned model for serving: LoRA folded into the weights (a QLoRA base is dequantized),
+    # as a Hugging Face folder (transformers, vLLM, ...) and a GGUF file (llama.cpp, Ollama, ...).
+    t_export = time.time()
+    merged = jlora.merge(params)
+    hf_dir = save_pretrained(out / "merged", merged, cfg, tok, dtype=jnp.bfloat16, overwrite=True)
+    gguf_file = save_gguf(out / "smollm2-dates.gguf", merged, cfg, tok, dtype="f16", overwrite=True)
+    del merged
+    export_time = time.time() - t_export
     result = {"base_accuracy": base_acc, "lora_accuracy": lora_acc, "losses": losses,
-              "train_seconds": train_time, "total_seconds": time.time() - t0, "steps": args.steps}
+              "train_seconds": train_time, "total_seconds": time.time() - t0, "steps": args.steps,
+              "merged": str(hf_dir), "gguf": str(gguf_file)}
     (out / "result.json").write_text(json.dumps(result, indent=1))
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6  # noqa: E731
     print(f"wrote {out / 'loss.png'}, {out / 'result.json'} and the adapter checkpoint {ckpt} "
-          f"({sum(f.stat().st_size for f in ckpt.rglob('*') if f.is_file()) / 1e6:.1f} MB); "
+          f"({size(ckpt):.1f} MB)")
+    print(f"merged model: {hf_dir} (Hugging Face, {size(hf_dir):.0f} MB) and {gguf_file} "
+          f"(GGUF f16, {gguf_file.stat().st_size / 1e6:.0f} MB), written in {export_time:.1f}s; "
           f"total {time.time() - t0:.0f}s")
     return {**result, "params": params, "apply": apply}
 

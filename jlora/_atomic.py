@@ -26,8 +26,8 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
-__all__ = ["atomic_directory", "cleanup_stale", "commit", "disk_full_is_clear", "exchange", "fsync", "resolve",
-           "write_files"]
+__all__ = ["atomic_directory", "cleanup_stale", "commit", "disk_full_is_clear", "exchange", "fsync", "replace_all",
+           "resolve", "write_files"]
 
 PathLike = Union[str, os.PathLike]
 _TMP_TAG = ".jlora-tmp-"
@@ -246,7 +246,7 @@ def _write_temp(directory: Path, name: str, write: Callable[[Path], Any]) -> Pat
     return tmp
 
 
-def _replace_all(directory: Path, tmps: Mapping[str, Path]) -> None:
+def replace_all(directory: Path, tmps: Mapping[str, Path]) -> None:
     """Rename each temporary file onto its name; if one rename fails, put back what was there."""
     backups: dict[str, Path] = {}
     done: list[str] = []
@@ -293,7 +293,7 @@ def write_files(directory: Path, writers: Mapping[str, Callable[[Path], Any]], *
         try:
             for name, write in writers.items():
                 tmps[name] = _write_temp(directory, name, write)
-            _replace_all(directory, tmps)
+            replace_all(directory, tmps)
         finally:
             for tmp in tmps.values():
                 tmp.unlink(missing_ok=True)

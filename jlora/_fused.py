@@ -14,17 +14,33 @@ The kernel is a Pallas Mosaic GPU kernel (wgmma, TMA copies, warp-specialized, p
 needs an sm_90 GPU (H100/H200) and shapes divisible by its tiles (:func:`supported`).
 ``impl="xla"`` is the same function, custom VJP included, written with plain ``jnp``: the reference
 in tests (wherever the kernel does not apply, the interpreter uses its general LoRA rule instead).
+
+Under SPMD sharding the kernel call is partitioned (``custom_partitioning``, below): each device runs
+it on its own rows of ``x``; see "the kernel call under SPMD partitioning". The custom VJP sits behind
+one ``jax.jit`` per shape, so that a model's call sites share one trace. Inside ``lax.scan``/``while``
+bodies the interpreter leaves matmuls to XLA unless ``JLORA_FUSED_IN_LOOPS=1`` (:func:`in_loops`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
 
-__all__ = ["lora_matmul", "supported", "unavailable", "Tiles"]
+__all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
+
+#: Environment switch: ``JLORA_FUSED_IN_LOOPS=1`` lets ``matmul="pallas"`` take the kernel inside
+#: ``lax.scan``/``while`` bodies too (off by default: measured slower there, see benchmarks/RESULTS.md).
+IN_LOOPS_ENV = "JLORA_FUSED_IN_LOOPS"
+
+
+def in_loops() -> bool:
+    """Whether the interpreter takes the fused kernel inside loop bodies (read at every trace)."""
+    return os.environ.get(IN_LOOPS_ENV, "") not in ("", "0")
 
 
 class Tiles(NamedTuple):
@@ -63,7 +79,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
 
     main_tf, low_tf, out_tf = tf(tk), tf(r), tf(epi)  # wgmma wants one swizzle for both operands
 
-    def body(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem):
+    def jlora_fused_matmul(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem):  # the kernel's name in profiles
         def pipeline(mma, ctx):
             return plgpu.emit_pipeline_warp_specialized(
                 mma, grid=(k_iters,), memory_registers=40,
@@ -131,7 +147,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     f = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m, n), dtype),
+        jlora_fused_matmul, out_type=jax.ShapeDtypeStruct((m, n), dtype),
         grid=(backend.get_default_device().core_count,), grid_names=("sm",),
         num_threads=3, thread_name="wg",  # two compute warpgroups and one that issues the copies
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
@@ -153,18 +169,14 @@ def supported(m: int, k: int, n: int, dtype, *, tiles: Tiles | None = None) -> b
 def unavailable() -> str | None:
     """Why the kernel cannot run in this process, or None when it can.
 
-    It needs JAX's default device to be an sm_90 GPU with Pallas' Mosaic GPU backend, and exactly one
-    visible device: the kernel is a custom call that XLA cannot partition, so under sharding it would
-    be replicated (every operand gathered) rather than fail.
+    It needs JAX's default device to be an sm_90 GPU with Pallas' Mosaic GPU backend. Several
+    devices are fine: under SPMD sharding the kernel call is partitioned (``custom_partitioning``),
+    each device running it on its own blocks.
     """
     try:
-        devs = jax.devices()
-        dev = devs[0]
+        dev = jax.devices()[0]
         if dev.platform != "gpu" or not str(getattr(dev, "compute_capability", "")).startswith("9"):
             return f"no sm_90 GPU ({dev.device_kind})"
-        if len(devs) > 1:
-            return (f"{len(devs)} devices visible; the kernel runs on one device only "
-                    f"(e.g. CUDA_VISIBLE_DEVICES=0)")
         from jax.experimental.pallas import mosaic_gpu  # noqa: F401
     except Exception as e:  # no GPU backend, or a JAX without Mosaic GPU
         return f"Pallas Mosaic GPU unavailable ({type(e).__name__})"
@@ -180,20 +192,169 @@ def _pad_rank(t, axis: int, align: int):
     return jnp.pad(t, widths)
 
 
-def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles):
-    """``x·w + scale·u·v`` (all 2-D), in the kernel or in plain XLA."""
-    if impl == "xla":
-        base = jnp.dot(x, w, preferred_element_type=jnp.float32)
+def _takes(m: int, k: int, n: int, dtype, tiles: Tiles) -> bool:
+    """Whether one kernel call ``(m, k)·(k, n)`` fits the tiles (the forward or the dx call alone)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and m % tiles.tile_m == 0 and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0)
+
+
+def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w_t: bool = False,
+                         k_axes: tuple = ()):
+    """``x·w + scale·u·v`` (all 2-D; ``x·wᵀ + …`` with ``w_t``) on one device's blocks, in the kernel
+    or in plain XLA.
+
+    ``k_axes``: mesh axes over which the contracted K is split (x's columns and w's rows): each
+    device then adds its partial product and ``u·v`` is added on the first of them only. A block
+    whose shape does not fit the tiles (a batch split too finely) takes the plain XLA form."""
+    if k_axes:  # u·v once in the sum over the K shards
+        u = jnp.where(jax.lax.axis_index(k_axes) == 0, u, jnp.zeros_like(u))
+    n = w.shape[0] if w_t else w.shape[1]
+    if impl == "xla" or not _takes(x.shape[0], x.shape[1], n, x.dtype, tiles):
+        base = jax.lax.dot_general(x, w, (((1,), (1 if w_t else 0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
         low = jnp.dot(u, v, preferred_element_type=jnp.float32)
-        return (base + scale * low).astype(x.dtype)
-    us = (u.astype(jnp.float32) * scale).astype(x.dtype)  # M × r: folding s here is free
-    return _mosaic_call(x, w, _pad_rank(us, 1, tiles.r_align), _pad_rank(v, 0, tiles.r_align),
-                        tiles=tiles)
+        y = (base + scale * low).astype(x.dtype)
+    else:
+        us = (u.astype(jnp.float32) * scale).astype(x.dtype)  # M × r: folding s here is free
+        # the kernel reads w (K, N) row-major: wᵀ is one transposed copy of this device's block
+        y = _mosaic_call(x, w.T if w_t else w, _pad_rank(us, 1, tiles.r_align),
+                         _pad_rank(v, 0, tiles.r_align), tiles=tiles)
+    return jax.lax.psum(y, k_axes) if k_axes else y
 
 
 # A jitted wrapper, so that every call with the same shapes is one traced jaxpr: JAX then lowers the
 # kernel once per shape in a whole model (a 16-layer unrolled model has 224 call sites, 3 shapes).
 _mosaic_call = jax.jit(_mosaic_fused, static_argnames=("tiles",))
+
+
+# -- the kernel call under SPMD partitioning ---------------------------------------------------------------
+#
+# A custom call is opaque to XLA's partitioner: left alone, under sharding it would be replicated (every
+# operand gathered onto every device). ``custom_partitioning`` tells the partitioner how to split it:
+# rows of x and u (M) follow x's batch sharding; the contracted K stays split where x arrives split along
+# it (a row-parallel kernel: each device multiplies its blocks, then one psum), else it is whole (an FSDP
+# kernel, rows split and x not, is all-gathered per use, as XLA does for the base matmul); columns of w
+# and v (N) may stay split (a column-parallel kernel gives a column-parallel output); the rank is whole.
+# The backward's dx call takes W0 itself, not W0ᵀ (``w_t``), so that an FSDP kernel's all-gather is
+# the forward's, which XLA reuses, not a second one of a transposed copy. On one device the wrapper
+# lowers to the plain call: nothing is added.
+
+
+def _axes(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _entry(axes: tuple):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _spec2(sharding) -> tuple | None:
+    """A 2-D operand's per-axis mesh axes, or None for a sharding without axis names."""
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    entries = list(spec) + [None] * (2 - len(spec))
+    return tuple(_axes(e) for e in entries)
+
+
+def _plan(x, w, out, w_t: bool) -> tuple[tuple, tuple, tuple] | None:
+    """``(m, k, n)``: the mesh axes of the partitioned call, from the operands' shardings (and the
+    result's, where an operand leaves an axis free). None: shardings without axis names."""
+    xs, ws = _spec2(x), _spec2(w)
+    rs = _spec2(out) if out is not None else ((), ())
+    if xs is None or ws is None or rs is None:
+        return None
+    w_n = ws[0] if w_t else ws[1]
+    m = xs[0] or rs[0]
+    k = tuple(a for a in xs[1] if a not in m)
+    n = tuple(a for a in (w_n or rs[1]) if a not in m and a not in k)
+    return m, k, n
+
+
+def _partition(scale, impl, tiles, w_t, mesh, arg_shapes, result_shape):
+    x, w, u, v = (a.sharding for a in arg_shapes)
+    plan = _plan(x, w, result_shape.sharding, w_t)
+    if plan is None:  # shardings without axis names: the whole call on every device (correct, slow)
+        rep = _replicated_like(x)
+        return rep.mesh, functools.partial(_local_plus_low_rank, scale=scale, impl=impl, tiles=tiles,
+                                           w_t=w_t), rep, (rep,) * 4
+    m, k, n = plan
+    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
+    args = (named(m, k), named(n, k) if w_t else named(k, n), named(m, ()), named((), n))
+    lower = functools.partial(_local_plus_low_rank, scale=scale, impl=impl, tiles=tiles, w_t=w_t, k_axes=k)
+    return mesh, lower, named(m, n), args
+
+
+def _replicated_like(sharding):
+    import numpy as np
+
+    devices = np.array(list(sharding._device_assignment))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("_all",)), jax.sharding.PartitionSpec())
+
+
+def _infer(scale, impl, tiles, w_t, mesh, arg_shapes, result_shape):
+    """The result's sharding from the operands' (XLA's GSPMD propagation; Shardy, JAX's default,
+    reads the ``sharding_rule`` instead)."""
+    plan = _plan(arg_shapes[0].sharding, arg_shapes[1].sharding, None, w_t)
+    if plan is None:
+        return _replicated_like(arg_shapes[0].sharding)
+    m, _, n = plan
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_entry(m), _entry(n)))
+
+
+def _rule(scale, impl, tiles, w_t, mesh, operand_types, result_types):
+    """Shardy's factors: m (rows of x, u, the result), n (columns of w or rows of wᵀ, of v, of the
+    result), k and r contracted. Shardy never proposes a split of k or r (``need_replication``); the
+    partition callback still keeps a K split that x already has."""
+    w = "n k" if w_t else "k n"
+    return f"m k, {w}, m r, r n -> m n", {"need_replication_factors": ("k", "r")}
+
+
+def _plus_low_rank_whole(x, w, u, v, scale, impl, tiles, w_t):
+    return _local_plus_low_rank(x, w, u, v, scale=scale, impl=impl, tiles=tiles, w_t=w_t)
+
+
+_partitioned = custom_partitioning(_plus_low_rank_whole, static_argnums=(4, 5, 6, 7))
+_partitioned.def_partition(_partition, infer_sharding_from_operands=_infer, sharding_rule=_rule)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_batched(scale: float, impl: str, tiles: Tiles, w_t: bool):
+    """The partitioned call under ``jax.vmap``: ``custom_partitioning`` has no batching rule, but the
+    call is row-wise in x and u, so a batch of them is more rows; a batch of kernels (w or v batched)
+    takes the plain XLA form, batched by JAX."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x, w, u, v):
+        return _partitioned(x, w, u, v, scale, impl, tiles, w_t)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, x, w, u, v):
+        xb, wb, ub, vb = in_batched
+        if wb or vb:
+            plain = functools.partial(_local_plus_low_rank, scale=scale, impl="xla", tiles=tiles, w_t=w_t)
+            return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, w, u, v), True
+        x = x if xb else jnp.broadcast_to(x, (axis_size, *x.shape))
+        u = u if ub else jnp.broadcast_to(u, (axis_size, *u.shape))
+        y = call(x.reshape(-1, x.shape[-1]), w, u.reshape(-1, u.shape[-1]), v)
+        return y.reshape(axis_size, -1, y.shape[-1]), True
+
+    return call
+
+
+def _partitioned_batchable(x, w, u, v, scale, impl, tiles, w_t):
+    return _row_batched(scale, impl, tiles, w_t)(x, w, u, v)
+
+
+# One jitted wrapper per (shapes, scale, impl, tiles, w_t): every call site with the same shapes reuses
+# one traced jaxpr (``custom_partitioning`` traces its function again at each call otherwise).
+_partitioned_call = jax.jit(_partitioned_batchable, static_argnums=(4, 5, 6, 7))
+
+
+def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w_t: bool = False):
+    """``x·w + scale·u·v`` (``x·wᵀ + …`` with ``w_t``), all 2-D, in the kernel or in plain XLA;
+    partitionable under SPMD."""
+    return _partitioned_call(x, w, u, v, float(scale), impl, tiles, w_t)
 
 
 # The custom VJP takes x with its leading axes (reshaped to 2-D inside): its residual is then the very
@@ -216,13 +377,26 @@ def _bwd(scale, impl, tiles, res, g):
     f32 = jnp.float32
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     gb = jnp.dot(g2, b.T, preferred_element_type=f32).astype(g.dtype)  # dy·Bᵀ  (M, r)
-    dx = _matmul_plus_low_rank(g2, w0.T, gb, a.T, scale=scale, impl=impl, tiles=tiles)
+    dx = _matmul_plus_low_rank(g2, w0, gb, a.T, scale=scale, impl=impl, tiles=tiles, w_t=True)
     da = (scale * jnp.dot(x2.T, gb, preferred_element_type=f32)).astype(a.dtype)
     db = (scale * jnp.dot(xa.T, g2, preferred_element_type=f32)).astype(b.dtype)
     return dx.reshape(x.shape), None, da, db  # W0 is frozen: no gradient, not even one XLA drops
 
 
 _lora_matmul.defvjp(_fwd, _bwd)
+
+# The custom VJP behind one jax.jit per (shapes, scale, impl, tiles): a model's call sites of one shape
+# then share one traced jaxpr, and JAX's differentiation of it (the forward rule, the split into
+# known and residual parts, the transpose) is traced once per shape and cached, not once per call site
+# (224 in the 16-layer unrolled model, 3 shapes). XLA inlines the call: the compiled step is the same.
+_lora_matmul_jit = jax.jit(_lora_matmul, static_argnums=(4, 5, 6))
+
+
+def clear_caches() -> None:
+    """Forget the traced kernel calls (tests that swap the kernel call for a stand-in use this)."""
+    for f in (_lora_matmul_jit, _partitioned_call, _mosaic_call):
+        getattr(f, "clear_cache", lambda: None)()  # a stand-in may be a plain function
+    _row_batched.cache_clear()
 
 
 def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scale: float,
@@ -241,7 +415,9 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
 
     Returns:
       ``(..., N)`` in ``x``'s dtype; gradients flow to ``x``, ``a`` and ``b``. ``w0`` is frozen: its
-      gradient is zero, and no ``xᵀ·dy`` is ever computed for it.
+      gradient is zero, and no ``xᵀ·dy`` is ever computed for it. Sharded operands (Auto mesh axes)
+      stay sharded: the kernel call is partitioned per device (rows of ``x`` as they are split, an
+      FSDP ``w0`` gathered, a column split of ``w0`` kept, a split of the contracted axis summed).
 
     Example:
       >>> import jax.numpy as jnp
@@ -253,5 +429,5 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
     if impl not in ("mosaic", "xla"):
         raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
     dt = x.dtype
-    return _lora_matmul(x, w0.astype(dt), a.astype(dt), b.astype(dt), float(scale), impl,
-                        tiles or DEFAULT_TILES)
+    return _lora_matmul_jit(x, w0.astype(dt), a.astype(dt), b.astype(dt), float(scale), impl,
+                            tiles or DEFAULT_TILES)

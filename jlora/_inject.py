@@ -211,18 +211,27 @@ def _choose_trained(flat: Flat, layouts: dict[int, Layout], full: Targets, bias:
     leaves = flat.plain_leaves()
     trained: set[int] = set()
     if full is not None:
-        fm = make_matcher(full)
-        trained = {i for i, x in enumerate(leaves) if _is_float(x) and fm(flat.paths[i], x) and i not in layouts}
-        if not trained:
-            raise ValueError(f"inject: full={describe_targets(full)} matched no leaf. Nearest paths: "
-                             f"{', '.join(nearest(str(full), flat.paths))}.")
+        is_list = isinstance(full, (list, tuple, set, frozenset))
+        for entry in ([[n] for n in full] if is_list else [full]):  # every list entry must choose a leaf
+            fm = make_matcher(entry)
+            hit = {i for i, x in enumerate(leaves) if _is_float(x) and fm(flat.paths[i], x) and i not in layouts}
+            if not hit:
+                what = f"full entry {entry[0]!r}" if is_list else f"full={describe_targets(full)}"
+                near = nearest(entry[0] if is_list else str(full), flat.paths)
+                raise ValueError(f"inject: {what} matched no leaf. Nearest paths: {', '.join(near)}.")
+            trained |= hit
     if bias != "none":
-        parents = {flat.paths[i].rsplit("/", 2)[0] for i in layouts}
+        parents = {_module_of(flat.paths[i]) for i in layouts}
         for i, p in enumerate(flat.paths):
             if leaf_name(p) in BIAS_NAMES and _is_float(leaves[i]) and i not in layouts:
-                if bias == "all" or p.rsplit("/", 2)[0] in parents:
+                if bias == "all" or _module_of(p) in parents:
                     trained.add(i)
     return trained
+
+
+def _module_of(path: str) -> str:
+    """The module a leaf belongs to: its path without the leaf name (``params/Dense_0``)."""
+    return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
 # -- phase 4: build ------------------------------------------------------------------------------------

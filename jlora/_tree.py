@@ -327,9 +327,8 @@ def summary(params: Any) -> str:
             n = _count(x.value)
             rows.append((path, str(tuple(np.shape(x.value))), "full", "-", "-", str(n)))
         trainable += n
-    total = 0
-    for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
-        total += int(math.prod(getattr(leaf, "shape", np.shape(leaf))))
+    total = sum(int(math.prod(leaf.shape)) for leaf in jax.tree.leaves(params, is_leaf=is_quantized)
+                if hasattr(leaf, "shape"))  # arrays and quantized kernels; not Python numbers or functions
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     pct = 100.0 * trainable / max(total, 1)

@@ -1,5 +1,9 @@
 """Helpers shared by the test modules (import with ``from helpers import ...``)."""
 
+import collections
+import math
+import re
+
 import jax
 
 import jlora
@@ -19,3 +23,25 @@ def randomize(params, key=jax.random.key(42), scale=0.5):
         return jlora.LoraKernel(n.w0, a, b, layout=n.layout, scale=n.scale, dropout=n.dropout)
 
     return jax.tree.map(one, params, is_leaf=is_lk)
+
+
+# -- HLO: the collectives of a compiled program ---------------------------------------------------------
+
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.-]+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all)(-start)?\(")
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def collectives(hlo: str) -> dict[str, list[tuple[str, int]]]:
+    """``{op: [(dtype, elements), ...]}`` for each collective's result(s) in optimized HLO text
+    (a combined collective contributes each of its results; an async ``-start`` its outputs)."""
+    out = collections.defaultdict(list)
+    for line in hlo.splitlines():
+        m = _OP.match(re.sub(r"/\*.*?\*/", "", line))
+        if not m:
+            continue
+        shapes = _SHAPE.findall(m.group(1))
+        if m.group(3):  # all-gather-start: ((operands), (results)) -> keep the results' half
+            shapes = shapes[len(shapes) // 2:]
+        for dt, dims in shapes:
+            out[m.group(2)].append((dt, math.prod(int(d) for d in dims.split(",") if d)))
+    return out

@@ -103,3 +103,112 @@ def test_sharded_benchmark_smoke():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "devices 8" in r.stdout and "tokens/s/device" in r.stdout and "memory/device" in r.stdout, r.stdout
     assert "A ('fsdp', None), B (None, None)" in r.stdout, r.stdout  # adapters follow the FSDP kernels
+
+
+def test_profile_step_smoke(tmp_path):
+    """benchmarks/profile_step.py at a tiny scanned shape on the CPU: the HLO census and the profile
+    (host events: no device line on a CPU) of plain and fused steps, the fused one inside lax.scan
+    with the kernel call replaced by plain jnp, and the diff between them."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_CPU_COMPILE)
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--tiny", "--layers", "1",
+           "--modes", "scan", "--variants", "jlora,jlora_fused", "--hlo", "--profile", "--steps", "1",
+           "--top", "5", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, log
+    assert "7 of 7 adapted matmuls fused" in r.stdout, log  # JLORA_FUSED_IN_LOOPS=1: taken inside the scan
+    assert "first step vs scan:jlora: ok" in r.stdout, log
+    for row in ("| scan:jlora |", "| scan:jlora_fused |"):
+        assert row in r.stdout, log
+    assert "no device events in the trace" in r.stdout, log
+    assert "## diff: scan:jlora_fused − scan:jlora" in r.stdout, log
+    assert (tmp_path / "scan_jlora_fused.hlo.txt").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["census"]) == {"scan:jlora", "scan:jlora_fused"}
+
+
+def test_hlo_census_counts_loop_bodies_by_trip_count():
+    """profile_step.hlo_census: an op in a scan body counts once per iteration, with its bytes."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import jax
+    import jax.numpy as jnp
+    from profile_step import hlo_census
+
+    def f(ws, x):  # per layer: a stacked residual of the tanh output, written by dynamic-update-slice
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0].sum()
+
+    text = jax.jit(jax.grad(f)).lower(jnp.ones((5, 16, 16)), jnp.ones((4, 16))).compile().as_text()
+    c = hlo_census(text)
+    fwd = [one for _, trips, one in c["loops"] if trips == 5 and one["dynamic-update-slice"][0]]
+    assert fwd, c["loops"]
+    dus = c["categories"]["dynamic-update-slice"]
+    assert dus["n"] >= 5 and dus["n"] % 5 == 0 and dus["bytes"] >= 5 * 4 * 16 * 4, dus
+
+
+# ----------------------------------------------------------------------------------------------
+# llama_step.py (jlora.models.llama at a named shape) and unsloth_step.py.
+
+LLAMA_SCRIPT = os.path.join(REPO, "benchmarks", "llama_step.py")
+LLAMA_TINY_VARIANTS = ("floor-unroll-none-plain", "lora-unroll-none-plain", "lora-unroll-none-chunk",
+                       "floor-scan-auto-chunk", "lora-scan-none-plain", "lora-scan-auto-chunk",
+                       "lora-scan-full-chunk", "qlora-scan-full-chunk")
+
+
+def _cpu_env() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + FAST_CPU_COMPILE).strip()
+    return env
+
+
+def test_llama_step_tiny(tmp_path):
+    """Every kind of variant (floor, LoRA, QLoRA over layer-by-layer NF4 stacks; unrolled and
+    scanned; remat none/auto/full; plain and chunked loss) runs and reports its row."""
+    out = tmp_path / "llama.json"
+    proc = subprocess.run([sys.executable, LLAMA_SCRIPT, "--shape", "tiny", "--steps", "1", "--warmup", "0",
+                           "--json", str(out)], cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=900)
+    log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, log
+    for v in LLAMA_TINY_VARIANTS:
+        row = _row(proc.stdout, v)
+        assert row is not None, f"no table row for {v}\n{log}"
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(re.fullmatch(r"[\d.,]+", c) for c in cells[1:6]), f"{v} did not run: {row}\n{log}"
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == set(LLAMA_TINY_VARIANTS)
+    for v, row in res["results"].items():
+        assert row["status"] == "ok" and row["step_ms"] > 0 and row["mfu"] > 0, (v, row)
+        assert row["cudnn_fmha_calls"] == 0 and row["attention"] == "xla"  # CPU: XLA's attention
+    assert res["results"]["lora-scan-auto-chunk"]["remat_policy"] == "dots"
+    assert res["extra"]["first_loss_check"]["dense"]["ok"], res["extra"]["first_loss_check"]
+    assert res["extra"]["attention"]["default_implementation"] == "xla"
+    assert res["extra"]["attention"]["forced_cudnn"] != "ok"  # no cuDNN here: reported, not fatal
+    assert "first-loss check (dense): ok" in proc.stdout
+
+
+def test_llama_step_find_batch(tmp_path):
+    out = tmp_path / "fb.json"
+    proc = subprocess.run([sys.executable, LLAMA_SCRIPT, "--shape", "tiny", "--variants", "lora-scan-full-chunk",
+                           "--find-batch", "4,2", "--json", str(out)],
+                          cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(out.read_text())["largest"] == 4
+    assert "batch 4: fits" in proc.stdout
+
+
+def test_unsloth_step_needs_cuda_and_runs_its_peft_row_on_cpu(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    script = os.path.join(REPO, "benchmarks", "unsloth_step.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, script, "--shape", "tiny"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stdout + proc.stderr
+    out = tmp_path / "u.json"
+    proc = subprocess.run([sys.executable, script, "--shape", "tiny", "--device", "cpu", "--variants", "peft",
+                           "--steps", "1", "--warmup", "0", "--json", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())["results"]["peft"]
+    assert row["status"] == "ok" and row["batch"] == 2 and row["trainable"] == 2 * 16 * (
+        (64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r 16 on 7 projections of 2 layers

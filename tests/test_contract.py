@@ -17,9 +17,11 @@ K = jax.random.key
 
 
 @pytest.fixture(autouse=True)
-def _strict_dtype_promotion():
-    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion."""
-    with jax.numpy_dtype_promotion("strict"):
+def _strict_dtype_promotion(request):
+    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion (tests that
+    also run an optax optimizer, which promotes its step count, are marked ``optax_promotion``)."""
+    mode = "standard" if request.node.get_closest_marker("optax_promotion") else "strict"
+    with jax.numpy_dtype_promotion(mode):
         yield
 
 
@@ -99,6 +101,7 @@ def test_apply_refuses_base_and_adapters_alone():
         jlora.merge(adapters)
 
 
+@pytest.mark.optax_promotion
 def test_optimizer_over_adapters_tree_with_a_quantized_base():
     """README's QLoRA recipe: gradients w.r.t. split(params)[0], jlora.optimizer(tx, params)."""
     p = {"w": jax.random.normal(K(5), (64, 64)) / 8}
@@ -243,3 +246,19 @@ def test_factors_of_the_wrong_shape_are_refused_naming_the_kernel(a_shape, b_sha
         apply(bad, jnp.ones((1, 16)))
     with pytest.raises(ValueError, match="'w1'"):
         jlora.combine(jlora.split(bad)[0], p)
+
+
+def test_bias_lora_only_trains_the_biases_of_adapted_modules_only():
+    nn = pytest.importorskip("flax.linen")
+    m = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+    x = jnp.ones((2, 6))
+    v = m.init(K(20), x)
+    for kw in ({}, {"example_args": (x,)}):
+        lp, apply = jlora.inject(v, m.apply, rank=2, targets=["layers_0"], bias="lora_only", **kw)
+        assert apply.report.trained == ["params/layers_0/bias"]
+        assert not isinstance(lp["params"]["layers_2"]["bias"], jlora.Trainable)
+
+
+def test_every_full_entry_must_choose_a_leaf():
+    with pytest.raises(ValueError, match="full entry 'b1_typo' matched no leaf.*b1"):
+        jlora.inject(plain_params(), plain_fn, rank=2, full=["b1", "b1_typo"])

@@ -19,6 +19,10 @@ def test_demo_short_run_writes_files_and_loss_falls(tmp_path, smollm2_scanned):
     result = finetune_smollm2.main(["--steps", "6", "--batch", "4", "--eval-size", "4", "--out", str(out)])
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "adapter" / "config" / "jlora_config.json").is_file()
+    # the merged model, written for serving beside the adapter
+    assert result["merged"] == str(out / "merged") and result["gguf"] == str(out / "smollm2-dates.gguf")
+    assert (out / "merged" / "config.json").is_file() and (out / "merged" / "tokenizer.json").is_file()
+    assert (out / "smollm2-dates.gguf").stat().st_size > 200e6  # 135M params in f16
     saved = json.loads((out / "result.json").read_text())
     assert saved == {k: v for k, v in result.items() if k not in ("params", "apply")}
     assert result["losses"][-1] < 0.5 * result["losses"][0]

@@ -49,6 +49,22 @@ def test_custom_vjp_matches_hand_written_lora():
     assert not np.any(np.asarray(dw0))  # the base is frozen
 
 
+def test_custom_vjp_under_vmap():
+    """``jax.vmap`` over activations folds the batch into the kernel's rows; over B (a batch of
+    adapters) the call takes the plain form. Both against the hand-written reference."""
+    k = jax.random.split(jax.random.key(7), 4)
+    x, w0 = jax.random.normal(k[0], (3, 4, 8)), jax.random.normal(k[1], (8, 16))
+    a, b = jax.random.normal(k[2], (8, 2)), jax.random.normal(k[3], (2, 16))
+    fused = lambda x, a, b: jnp.sum(_fused.lora_matmul(x, w0, a, b, scale=0.5, impl="xla") ** 2)
+    ref = lambda x, a, b: jnp.sum((x @ (w0 + 0.5 * a @ b)) ** 2)
+    bs = jnp.stack([b, 2 * b, 3 * b])
+    for axes, args in (((0, None, None), (x, a, b)), ((None, None, 0), (x, a, bs))):
+        got = jax.vmap(jax.grad(fused, argnums=(0, 1, 2)), in_axes=axes)(*args)
+        want = jax.vmap(jax.grad(ref, argnums=(0, 1, 2)), in_axes=axes)(*args)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-3)
+
+
 def test_lora_matmul_rejects_unknown_impl():
     x = jnp.ones((2, 4))
     with pytest.raises(ValueError, match="impl must be"):
@@ -72,20 +88,51 @@ def test_no_hopper_here():
 # -- the interpreter's dispatch, with the kernel replaced by plain jnp -----------------------------
 
 
+class KernelCalls(list):
+    """The (x, w) shapes the stand-in kernel was traced with (each block shape once per trace), and
+    :meth:`count`: how many kernel calls a program holds."""
+
+    @staticmethod
+    def count(closed_jaxpr) -> int:
+        """Kernel calls in a jaxpr, nested calls followed (each reference to a sub-jaxpr counts)."""
+
+        def walk(jaxpr) -> int:
+            n = 0
+            for eqn in jaxpr.eqns:
+                if eqn.params.get("name") == "fake_kernel":
+                    n += 1
+                    continue
+                for v in eqn.params.values():
+                    for sub in v if isinstance(v, (tuple, list)) else [v]:
+                        inner = getattr(sub, "jaxpr", sub)
+                        if hasattr(inner, "eqns"):
+                            n += walk(inner)
+            return n
+
+        return walk(closed_jaxpr.jaxpr)
+
+
+@jax.jit
+def fake_kernel(x, w, u, v):
+    out = jnp.dot(x, w, preferred_element_type=F32) + jnp.dot(u, v, preferred_element_type=F32)
+    return out.astype(x.dtype)
+
+
 @pytest.fixture
 def fake_hopper(monkeypatch):
     """Pretend to be on an H100/H200: the kernel call becomes ``x·w + u·v`` in float32."""
-    calls = []
+    calls = KernelCalls()
 
     def fake_call(x, w, u, v, *, tiles):
         assert u.shape[1] % tiles.r_align == 0 and v.shape[0] == u.shape[1]  # rank padded
         calls.append((x.shape, w.shape))
-        out = jnp.dot(x, w, preferred_element_type=F32) + jnp.dot(u, v, preferred_element_type=F32)
-        return out.astype(x.dtype)
+        return fake_kernel(x, w, u, v)
 
     monkeypatch.setattr(_fused, "unavailable", lambda: None)
     monkeypatch.setattr(_fused, "_mosaic_call", fake_call)
-    return calls
+    _fused.clear_caches()  # traced once per shape: retrace with the fake call
+    yield calls
+    _fused.clear_caches()
 
 
 D, H = 256, 512  # divisible by the kernel's tiles (the dispatch checks _fused.supported)
@@ -118,6 +165,12 @@ def _loss_and_grads(apply, params, x):
     return jax.jit(jax.value_and_grad(loss))(adapters)
 
 
+def _grad_jaxpr(apply, params, x):
+    adapters, base = jlora.split(params)
+    loss = lambda ad: jnp.mean(jnp.square(apply(jlora.combine(ad, base), x).astype(F32)))
+    return jax.make_jaxpr(jax.value_and_grad(loss))(adapters)
+
+
 def _reference(params, x):
     """The merged model in float32: W0 + s·A·B for every adapted kernel, applied to the same x."""
     merged = jlora.merge(params)
@@ -130,7 +183,8 @@ def test_fused_path_equals_merged_model(fake_hopper):
     x = _x()
     out = jax.jit(apply)(params, x)
     # forward: both adapted matmuls took the path; the 8-wide head is not a multiple of the tiles
-    assert sorted(fake_hopper) == sorted([((128, D), (D, H)), ((128, H), (H, D))])
+    assert set(fake_hopper) == {((128, D), (D, H)), ((128, H), (H, D))}
+    assert fake_hopper.count(jax.make_jaxpr(apply)(params, x)) == 2
     assert _rel(out.astype(F32), _reference(params, x)) < 2e-2  # bf16 activations
     rep = apply.fused_report
     assert rep.fused == 2 and rep.matmuls == [("up/kernel", None), ("down/kernel", None)]
@@ -164,7 +218,7 @@ def test_fused_gradients_equal_plain_path(fake_hopper):
     assert not fake_hopper
     l1, g1 = _loss_and_grads(fused, params, x)
     # forward 2 calls, backward 2 more (dx = dy·W0ᵀ + s·(dy·Bᵀ)·Aᵀ through the same kernel)
-    assert len(fake_hopper) == 4
+    assert fake_hopper.count(_grad_jaxpr(fused, params, x)) == 4
     assert ((128, D), (D, H)) in fake_hopper and ((128, H), (H, D)) in fake_hopper  # the dx calls
     assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
@@ -184,10 +238,10 @@ def test_fused_path_not_taken_where_it_does_not_apply(fake_hopper):
     assert not fake_hopper
     assert apply.fused_report.matmuls == [("up/kernel", "adapter dropout is on")]
     apply(params, _x())  # no key: dropout off, the path applies
-    assert len(fake_hopper) == 1
+    assert set(fake_hopper) == {((128, D), (D, H))}
 
 
-def test_fused_path_off_inside_scan(fake_hopper):
+def _scanned_stack():
     stack = {"w": (jax.random.normal(jax.random.key(4), (3, D, D)) / D ** 0.5).astype(jnp.bfloat16)}
 
     def scanned(p, x):
@@ -196,14 +250,41 @@ def test_fused_path_off_inside_scan(fake_hopper):
 
         return jax.lax.scan(body, x, p["w"])[0]
 
+    return stack, scanned
+
+
+def test_fused_path_off_inside_scan(fake_hopper, monkeypatch):
+    monkeypatch.delenv(_fused.IN_LOOPS_ENV, raising=False)
+    stack, scanned = _scanned_stack()
     params, apply = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
     params = randomize(params, scale=0.05)
     x = _x()
     out = apply(params, x)
     assert not fake_hopper  # measured slower inside lax.scan on the H200: left to XLA there
-    assert apply.fused_report.matmuls == [("w", "inside a lax.scan/while body (measured slower there)")]
+    assert apply.fused_report.matmuls == [
+        ("w", "inside a lax.scan/while body (measured slower there; JLORA_FUSED_IN_LOOPS=1 takes it)")]
     merged = jlora.merge(params)
     assert _rel(out.astype(F32), scanned(jax.tree.map(lambda t: t.astype(F32), merged), x.astype(F32))) < 2e-2
+
+
+def test_fused_path_inside_scan_when_switched_on(fake_hopper, monkeypatch):
+    """``JLORA_FUSED_IN_LOOPS=1``: the scan body's matmul takes the kernel, forward and dx, one call
+    each in the loop body; value and adapter gradients as on the plain path."""
+    monkeypatch.setenv(_fused.IN_LOOPS_ENV, "1")
+    stack, scanned = _scanned_stack()
+    params, plain = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),))
+    _, fused = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
+    params = randomize(params, scale=0.05)
+    x = _x()
+    l0, g0 = _loss_and_grads(plain, params, x)
+    assert not fake_hopper
+    l1, g1 = _loss_and_grads(fused, params, x)
+    assert fused.fused_report.matmuls == [("w", None)]
+    assert set(fake_hopper) == {((128, D), (D, D))}
+    assert fake_hopper.count(_grad_jaxpr(fused, params, x)) == 2  # the forward's and the dx's, in the loop bodies
+    assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert _rel(a, b) < 3e-2
 
 
 def test_matmul_option_and_its_deprecated_spellings():
@@ -216,8 +297,9 @@ def test_matmul_option_and_its_deprecated_spellings():
     assert apply.matmul == "pallas"
 
 
-def test_kernel_refuses_several_devices(monkeypatch):
-    """Under sharding XLA would replicate the custom call: the kernel is for one visible device."""
+def test_several_devices_are_fine(monkeypatch):
+    """The kernel call is partitioned under SPMD (each device runs it on its own blocks), so several
+    visible sm_90 devices no longer keep the option off."""
 
     class FakeH200:
         platform, compute_capability, device_kind = "gpu", "9.0", "NVIDIA H200"
@@ -229,4 +311,124 @@ def test_kernel_refuses_several_devices(monkeypatch):
     finally:
         monkeypatch.undo()
         _fused.unavailable.cache_clear()
-    assert why.startswith("2 devices visible") and "CUDA_VISIBLE_DEVICES" in why
+    assert why is None or why.startswith("Pallas Mosaic GPU unavailable")  # never the device count
+
+
+# -- under SPMD sharding (8 simulated CPU devices, conftest) ----------------------------------------------
+
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from helpers import collectives  # noqa: E402
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+AUTO = jax.sharding.AxisType.Auto
+
+
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AUTO,) * len(names))
+
+
+# (mesh, x spec, W0 spec, A spec, B spec): A and B placed as jlora places them (they follow W0)
+SHARDED = {
+    "data-parallel": (((8,), ("data",)), P("data"), P(), P(), P()),
+    "fsdp": (((8,), ("fsdp",)), P("fsdp"), P("fsdp", None), P("fsdp", None), P()),
+    "column-parallel": (((2, 4), ("data", "model")), P("data"), P(None, "model"), P(), P(None, "model")),
+    "row-parallel": (((2, 4), ("data", "model")), P("data", None, "model"), P("model", None), P("model", None), P()),
+}
+BT, T, K, N, R = 8, 8, 32, 48, 4  # x (8, 8, 32): 2048 elements; W0 (32, 48): 1536
+
+
+@needs8
+@pytest.mark.parametrize("case", sorted(SHARDED))
+def test_partitioned_kernel_call_matches_unsharded(case):
+    """``lora_matmul`` (the XLA stand-in, through the partitioned call) on sharded operands: value and
+    gradients (x, A, B) equal the unsharded call's and ``x·(W0 + s·A·B)``'s; the activations stay
+    split (no all-gather as large as x or dy); an FSDP kernel is gathered once, forward and backward."""
+    (shape, names), xs, ws, as_, bs = SHARDED[case]
+    m = _mesh(shape, names)
+    rng = np.random.default_rng(0)
+    x, w0, a, b, g = (rng.standard_normal(s).astype(np.float32)
+                      for s in ((BT, T, K), (K, N), (K, R), (R, N), (BT, T, N)))
+    s = 0.7
+    fused = lambda x, w0, a, b: _fused.lora_matmul(x, w0, a, b, scale=s, impl="xla")
+    merged = lambda x, w0, a, b: x @ (w0 + s * a @ b)
+
+    def value_and_grads(f, *args):
+        return jax.value_and_grad(lambda x, w0, a, b, g: jnp.sum(f(x, w0, a, b) * g), argnums=(0, 2, 3))(*args)
+
+    want_loss, want_grads = jax.jit(lambda *t: value_and_grads(fused, *t))(x, w0, a, b, g)  # one device
+    ref_loss, ref_grads = value_and_grads(merged, x, w0, a, b, g)
+    put = lambda v, spec: jax.device_put(v, NamedSharding(m, spec))
+    args = (put(x, xs), put(w0, ws), put(a, as_), put(b, bs), put(g, xs))
+    step = jax.jit(lambda *t: value_and_grads(fused, *t)).lower(*args).compile()
+    loss, grads = step(*args)
+    for got_l, got_g in ((want_loss, want_grads), (loss, grads)):
+        np.testing.assert_allclose(float(got_l), float(ref_loss), rtol=1e-5)
+        for got, ref in zip(got_g, ref_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    y = jax.jit(fused)(*args[:4])
+    assert y.sharding.spec[0] == xs[0], y.sharding  # rows follow x's batch split
+    gathers = collectives(step.as_text())["all-gather"]
+    assert all(n < BT * T * K for _, n in gathers), f"activations gathered: {gathers}"
+    if case == "fsdp":  # W0 gathered once (the backward's dx call reuses the forward's gather)
+        assert [n for _, n in gathers if n == K * N] == [K * N], gathers
+
+
+D_SH = 256  # one block per device needs 128-row and 256-column tiles
+
+
+def _sharded_mlp_params(m, up_spec, down_spec):
+    k = jax.random.split(jax.random.key(5), 2)
+    w_up = (jax.random.normal(k[0], (D_SH, 2 * D_SH)) / D_SH ** 0.5).astype(jnp.bfloat16)
+    w_down = (jax.random.normal(k[1], (2 * D_SH, D_SH)) / (2 * D_SH) ** 0.5).astype(jnp.bfloat16)
+    return {"up": {"kernel": jax.device_put(w_up, NamedSharding(m, up_spec))},
+            "down": {"kernel": jax.device_put(w_down, NamedSharding(m, down_spec))}}
+
+
+def sharded_mlp(p, x):
+    return jax.nn.gelu(x @ p["up"]["kernel"]) @ p["down"]["kernel"]
+
+
+# (mesh, up spec, down spec, x spec, per-device (x, w) block shapes the kernel sees)
+MLP_SHARDED = {
+    "data-parallel": (((8,), ("data",)), P(), P(), P("data"),
+                      {((128, 256), (256, 512)), ((128, 512), (512, 256))}),
+    "fsdp": (((8,), ("data",)), P("data", None), P("data", None), P("data"),
+             {((128, 256), (256, 512)), ((128, 512), (512, 256))}),
+    # up column-parallel, down row-parallel (its K split: blocks summed), batch over 'data'
+    "tensor-parallel": (((4, 2), ("data", "model")), P(None, "model"), P("model", None), P("data"),
+                        {((256, 256), (256, 256))}),
+}
+
+
+@needs8
+@pytest.mark.parametrize("case", sorted(MLP_SHARDED))
+def test_fused_path_on_a_mesh(fake_hopper, case):
+    """``inject(..., matmul="pallas")`` on sharded params and inputs: every adapted matmul takes the
+    kernel, each device calls it on its own blocks; loss and adapter gradients equal the plain path's
+    on the same mesh, and the step gathers no activations."""
+    (shape, names), up, down, xs, blocks = MLP_SHARDED[case]
+    m = _mesh(shape, names)
+    base = _sharded_mlp_params(m, up, down)
+    x = jax.device_put(jax.random.normal(jax.random.key(6), (8, 128, D_SH)).astype(jnp.bfloat16),
+                       NamedSharding(m, xs))  # M = 1024 rows
+    params, plain = jlora.inject(base, sharded_mlp, rank=4, alpha=8.0, example_args=(x,))
+    _, fused = jlora.inject(base, sharded_mlp, rank=4, alpha=8.0, example_args=(x,), matmul="pallas")
+    params = randomize(params, scale=0.05)
+    adapters, frozen = jlora.split(params)
+
+    def loss(apply):  # x and the base are arguments: a closed-over array would lose its sharding
+        return lambda ad, frozen, x: jnp.mean(jnp.square(apply(jlora.combine(ad, frozen), x).astype(F32)))
+
+    l0, g0 = jax.jit(jax.value_and_grad(loss(plain)))(adapters, frozen, x)
+    assert not fake_hopper
+    step = jax.jit(jax.value_and_grad(loss(fused))).lower(adapters, frozen, x).compile()
+    l1, g1 = step(adapters, frozen, x)
+    assert fused.fused_report.fused == 2, fused.fused_report
+    # traced whole when the call is staged out, then per device block when XLA partitions it
+    assert blocks <= set(fake_hopper), set(fake_hopper)
+    assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert _rel(a, b) < 3e-2
+    gathers = collectives(step.as_text())["all-gather"]
+    assert all(n < x.size for _, n in gathers), f"activations gathered: {gathers}"  # W0: half x's size

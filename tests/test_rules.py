@@ -25,9 +25,11 @@ K = jax.random.key
 
 
 @pytest.fixture(autouse=True)
-def _strict_dtype_promotion():
-    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion."""
-    with jax.numpy_dtype_promotion("strict"):
+def _strict_dtype_promotion(request):
+    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion (tests that
+    also run an optax optimizer, which promotes its step count, are marked ``optax_promotion``)."""
+    mode = "standard" if request.node.get_closest_marker("optax_promotion") else "strict"
+    with jax.numpy_dtype_promotion(mode):
         yield
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ import jlora
 from jlora import Layout, LoraKernel
 from jlora._sharding import adapter_shardings, adapter_specs, factor_specs, shard_adapters
 from jlora._value import Role, Tag
-from helpers import randomize
+from helpers import collectives, randomize
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -59,26 +58,6 @@ def randomize_factors(lp, seed):
 
 
 # -- HLO: which collectives move frozen-kernel-sized data ----------------------------------------------
-
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.-]+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all)(-start)?\(")
-_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
-def collectives(hlo: str) -> dict[str, list[tuple[str, int]]]:
-    """``{op: [(dtype, elements), ...]}`` for each collective's result(s) in optimized HLO text
-    (a combined collective contributes each of its results; an async ``-start`` its outputs)."""
-    out = collections.defaultdict(list)
-    for line in hlo.splitlines():
-        m = _OP.match(re.sub(r"/\*.*?\*/", "", line))
-        if not m:
-            continue
-        shapes = _SHAPE.findall(m.group(1))
-        if m.group(3):  # all-gather-start: ((operands), (results)) -> keep the results' half
-            shapes = shapes[len(shapes) // 2:]
-        for dt, dims in shapes:
-            out[m.group(2)].append((dt, math.prod(int(d) for d in dims.split(",") if d)))
-    return out
-
 
 def big(ops, threshold):
     return collections.Counter(x for x in ops if x[1] >= threshold)

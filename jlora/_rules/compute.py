@@ -177,12 +177,20 @@ def _pallas_dot(x, k: LoraValue, p, ctx):
 
 
 def _pallas_refusal(x, k: LoraValue, p, ctx) -> str | None:
-    """Why the Pallas kernel does not take this matmul (checked before any device query)."""
+    """Why the Pallas kernel does not take this matmul (checked before any device query).
+
+    Sharded operands are taken as long as their mesh axes are Auto (JAX's default): the kernel call
+    is partitioned (:mod:`jlora._fused`), x's batch split stays, an FSDP kernel is gathered per use
+    as for the base matmul. Explicit mesh axes (sharding in the types) are not: the rank-r products'
+    placement there is written out by the general rule."""
+    from jlora import _fused
+
     (xc, kc), (xb, kb) = p["dimension_numbers"]
     pet, prec = p.get("preferred_element_type"), p.get("precision")
     precs = prec if isinstance(prec, tuple) else (prec,)
     checks = [
-        (ctx.in_loop, "inside a lax.scan/while body (measured slower there)"),
+        (ctx.in_loop and not _fused.in_loops(),
+         "inside a lax.scan/while body (measured slower there; JLORA_FUSED_IN_LOOPS=1 takes it)"),
         (bool(xb or kb or tuple(xc) != (x.ndim - 1,) or not is_matrix_on_input(k, kc)),
          "not a plain x @ W of a 2-D kernel"),
         (k.dropout > 0 and ctx.rng is not None, "adapter dropout is on"),
@@ -190,7 +198,8 @@ def _pallas_refusal(x, k: LoraValue, p, ctx) -> str | None:
         (x.dtype != k.dtype or (pet is not None and jnp.dtype(pet) != x.dtype),
          f"mixed dtypes (x {x.dtype}, kernel {k.dtype}, result {pet})"),
         (prec is not None and any(q not in (None, lax.Precision.DEFAULT) for q in precs), f"precision {prec}"),
-        (any(explicit_entries(t) is not None for t in (x, k.w0, k.a, k.b)), "sharded (explicit mesh axes)"),
+        (any(explicit_entries(t) is not None for t in (x, k.w0, k.a, k.b)),
+         "sharded with explicit mesh axes (Auto axes take the partitioned kernel)"),
     ]
     return next((why for bad, why in checks if bad), None)
 

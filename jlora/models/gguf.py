@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import warnings
@@ -111,6 +112,10 @@ def metadata(reader: Any, key: str, default: Any = _MISSING) -> Any:
     return field.contents()
 
 
+def _opt_int(x: Any) -> Optional[int]:
+    return None if x is None else int(x)
+
+
 def _config_from_reader(reader: Any, *, dtype: Any, scan_layers: bool) -> LlamaConfig:
     arch = metadata(reader, "general.architecture")
     if arch != "llama":
@@ -120,8 +125,18 @@ def _config_from_reader(reader: Any, *, dtype: Any, scan_layers: bool) -> LlamaC
         )
     scaling = metadata(reader, f"{arch}.rope.scaling.type", "none")
     has_freqs = any(t.name == "rope_freqs.weight" for t in reader.tensors)
-    if scaling not in ("none", "", None) or has_freqs:
-        raise NotImplementedError(f"RoPE scaling ({scaling!r} / rope_freqs) is not implemented.")
+    written = metadata(reader, "jlora.rope_scaling", None)  # by jlora's save_gguf
+    if written:
+        rope_scaling = json.loads(written)
+    elif scaling == "linear" and not has_freqs:
+        rope_scaling = {"rope_type": "linear", "factor": float(metadata(reader, f"{arch}.rope.scaling.factor"))}
+    elif scaling not in ("none", "", None) or has_freqs:
+        raise NotImplementedError(
+            f"RoPE scaling ({scaling!r} / rope_freqs) is not implemented (only 'linear', and "
+            f"'llama3' in files jlora's save_gguf wrote)."
+        )
+    else:
+        rope_scaling = None
     hidden = int(metadata(reader, f"{arch}.embedding_length"))
     heads = int(metadata(reader, f"{arch}.attention.head_count"))
     kv_heads = int(metadata(reader, f"{arch}.attention.head_count_kv", heads))
@@ -147,6 +162,8 @@ def _config_from_reader(reader: Any, *, dtype: Any, scan_layers: bool) -> LlamaC
         dtype=dtype,
         param_dtype=dtype,
         scan_layers=scan_layers,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=_opt_int(metadata(reader, f"{arch}.context_length", None)),
     )
 
 
@@ -284,6 +301,11 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
         elif name == "output.weight":
             check(name, value.shape, (cfg.vocab_size, d))
             put(("lm_head", "kernel"), value.T)
+        elif name == "rope_freqs.weight" and cfg.rope_scaling is not None:
+            from jlora.models.gguf_writer import llama3_rope_factors
+
+            if not np.allclose(value, llama3_rope_factors(cfg), rtol=1e-5):
+                raise ValueError("GGUF rope_freqs.weight does not match the file's jlora.rope_scaling.")
         else:
             raise ValueError(f"Unexpected tensor {name!r} in a llama GGUF file (biases? MoE?).")
 

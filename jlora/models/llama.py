@@ -22,12 +22,19 @@ and each of its leaves carries a leading layer axis (``params['layers']['self_at
 Everything is functional: the KV cache is a plain dict of arrays from :func:`init_cache` that goes
 in and comes out of ``model.apply``; no Flax mutable collections are used, so ``model.apply`` can be
 traced through any JAX transform.
+
+Training at scale (see :class:`LlamaConfig`): attention is :func:`jax.nn.dot_product_attention`
+(cuDNN flash attention on an NVIDIA GPU, so no ``(batch, heads, seq, seq)`` scores are stored),
+``remat`` re-computes each layer in the backward pass, and ``model.apply(params, tokens,
+labels=..., loss_mask=...)`` returns the cross-entropy computed over chunks of tokens
+(:func:`causal_lm_loss`), so the float32 logits of the whole batch never exist at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -35,16 +42,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 __all__ = [
     "CACHE_AXES",
     "LlamaConfig",
     "Llama",
+    "causal_lm_loss",
+    "attention_implementation",
+    "REMAT_POLICIES",
+    "remat_policy",
+    "LOSS_CHUNK_BYTES",
+    "PROJECTIONS",
     "init_cache",
     "generate",
     "left_pad",
     "stack_layer_params",
     "unstack_layer_params",
+    "from_pretrained",
+    "save_pretrained",
+    "save_gguf",
 ]
 
 Array = jax.Array
@@ -77,6 +94,41 @@ class LlamaConfig:
         dtype: Compute dtype of activations (norms and softmax always run in float32).
         param_dtype: Dtype that freshly initialised parameters get.
         scan_layers: Run the layers as one ``nn.scan`` over stacked parameters.
+        qkv_bias: Give the q/k/v projections a bias (Qwen2); the params then hold
+            ``self_attn/{q,k,v}_proj/bias``.
+        rope_scaling: ``None``, or transformers' RoPE scaling parameters as a mapping:
+            ``{'rope_type': 'linear', 'factor': f}`` or ``{'rope_type': 'llama3', 'factor': ...,
+            'low_freq_factor': ..., 'high_freq_factor': ..., 'original_max_position_embeddings':
+            ...}`` (Llama 3.1+). Stored as a sorted tuple of ``(key, value)`` pairs so that the
+            config stays hashable; ``dict(cfg.rope_scaling)`` reads it back.
+        sliding_window: Mistral's sliding-window attention: a query at position ``p`` sees keys at
+            positions ``p - sliding_window < q <= p`` (``None``: every earlier key).
+        max_position_embeddings: The context length the model was trained for (written to
+            ``config.json`` and GGUF metadata; not used in the computation).
+        attention: Implementation of :func:`jax.nn.dot_product_attention` for training and
+            cache-free calls: ``None`` (default) chooses, per call, ``'cudnn'`` (flash attention:
+            no ``(batch, heads, seq, seq)`` scores are stored) on an NVIDIA GPU when the compute
+            dtype is bfloat16/float16 and the head width allows it, else ``'xla'`` (the plain
+            softmax, what every CPU run gets); ``'xla'`` or ``'cudnn'`` force one (``'cudnn'``
+            raises where cuDNN cannot run it). Calls with a KV cache always use ``'xla'``
+            (:func:`attention_implementation` says what a call gets).
+        remat: What each decoder layer keeps for the backward pass (a per-layer
+            ``jax.checkpoint``, inside the ``nn.scan`` body with ``scan_layers``): ``None``
+            (no checkpoint: whatever autodiff saves), ``'full'`` (only the layer's input; the
+            backward runs the layer's forward again), ``'lora'`` (as ``'full'``, plus jlora's
+            rank-r products ``x·A``) or ``'dots'`` (every projection's output and the
+            attention's; RMSNorm, RoPE and SiLU are re-computed, no matmul is). See
+            :data:`REMAT_POLICIES`. ``'auto'`` (default) is ``'dots'`` with ``scan_layers``
+            (a scan otherwise stacks float32 copies and every SwiGLU intermediate per layer:
+            about twice the bytes, written and read back each step) and ``None`` without (XLA
+            fuses those copies away in an unrolled model). The same on every backend; on a CPU
+            ``'dots'`` costs the scanned demo no time. Only training uses it: calls with a cache
+            ignore it. :func:`remat_policy` says what a config gets.
+        loss_chunk_tokens: How :func:`causal_lm_loss` (``model.apply(..., labels=...)``) splits
+            the tokens: ``None`` (default) into chunks whose float32 logits take at most
+            :data:`LOSS_CHUNK_BYTES` (256 MiB), and not at all when the whole batch fits (so a
+            small batch, like the CPU demo's, computes exactly the plain cross-entropy);
+            ``0`` never splits; ``n`` splits into chunks of about ``n`` tokens.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -98,14 +150,35 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
+    qkv_bias: bool = False
+    rope_scaling: Any = None
+    sliding_window: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    attention: Optional[str] = None
+    remat: Optional[str] = "auto"
+    loss_chunk_tokens: Optional[int] = None
 
     def __post_init__(self):
+        if self.attention not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention must be None, 'xla' or 'cudnn', got {self.attention!r}.")
+        if self.remat not in (None, "auto", *REMAT_POLICIES):
+            raise ValueError(
+                f"remat must be None, 'auto' or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
+            )
+        if self.loss_chunk_tokens is not None and (
+            not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0
+        ):
+            raise ValueError(f"loss_chunk_tokens must be None or an int >= 0, got {self.loss_chunk_tokens!r}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}."
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}.")
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         """A copy with some fields changed."""
@@ -116,13 +189,66 @@ class LlamaConfig:
 # Building blocks.
 
 
-def rope_tables(positions: Array, *, head_dim: int, theta: float) -> tuple[Array, Array]:
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope_scaling(scaling: Any) -> tuple[tuple[str, Any], ...]:
+    """``scaling`` (a mapping or pairs; transformers' ``type`` or ``rope_type`` key) as the sorted
+    ``(key, value)`` pairs that :attr:`LlamaConfig.rope_scaling` holds, only the keys it uses."""
+    scaling = dict(scaling)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in _ROPE_KEYS:
+        raise NotImplementedError(
+            f"RoPE scaling of type {kind!r} is not implemented; supported: "
+            f"{sorted(_ROPE_KEYS)} (and no scaling)."
+        )
+    missing = [k for k in _ROPE_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"RoPE scaling {kind!r} needs {missing}; got {scaling}.")
+    return tuple(sorted({"rope_type": kind, **{k: scaling[k] for k in _ROPE_KEYS[kind]}}.items()))
+
+
+def rope_tables(
+    positions: Array, *, head_dim: int, theta: float, scaling: Any = None
+) -> tuple[Array, Array]:
     """Cosine and sine tables of rotary embeddings: float32, ``positions.shape + (head_dim,)``.
 
     The frequencies are repeated, not interleaved (``[f0..f_{d/2-1}, f0..f_{d/2-1}]``), to go with
     :func:`apply_rope`'s rotate-half convention (the one transformers uses).
+
+    ``scaling`` (:attr:`LlamaConfig.rope_scaling`) rescales the inverse frequencies exactly as
+    transformers' ``ROPE_INIT_FUNCTIONS`` do: ``'linear'`` divides all of them by ``factor``;
+    ``'llama3'`` divides those of wavelength above ``original_max_position_embeddings /
+    low_freq_factor`` by ``factor``, keeps those below ``original_max_position_embeddings /
+    high_freq_factor`` and interpolates smoothly in between. Neither changes the amplitude.
+
+    Example:
+        >>> pos = jnp.arange(4)[None]
+        >>> cos, _ = rope_tables(pos, head_dim=8, theta=10000.0)
+        >>> cos2, _ = rope_tables(2 * pos, head_dim=8, theta=10000.0,
+        ...                       scaling={"rope_type": "linear", "factor": 2.0})
+        >>> cos.shape, bool(jnp.allclose(cos, cos2, atol=1e-6))
+        ((1, 4, 8), True)
     """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is not None:
+        scaling = dict(_rope_scaling(scaling))
+        kind = scaling["rope_type"]
+        factor = float(scaling["factor"])
+        if kind == "linear":
+            inv_freq = inv_freq / factor
+        else:  # llama3, as transformers' _compute_llama3_parameters (float32 throughout)
+            low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+            old_len = float(scaling["original_max_position_embeddings"])
+            wavelen = 2 * math.pi / inv_freq
+            scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+            inv_freq = jnp.where(medium, smoothed, scaled)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -152,10 +278,10 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
+def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features,
-        use_bias=False,
+        use_bias=bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         kernel_init=_INIT,
@@ -167,8 +293,125 @@ def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
     return RMSNorm(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention, remat policies and the chunked loss.
+
+#: Checkpoint names of the projections' outputs (the Flax module names).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _project(cfg: LlamaConfig, features: int, name: str, x: Array, bias: bool = False) -> Array:
+    """A projection, its output named ``name`` for remat policies (:data:`REMAT_POLICIES`)."""
+    return checkpoint_name(_dense(cfg, features, name, bias)(x), name)
+
+
+def _attention_saveable(prim: Any, *_: Any, **__: Any) -> bool:
+    """cuDNN attention's forward (its output and softmax statistics: what its backward reads)."""
+    return prim.name.startswith("dot_product_attention_fwd")
+
+
+_cp = jax.checkpoint_policies
+
+#: ``LlamaConfig.remat`` names and the ``jax.checkpoint`` policy each one applies per layer:
+#:
+#: * ``'full'``: nothing is saved but the layer's input; the backward pass runs the layer's
+#:   forward again (one more forward pass in all: about 6·N instead of 4·N FLOPs a token for a
+#:   frozen base).
+#: * ``'lora'``: as ``'full'``, but jlora's rank-r products ``x·A`` (checkpoint name
+#:   ``'jlora_xa'``, N × r each) are kept.
+#: * ``'dots'``: every projection's output (checkpoint names :data:`PROJECTIONS`: with LoRA, the
+#:   sum ``x·W0 + s·(x·A)·B``, not its two terms), the attention output (``'attn_out'``), jlora's
+#:   ``x·A`` and cuDNN attention's forward results are kept; RMSNorm, RoPE, SiLU (and the softmax
+#:   of XLA's attention) are re-computed. No projection runs twice, and what is kept is in the
+#:   compute dtype: without a policy, a scanned layer stacks the float32 copies that RMSNorm and
+#:   RoPE make and every SwiGLU intermediate (``lax.scan`` saves whatever the backward reads,
+#:   where an unrolled layer leaves XLA free to fuse such copies away).
+REMAT_POLICIES: dict[str, Callable[..., Any]] = {
+    "full": _cp.nothing_saveable,
+    "lora": _cp.save_only_these_names("jlora_xa"),
+    "dots": _cp.save_from_both_policies(
+        _attention_saveable, _cp.save_only_these_names(*PROJECTIONS, "attn_out", "jlora_xa")
+    ),
+}
+
+#: Largest float32 logits (bytes) one chunk of :func:`causal_lm_loss` makes when
+#: ``loss_chunk_tokens`` is None.
+LOSS_CHUNK_BYTES = 256 * 2**20
+
+
+def remat_policy(config: LlamaConfig) -> Optional[str]:
+    """The :data:`REMAT_POLICIES` name a config's training calls use (``None``: no checkpoint).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> remat_policy(cfg), remat_policy(cfg.replace(scan_layers=True)), remat_policy(cfg.replace(remat="full"))
+        (None, 'dots', 'full')
+    """
+    if config.remat == "auto":
+        return "dots" if config.scan_layers else None
+    return config.remat
+
+
+def _on_cuda() -> bool:
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        from jax.extend import backend as jex_backend
+
+        return "cuda" in jex_backend.get_backend().platform_version.lower()
+    except Exception:  # pragma: no cover - unusual installs
+        return False
+
+
+def attention_implementation(
+    config: LlamaConfig, *, dtype: Any = None, query_len: int = 2, key_len: int = 2,
+    masked: bool = False, cache: bool = False,
+) -> str:
+    """The ``implementation`` that :class:`Llama` passes to :func:`jax.nn.dot_product_attention`.
+
+    ``config.attention`` when set; otherwise ``'cudnn'`` on a CUDA GPU where cuDNN's flash
+    attention takes the call (bfloat16/float16, head width a multiple of 8 and at most 128, even
+    lengths when a padding mask becomes its bias), else ``'xla'``. Calls with a KV cache always
+    get ``'xla'`` (see :class:`Attention`).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> attention_implementation(cfg, dtype=jnp.float32)
+        'xla'
+    """
+    if cache:
+        return "xla"
+    if config.attention is not None:
+        return config.attention
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    ok = (
+        dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and config.head_dim % 8 == 0
+        and config.head_dim <= 128
+        and not (masked and (query_len % 2 or key_len % 2))
+    )
+    return "cudnn" if ok and _on_cuda() else "xla"
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE and an optional KV cache (HF: ``self_attn``)."""
+    """Grouped-query self-attention with RoPE and an optional KV cache (HF: ``self_attn``).
+
+    Without a cache (training, scoring, cache-free prefill) the keys are this call's own tokens
+    and :func:`jax.nn.dot_product_attention` runs with ``is_causal=True`` and, only when
+    ``mask`` (``(batch, 1, 1, keys)``: padding) is given, a key mask; K and V keep their
+    ``num_kv_heads`` heads (the function groups query head ``h`` with KV head
+    ``h // (num_heads // num_kv_heads)``, like transformers' ``repeat_kv``). With cuDNN that is
+    flash attention: nothing of size ``seq × seq`` is stored for the backward pass.
+
+    With a cache the keys are every cache slot and ``mask`` (``(batch, 1, seq, slots)``) says
+    which slots each query sees (slot order and padding, from ``cache['pos']``). That call also
+    goes through :func:`jax.nn.dot_product_attention`, but always with ``implementation='xla'``:
+    cuDNN would take the mask only as a dense additive bias (its sequence-length form cannot say
+    "left padding" or "start at slot ``index``"), and a decode step of one query gains nothing
+    from flash attention. Generation never differentiates, so no scores are kept either way.
+    """
 
     config: LlamaConfig
 
@@ -178,21 +421,30 @@ class Attention(nn.Module):
         x: Array,
         cos: Array,
         sin: Array,
-        mask: Array,
+        mask: Optional[Array],
         kv: Optional[tuple[Array, Array]],
         index: Any,
     ) -> tuple[Array, Optional[tuple[Array, Array]]]:
         cfg = self.config
         batch, seq, _ = x.shape
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg, heads * dim, "q_proj")(x).reshape(batch, seq, heads, dim)
-        k = _dense(cfg, kv_heads * dim, "k_proj")(x).reshape(batch, seq, kv_heads, dim)
-        v = _dense(cfg, kv_heads * dim, "v_proj")(x).reshape(batch, seq, kv_heads, dim)
+        bias = cfg.qkv_bias
+        q = _project(cfg, heads * dim, "q_proj", x, bias).reshape(batch, seq, heads, dim)
+        k = _project(cfg, kv_heads * dim, "k_proj", x, bias).reshape(batch, seq, kv_heads, dim)
+        v = _project(cfg, kv_heads * dim, "v_proj", x, bias).reshape(batch, seq, kv_heads, dim)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
         if kv is None:
-            keys, values, new_kv = k, v, None
+            impl = attention_implementation(
+                cfg, dtype=q.dtype, query_len=seq, key_len=seq, masked=mask is not None
+            )
+            if mask is not None and impl == "cudnn":  # cuDNN takes a mask as a (.., T, S) bias
+                mask = jnp.broadcast_to(mask, (batch, 1, seq, seq))
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, implementation=impl
+            )
+            new_kv = None
         else:
             k_cache, v_cache = kv
             k = k.astype(k_cache.dtype)
@@ -200,19 +452,11 @@ class Attention(nn.Module):
             keys = jax.lax.dynamic_update_slice(k_cache, k, (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(v_cache, v, (0, index, 0, 0))
             new_kv = (k, v)
-
-        # Query head h = g_kv * group + r reads KV head g_kv, like transformers' repeat_kv.
-        group = heads // kv_heads
-        qg = q.reshape(batch, seq, kv_heads, group, dim)
-        scores = jnp.einsum(
-            "btkgd,bskd->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32
-        )
-        scores = scores * (dim**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(cfg.dtype))
-        out = out.reshape(batch, seq, heads * dim)
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out), new_kv
+            out = jax.nn.dot_product_attention(
+                q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask, implementation="xla"
+            )
+        out = checkpoint_name(out.reshape(batch, seq, heads * dim), "attn_out")
+        return _project(cfg, cfg.hidden_size, "o_proj", out), new_kv
 
 
 class MLP(nn.Module):
@@ -223,9 +467,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+        gate = _project(cfg, cfg.intermediate_size, "gate_proj", x)
+        up = _project(cfg, cfg.intermediate_size, "up_proj", x)
+        return _project(cfg, cfg.hidden_size, "down_proj", nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -239,7 +483,7 @@ class DecoderLayer(nn.Module):
         x: Array,
         cos: Array,
         sin: Array,
-        mask: Array,
+        mask: Optional[Array],
         kv: Optional[tuple[Array, Array]],
         index: Any,
     ) -> tuple[Array, Optional[tuple[Array, Array]]]:
@@ -252,18 +496,165 @@ class DecoderLayer(nn.Module):
         return x, new_kv
 
 
+class LMHead(nn.Module):
+    """The untied output projection (HF: ``lm_head``): one ``(hidden, vocab)`` kernel, no bias.
+
+    The same parameter (``lm_head/kernel``) and product as ``nn.Dense(vocab, use_bias=False)``;
+    a module of its own so that :func:`causal_lm_loss` can take the kernel and compute the
+    product chunk by chunk.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        shape = (cfg.hidden_size, cfg.vocab_size)
+        self.kernel = self.param("kernel", _INIT, shape, cfg.param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        return _head_logits(x, self.kernel, transposed=False, dtype=self.config.dtype)
+
+
+def _head_logits(x: Array, kernel: Array, *, transposed: bool, dtype: Any) -> Array:
+    """``x · kernel`` (or ``x · kernelᵀ`` for a tied embedding) in ``dtype``, as ``nn.Dense`` /
+    ``nn.Embed.attend`` compute it (both operands cast to ``dtype`` first)."""
+    x = jnp.asarray(x, dtype)
+    w = jnp.asarray(kernel, dtype)
+    if transposed:
+        return jnp.dot(x, w.T)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _nll_sum(h: Array, kernel: Array, labels: Array, weights: Array, *, transposed: bool, dtype: Any) -> Array:
+    """``Σ weights · (logsumexp(logits) - logits[label])`` over the rows of ``h`` (float32)."""
+    logits = _head_logits(h, kernel, transposed=transposed, dtype=dtype).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return jnp.sum((lse - target) * weights)
+
+
+def _loss_chunks(n: int, vocab: int, chunk_tokens: Optional[int]) -> tuple[int, int]:
+    """``(count, size)`` of the token chunks: ``count · size >= n`` with less than ``count`` padding."""
+    if chunk_tokens == 0:
+        return 1, n
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+    count = -(-n // max(1, min(n, chunk_tokens)))
+    return count, -(-n // count)
+
+
+def causal_lm_loss(
+    hidden: Array,
+    kernel: Array,
+    labels: Array,
+    mask: Optional[Array] = None,
+    *,
+    transposed: bool = False,
+    dtype: Any = None,
+    chunk_tokens: Optional[int] = None,
+) -> Array:
+    """Mean cross-entropy of ``hidden · kernel`` against ``labels``, a chunk of tokens at a time.
+
+    The tokens (every position of ``hidden``, flattened) are cut into chunks; a ``lax.scan`` over
+    the chunks computes each chunk's float32 logits, their log-sum-exp and the label's logit, and
+    keeps only the sum. Each chunk runs under ``jax.checkpoint``, so the backward pass computes its
+    logits again instead of storing them: the logits of the whole batch (``tokens × vocab``
+    float32, 2 GiB for 16k tokens of a 32k vocabulary) never exist at once, only one chunk's.
+    When everything fits in one chunk there is no scan and no re-computation: the result is
+    the plain cross-entropy, computed the plain way.
+
+    Call it inside the function that ``jlora.inject``/``apply`` traces (``Llama.__call__`` does,
+    with ``labels=``), so that an adapted head is computed unmerged like any other kernel: the
+    scan body closes over the kernel, and jlora evaluates the body (and the ``jax.checkpoint``
+    in it) with the kernel unmerged. The chunks run over tokens, not over the vocabulary, on
+    purpose: token chunks leave the kernel whole and are independent of each other. Vocabulary
+    chunks would slice the kernel's output axis: fed to ``lax.scan`` as ``xs`` that slice is
+    refused by ``jlora.inject`` (one kernel axis would be both a stacked-layer axis and an output
+    axis; jlora's scan rule slices adapted kernels only along stacked-layer axes); a
+    ``lax.dynamic_slice`` of the closed-over kernel inside the body would be accepted, but needs
+    an online log-sum-exp across chunks and the label's logit from whichever chunk holds it.
+
+    Args:
+        hidden: Final hidden states, ``(..., hidden)`` (after the last norm).
+        kernel: The output projection, ``(hidden, vocab)``; ``(vocab, hidden)`` with
+            ``transposed=True`` (a tied input embedding).
+        labels: Integer targets, ``hidden.shape[:-1]``: ``labels[..., t]`` is the token that
+            position ``t`` should predict (shift the input tokens yourself). Negative labels are
+            ignored (weight 0), like transformers' ``-100``.
+        mask: Optional weights, ``labels.shape``, e.g. 1 on answer tokens and 0 elsewhere.
+        transposed: Whether ``kernel`` is ``(vocab, hidden)``.
+        dtype: Dtype of the matmul (both operands are cast to it); defaults to ``hidden``'s.
+            The logits are then cast to float32.
+        chunk_tokens: Tokens per chunk: ``None`` for as many as keep one chunk's float32 logits
+            within :data:`LOSS_CHUNK_BYTES`, ``0`` for no chunking.
+
+    Returns:
+        ``Σ w·nll / Σ w`` over all positions (float32 scalar; 0 when every weight is 0).
+
+    Example:
+        >>> h = jnp.ones((2, 5, 8)); w = jnp.full((8, 11), 0.1); y = jnp.zeros((2, 5), jnp.int32)
+        >>> plain = causal_lm_loss(h, w, y, chunk_tokens=0)
+        >>> bool(jnp.allclose(causal_lm_loss(h, w, y, chunk_tokens=3), plain)), round(float(plain), 4)
+        (True, 2.3979)
+    """
+    d = hidden.shape[-1]
+    vocab = kernel.shape[0] if transposed else kernel.shape[-1]
+    dtype = hidden.dtype if dtype is None else dtype
+    labels = jnp.asarray(labels)
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels have shape {labels.shape}, expected {hidden.shape[:-1]} (hidden's minus its last axis).")
+    h = hidden.reshape(-1, d)
+    y = labels.reshape(-1).astype(jnp.int32)
+    w = (y >= 0).astype(jnp.float32)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != labels.shape:
+            raise ValueError(f"mask has shape {mask.shape}, expected the labels' {labels.shape}.")
+        w = w * mask.reshape(-1).astype(jnp.float32)
+    y = jnp.maximum(y, 0)
+    n = h.shape[0]
+    count, size = _loss_chunks(n, vocab, chunk_tokens)
+    nll = functools.partial(_nll_sum, transposed=transposed, dtype=dtype)
+    if count == 1:
+        total = nll(h, kernel, y, w)
+    else:
+        pad = count * size - n
+        if pad:
+            h = jnp.pad(h, ((0, pad), (0, 0)))
+            y, w = jnp.pad(y, (0, pad)), jnp.pad(w, (0, pad))
+        # The backward pass re-computes a chunk's logits rather than storing them.
+        chunk_nll = jax.checkpoint(nll, policy=jax.checkpoint_policies.nothing_saveable)
+
+        def body(acc, xs):
+            hc, yc, wc = xs
+            return acc + chunk_nll(hc, kernel, yc, wc), None
+
+        xs = (h.reshape(count, size, d), y.reshape(count, size), w.reshape(count, size))
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    denom = jnp.sum(w)
+    return total / jnp.where(denom > 0, denom, 1.0)
+
+
 class Llama(nn.Module):
     """Llama causal language model (Flax linen), parameter-compatible with HF's layout.
 
-    Call as ``model.apply(params, tokens, positions=None, cache=None)``:
+    Call as ``model.apply(params, tokens, positions=None, cache=None, labels=None, loss_mask=None)``:
 
-    * without ``cache``: returns logits ``(batch, seq, vocab)``;
+    * without ``cache`` or ``labels``: returns logits ``(batch, seq, vocab)``;
+    * with ``labels`` (``(batch, seq)`` int, ``labels[:, t]`` the token position ``t`` predicts;
+      negative ones are ignored) and optionally ``loss_mask`` (``(batch, seq)`` weights): returns
+      the mean cross-entropy, a float32 scalar, computed by :func:`causal_lm_loss` in chunks of
+      ``config.loss_chunk_tokens`` tokens, so the full logits are never formed. The head matmul
+      happens inside this call, so ``jlora.inject``'s ``apply`` computes an adapted ``lm_head`` (or
+      tied embedding) unmerged here too;
     * with a cache from :func:`init_cache`: writes the new keys/values at ``cache['index']`` and
       returns ``(logits, new_cache)``.
 
     Logits are always float32. ``positions`` (int, ``(batch, seq)``) default to ``0..seq-1``
     (offset by ``cache['index']`` with a cache). A negative position marks a padding token: it is
     never attended to as a key. Attention is causal in the order tokens were fed (cache slot order).
+    Without a cache, leaving ``positions`` out is the fastest path (plain causal attention, no
+    mask); right padding needs no positions, since no real token ever attends to a later one.
 
     Attributes:
         config: The :class:`LlamaConfig`.
@@ -278,28 +669,48 @@ class Llama(nn.Module):
         *,
         positions: Optional[Array] = None,
         cache: Optional[Cache] = None,
+        labels: Optional[Array] = None,
+        loss_mask: Optional[Array] = None,
     ) -> Any:
         cfg = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, seq) int32, got shape {tokens.shape}.")
+        if labels is not None and cache is not None:
+            raise ValueError("labels (the loss) and cache (generation) cannot be used together.")
+        if loss_mask is not None and labels is None:
+            raise ValueError("loss_mask needs labels.")
         batch, seq = tokens.shape
         steps = jnp.arange(seq, dtype=jnp.int32)
 
-        # Without a cache the keys are this call's tokens; with one, every slot of the cache.
-        index = 0 if cache is None else jnp.asarray(cache["index"], jnp.int32)
-        query_slot = index + steps
-        if positions is None:
-            positions = jnp.broadcast_to(query_slot, (batch, seq))
-        positions = jnp.asarray(positions, jnp.int32)
         if cache is None:
-            key_pos, key_slot = positions, steps
+            # The keys are this call's tokens: causal attention, plus a key mask for padding.
+            index = None
+            if positions is None:
+                mask = None
+                positions = jnp.broadcast_to(steps, (batch, seq))
+            else:
+                positions = jnp.asarray(positions, jnp.int32)
+                mask = (positions >= 0)[:, None, None, :]
         else:
+            # The keys are every slot of the cache: causal in slot order, padding never seen.
+            index = jnp.asarray(cache["index"], jnp.int32)
+            query_slot = index + steps
+            if positions is None:
+                positions = jnp.broadcast_to(query_slot, (batch, seq))
+            positions = jnp.asarray(positions, jnp.int32)
             key_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, index))
             key_slot = jnp.arange(cache["pos"].shape[1], dtype=jnp.int32)
-        # (batch, seq, keys): causal in slot order, and padding (position < 0) never seen.
-        mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & (key_pos[:, None, :] >= 0)
-        cos, sin = rope_tables(positions, head_dim=cfg.head_dim, theta=cfg.rope_theta)
+            mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & (key_pos[:, None, :] >= 0)
+            if cfg.sliding_window is not None:  # Mistral: keys within the window before the query
+                mask &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
+            mask = mask[:, None]  # (batch, 1, seq, slots)
+        if cache is None and cfg.sliding_window is not None:  # Mistral, on this call's own tokens
+            window = positions[:, None, None, :] > positions[:, None, :, None] - cfg.sliding_window
+            mask = window if mask is None else mask & window  # (batch, 1, seq, seq), with is_causal
+        cos, sin = rope_tables(
+            positions, head_dim=cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling
+        )
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -311,10 +722,17 @@ class Llama(nn.Module):
         )
         x = embed(tokens)
 
+        layer_cls = DecoderLayer
+        policy = remat_policy(cfg)
+        if policy is not None and cache is None:
+            # Inside nn.scan, CSE across iterations cannot happen anyway (JAX's advice).
+            layer_cls = nn.remat(
+                DecoderLayer, policy=REMAT_POLICIES[policy], prevent_cse=not cfg.scan_layers
+            )
         if cfg.scan_layers:
             kv = None if cache is None else (cache["k"], cache["v"])
             layers = nn.scan(
-                DecoderLayer,
+                layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
@@ -325,17 +743,26 @@ class Llama(nn.Module):
             chunks = []
             for i in range(cfg.num_layers):
                 kv_i = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, new_kv_i = DecoderLayer(cfg, name=f"layers_{i}")(x, cos, sin, mask, kv_i, index)
+                x, new_kv_i = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask, kv_i, index)
                 chunks.append(new_kv_i)
             new_kv = None
             if cache is not None:
                 new_kv = (jnp.stack([c[0] for c in chunks]), jnp.stack([c[1] for c in chunks]))
 
         x = _norm(cfg, "norm")(x)
+        if labels is not None:
+            if cfg.tie_embeddings:
+                kernel, transposed = embed.embedding, True
+            else:
+                kernel, transposed = LMHead(cfg, name="lm_head").kernel, False
+            return causal_lm_loss(
+                x, kernel, labels, loss_mask, transposed=transposed, dtype=cfg.dtype,
+                chunk_tokens=cfg.loss_chunk_tokens,
+            )
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
+            logits = LMHead(cfg, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
 
         if cache is None:
@@ -616,3 +1043,23 @@ def unstack_layer_params(params: Mapping[str, Any]) -> dict[str, Any]:
     for i in range(n):
         out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return {"params": out} if wrapped else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folders and GGUF files, from their own modules (imported on first use).
+
+_ELSEWHERE = {
+    "from_pretrained": "jlora.models.hf",
+    "save_pretrained": "jlora.models.hf",
+    "save_gguf": "jlora.models.gguf_writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``from_pretrained`` / ``save_pretrained`` (:mod:`jlora.models.hf`) and ``save_gguf``
+    (:mod:`jlora.models.gguf_writer`), importable from here."""
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,651 @@
+"""Supervised fine-tuning of a Llama-family model on your own JSONL data, then files you can serve.
+
+The command behind ``examples/sft.py`` and the ``jlora-sft`` console script::
+
+    jlora-sft --model path/to/hf-folder-or.gguf --data train.jsonl --out out/run --gguf q8_0
+
+Data: one JSON object per line, either a chat, ``{"messages": [{"role": "system"|"user"|
+"assistant", "content": "..."}, ...]}`` (rendered with the tokenizer's chat template), or a pair,
+``{"prompt": "...", "completion": "..."}`` (plain text, the tokenizer's EOS after the completion;
+``prompt``/``completion`` may also be lists of messages, as in TRL's conversational format). The
+loss is taken on the answer tokens only: every assistant turn of a chat, or the completion. A
+malformed line is an error naming its line number.
+
+Batches: examples are grouped by length into at most ``--buckets`` widths (quantiles of the
+lengths, rounded up to 8), so each batch is padded only to its bucket's width and only a few
+shapes are compiled; the padding fraction is reported. A sequence longer than ``--seq-len`` is
+truncated (``--truncate``, the default) or refused (``--refuse-long``), and the count is reported.
+
+Training: LoRA (``jlora.inject``) on the chosen projections, AdamW with warm-up and cosine decay
+on the adapters only, a progress bar with loss and tokens/s, the held-out loss (``--eval-fraction``)
+before and after, checkpoints with :class:`jlora.TrainCheckpointer` every ``--save-every`` steps
+(``--resume`` continues from the newest: the data order depends only on ``--seed`` and the step,
+so a resumed run ends with the adapters of an uninterrupted one). ``--qlora`` trains over an NF4
+base (quantized as it is loaded).
+
+Outputs in ``--out``: ``adapter/`` (``jlora.save_adapters``), ``peft/`` (``jlora.export_peft``),
+``merged/`` (the merged model as a Hugging Face folder, :func:`~jlora.models.hf.save_pretrained`),
+``model-<dtype>.gguf`` with ``--gguf`` (:func:`~jlora.models.gguf_writer.save_gguf`), ``loss.png``,
+``metrics.json``, ``checkpoints/`` and ``run.json`` (the settings; ``--resume`` refuses different
+ones, the data compared by its SHA-256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["DataError", "Example", "read_jsonl", "encode_example", "bucket_widths", "epoch_batches", "main"]
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and line."""
+
+
+class Example(NamedTuple):
+    """One training example: ``messages`` (``train_from``: index of the first message whose
+    assistant turns are trained), or a text ``prompt``/``completion`` pair."""
+
+    line: int
+    messages: Optional[list]
+    train_from: int
+    prompt: Optional[str]
+    completion: Optional[str]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def _check_messages(messages: Any, where: str, what: str = "messages") -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {what!r} must be a non-empty list of {{'role', 'content'}} objects.")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {what}[{k}] is a {type(m).__name__}, not an object.")
+        if m.get("role") not in _ROLES:
+            raise DataError(f"{where}: {what}[{k}] has role {m.get('role')!r}; roles are {list(_ROLES)}.")
+        if not isinstance(m.get("content"), str):
+            raise DataError(
+                f"{where}: {what}[{k}] ({m['role']}) has content of type "
+                f"{type(m.get('content')).__name__}, not a string."
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_jsonl(path: Any) -> list[Example]:
+    """Read and check a JSONL file of chats or prompt/completion pairs (blank lines skipped).
+
+    Raises:
+        DataError: A line that is not a JSON object, has neither ``messages`` nor
+            ``prompt``/``completion``, a message with a wrong role or a non-string content, or no
+            assistant turn to train on; the message names the file and line number.
+    """
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a line must be a JSON object, got {type(row).__name__}.")
+            if "messages" in row:
+                msgs = _check_messages(row["messages"], where)
+                if not any(m["role"] == "assistant" for m in msgs):
+                    raise DataError(f"{where}: no assistant message to train on.")
+                out.append(Example(n, msgs, 0, None, None))
+            elif "prompt" in row and "completion" in row:
+                p, c = row["prompt"], row["completion"]
+                if isinstance(p, str) and isinstance(c, str):
+                    if not c:
+                        raise DataError(f"{where}: empty completion.")
+                    out.append(Example(n, None, 0, p, c))
+                elif isinstance(p, list) and isinstance(c, list):
+                    p = _check_messages(p, where, "prompt")
+                    c = _check_messages(c, where, "completion")
+                    if not any(m["role"] == "assistant" for m in c):
+                        raise DataError(f"{where}: the completion has no assistant message.")
+                    out.append(Example(n, p + c, len(p), None, None))
+                else:
+                    raise DataError(
+                        f"{where}: prompt and completion must both be strings or both lists of "
+                        f"messages; got {type(p).__name__} and {type(c).__name__}."
+                    )
+            else:
+                raise DataError(
+                    f"{where}: no 'messages' and no 'prompt'/'completion' (keys: {sorted(row)})."
+                )
+    if not out:
+        raise DataError(f"{path}: no examples.")
+    return out
+
+
+def _encode_spans(tok: Any, text: str, spans: list[tuple[int, int]], add_special_tokens: bool):
+    """Token ids of ``text`` and a mask of the tokens overlapping any character span."""
+    backend = tok.backend
+    if add_special_tokens and not hasattr(tok, "config"):  # the GGUF Tokenizer adds BOS/EOS itself
+        enc = backend.encode(text, add_special_tokens=False)
+        ids, offsets = list(enc.ids), list(enc.offsets)
+        if tok.add_bos and tok.bos_id is not None:
+            ids, offsets = [tok.bos_id, *ids], [(0, 0), *offsets]
+    else:
+        enc = backend.encode(text, add_special_tokens=add_special_tokens)
+        ids, offsets = list(enc.ids), list(enc.offsets)
+    mask = [any(e > a and s < b for a, b in spans) and e > s for s, e in offsets]
+    return ids, mask
+
+
+def encode_example(tok: Any, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, answer)``: int32 token ids and a bool mask that is True on the tokens to learn
+    (the assistant turns, with their end-of-turn tokens, or the completion and EOS).
+
+    Chats are rendered with the tokenizer's chat template; each assistant turn is located as the
+    text between the rendering of the messages before it (with the generation prompt) and the
+    rendering through it, and tokens overlapping those spans are answer tokens.
+
+    Raises:
+        DataError: The template does not render a conversation as successive extensions of its
+            prefixes (so the assistant turns cannot be located), or there is no chat template.
+    """
+    where = f"line {ex.line}"
+    if ex.messages is None:
+        text = ex.prompt + ex.completion
+        ids, mask = _encode_spans(tok, text, [(len(ex.prompt), len(text))], True)
+        if tok.eos_id is not None and (not ids or ids[-1] != tok.eos_id):
+            ids, mask = ids + [tok.eos_id], mask + [True]
+        return np.asarray(ids, np.int32), np.asarray(mask, bool)
+    msgs = ex.messages
+    try:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant" or i < ex.train_from:
+                continue
+            before = tok.apply_chat_template(msgs[:i], add_generation_prompt=True) if i else ""
+            through = tok.apply_chat_template(msgs[: i + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise DataError(
+                    f"{where}: the chat template does not render message {i} as an extension of "
+                    f"the messages before it, so its answer tokens cannot be located."
+                )
+            spans.append((len(before), len(through)))
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{where}: {e}") from None
+    ids, mask = _encode_spans(tok, text, spans, False)
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+
+def bucket_widths(lengths: Sequence[int], buckets: int, seq_len: int) -> list[int]:
+    """At most ``buckets`` batch widths: quantiles of ``lengths`` rounded up to 8 (the longest
+    example's length included), capped at ``seq_len``.
+
+    Example:
+        >>> bucket_widths([5, 9, 17, 30, 31], 2, 64)
+        [24, 32]
+    """
+    lengths = np.asarray(lengths)
+    qs = np.quantile(lengths, [k / buckets for k in range(1, buckets + 1)], method="higher")
+    return sorted({min(seq_len, int(-(-int(q) // 8) * 8)) for q in qs})
+
+
+def epoch_batches(lengths: Sequence[int], widths: Sequence[int], batch: int, seed: int) -> list[tuple[int, list[int]]]:
+    """One epoch's batches, ``(width, example indices)``, shuffled with ``seed``.
+
+    Each example goes to the narrowest width that holds it; each width's examples are shuffled
+    and cut into batches of ``batch``; an incomplete remainder moves on to the next width, and
+    the widest width's remainder is a last, smaller batch (filled with empty rows when stacked).
+
+    Example:
+        >>> sorted(len(ix) for _, ix in epoch_batches([3, 4, 10, 12, 12], [8, 16], 2, 0))
+        [1, 2, 2]
+    """
+    rng = np.random.default_rng(seed)
+    per: dict[int, list[int]] = {w: [] for w in widths}
+    for i, n in enumerate(lengths):
+        per[next(w for w in widths if n <= w)].append(i)
+    out, carry = [], []
+    for w in widths:
+        items = carry + [int(i) for i in rng.permutation(per[w])]
+        full = len(items) // batch * batch
+        out += [(w, items[k : k + batch]) for k in range(0, full, batch)]
+        carry = items[full:]
+    if carry:
+        out.append((widths[-1], carry))
+    order = rng.permutation(len(out))
+    return [out[k] for k in order]
+
+
+def stack_batch(encoded: Sequence[tuple[np.ndarray, np.ndarray]], indices: Sequence[int], width: int,
+                batch: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(ids, weights, real_tokens)``: right-padded ``(batch, width)`` ids and the loss weight of
+    each position (1 where the *next* token is an answer token)."""
+    ids = np.full((batch, width), pad_id, np.int32)
+    weights = np.zeros((batch, width), np.float32)
+    real = 0
+    for row, i in enumerate(indices):
+        seq, answer = encoded[i]
+        ids[row, : len(seq)] = seq
+        weights[row, : len(seq) - 1] = answer[1:]
+        real += len(seq)
+    return ids, weights, real
+
+
+# ----------------------------------------------------------------------------------------------
+# Model.
+
+
+def load_model(path: Any, *, dtype: Any, qlora: bool) -> tuple[Any, dict, Any]:
+    """``(config, params, tokenizer)`` from a Hugging Face folder or a GGUF file, scanned layers;
+    with ``qlora`` the projections are NF4."""
+    import jlora
+    from jlora.models.gguf import load_gguf
+    from jlora.models.hf import from_pretrained
+
+    path = Path(path)
+    if path.is_dir():
+        cfg, params, tok = from_pretrained(path, dtype=dtype, scan_layers=True, quantize="nf4" if qlora else None)
+    elif path.suffix == ".gguf":
+        cfg, params, tok = load_gguf(path, dtype=dtype, scan_layers=True)
+        if qlora:
+            params = jlora.quantize(params, method="nf4", targets="|".join(PROJECTIONS))
+    else:
+        raise FileNotFoundError(f"--model {path}: neither a Hugging Face folder nor a .gguf file.")
+    if tok is None:
+        raise FileNotFoundError(f"--model {path}: no tokenizer (tokenizer.json) found.")
+    return cfg, params, tok
+
+
+def _targets(spec: str) -> Any:
+    if spec in ("all", ""):
+        return list(PROJECTIONS)
+    if re.fullmatch(r"[\w,]+", spec):
+        return [s for s in spec.split(",") if s]
+    return spec  # a regex
+
+
+def _dtype(name: str) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32}[name]
+
+
+def _run_settings(args: argparse.Namespace) -> dict:
+    """What a resumed run must share with the run it continues (the data by content)."""
+    import hashlib
+
+    keys = ("model", "seed", "batch", "seq_len", "long", "buckets", "eval_fraction", "rank", "alpha",
+            "targets", "dropout", "qlora", "dtype", "steps", "lr", "warmup")
+    out = {k: getattr(args, k) for k in keys}
+    out["model"] = str(Path(args.model).resolve())
+    out["data_sha256"] = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="jlora-sft", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
+    ap.add_argument("--data", required=True, help="JSONL: chat 'messages' or 'prompt'/'completion' per line")
+    ap.add_argument("--out", default="out/sft", help="output directory")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    ap.add_argument("--targets", default="all",
+                    help="'all' (the 7 projections), a comma list of module names (q_proj,v_proj) or a regex")
+    ap.add_argument("--qlora", action="store_true", help="NF4 base, quantized as it is loaded")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="base weights and compute (auto: float32 on CPU, bfloat16 elsewhere)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024, help="longest sequence")
+    long = ap.add_mutually_exclusive_group()
+    long.add_argument("--truncate", dest="long", action="store_const", const="truncate", default="truncate",
+                      help="cut sequences longer than --seq-len (default)")
+    long.add_argument("--refuse-long", dest="long", action="store_const", const="refuse",
+                      help="stop with an error if a sequence is longer than --seq-len")
+    ap.add_argument("--buckets", type=int, default=4, help="most distinct batch widths (compiled shapes)")
+    ap.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data")
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: before and after)")
+    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after N steps of this run, without exporting (a time-boxed job; --resume later)")
+    ap.add_argument("--gguf", nargs="?", const="f16", default=None, choices=("f16", "bf16", "q8_0"),
+                    help="also write a GGUF file (default type f16)")
+    ap.add_argument("--no-merged", action="store_true", help="skip the merged Hugging Face folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-cache", default=None,
+                    help="directory of JAX's persistent compilation cache (re-runs skip compiling)")
+    args = ap.parse_args(argv)
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
+    if not 0 <= args.eval_fraction < 1:
+        ap.error("--eval-fraction must be in [0, 1).")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run a fine-tuning; returns the metrics written to ``metrics.json`` plus ``params``,
+    ``apply``, ``config`` and ``tokenizer``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+    from jlora.models.llama import Llama
+
+    args = parse_args(argv)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = jax.devices()[0]
+    print(f"JAX {jax.__version__} on {dev.platform.upper()} ({dev.device_kind})")
+    t0 = time.time()
+
+    examples = read_jsonl(args.data)  # before loading a model: bad data fails fast
+    dtype = _dtype(args.dtype)
+    cfg, variables, tok = load_model(args.model, dtype=dtype, qlora=args.qlora)
+    print(f"model: {cfg.num_layers} layers, d={cfg.hidden_size}, vocab={cfg.vocab_size}, "
+          f"{np.dtype(dtype).name}{', NF4 base' if args.qlora else ''} ({time.time() - t0:.1f}s)")
+
+    # Tokenize, truncate or refuse long examples.
+    encoded, too_long, dropped = [], [], 0
+    for ex in examples:
+        ids, answer = encode_example(tok, ex)
+        if len(ids) > args.seq_len:
+            too_long.append(ex.line)
+            if args.long == "refuse":
+                continue
+            ids, answer = ids[: args.seq_len], answer[: args.seq_len]
+        if not answer[1:].any():
+            dropped += 1
+            continue
+        encoded.append((ids, answer))
+    if too_long and args.long == "refuse":
+        raise DataError(
+            f"{args.data}: {len(too_long)} sequences longer than --seq-len {args.seq_len} (lines "
+            f"{too_long[:10]}{' ...' if len(too_long) > 10 else ''}); raise --seq-len or pass --truncate."
+        )
+    if too_long:
+        print(f"truncated {len(too_long)} of {len(examples)} sequences to --seq-len {args.seq_len}")
+    if dropped:
+        print(f"dropped {dropped} examples with no answer token within --seq-len")
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(encoded))
+    n_eval = int(round(args.eval_fraction * len(encoded)))
+    if args.eval_fraction > 0:
+        n_eval = max(1, n_eval)
+    eval_set = [encoded[i] for i in order[:n_eval]]
+    train_set = [encoded[i] for i in order[n_eval:]]
+    if not train_set:
+        raise DataError(f"{args.data}: no training examples left after the held-out split.")
+    lengths = [len(s) for s, _ in train_set]
+    widths = bucket_widths(lengths + [len(s) for s, _ in eval_set], args.buckets, args.seq_len)
+    plan_cache: dict[int, list] = {}
+
+    def batch_for(step: int) -> tuple[int, list[int]]:
+        epoch, k = divmod(step, len(epoch_batches_of(0)))
+        return epoch_batches_of(epoch)[k]
+
+    def epoch_batches_of(epoch: int) -> list:
+        if epoch not in plan_cache:
+            plan_cache[epoch] = epoch_batches(lengths, widths, args.batch, seed=args.seed * 100003 + epoch)
+        return plan_cache[epoch]
+
+    one_epoch = epoch_batches_of(0)
+    real_epoch = sum(lengths)
+    padded_epoch = sum(w * args.batch for w, _ in one_epoch)
+    print(f"data: {len(train_set)} train / {len(eval_set)} held-out examples, "
+          f"{sum(int(a.sum()) for _, a in train_set)} answer tokens; widths {widths}, "
+          f"{len(one_epoch)} batches an epoch, padding {1 - real_epoch / padded_epoch:.1%}")
+
+    # LoRA.
+    model = Llama(cfg)
+    pad_id = tok.pad_id if tok.pad_id is not None else 0
+    w0, ix0 = one_epoch[0]
+    ids0, _, _ = stack_batch(train_set, ix0, w0, args.batch, pad_id)
+    params, apply = jlora.inject(
+        variables, model.apply, rank=args.rank, alpha=args.alpha, targets=_targets(args.targets),
+        dropout=args.dropout, key=jax.random.key(args.seed), example_args=(jnp.asarray(ids0),),
+    )
+    print(jlora.summary(params).splitlines()[-1])
+    adapters, base = jlora.split(params)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr * 0.1)
+    tx = optax.adamw(schedule, weight_decay=0.0)
+    opt_state = tx.init(adapters)
+
+    def loss_sums(adapters, base, ids, weights, key):
+        rng = key if args.dropout else None
+        logits = apply(jlora.combine(adapters, base), ids, lora_rng=rng)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+        w = weights[:, :-1]
+        return jnp.sum(nll * w), jnp.sum(w)
+
+    def loss_fn(adapters, base, ids, weights, key):
+        total, count = loss_sums(adapters, base, ids, weights, key)
+        return total / jnp.maximum(count, 1.0)
+
+    donate = () if dev.platform == "cpu" else (0, 1)
+
+    def train_step(adapters, opt_state, base, ids, weights, key):
+        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids, weights, key)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, loss
+
+    # The frozen base is an argument, not a closure (closed-over arrays become constants).
+    step_fn = jax.jit(train_step, donate_argnums=donate)
+    eval_fn = jax.jit(lambda a, b, i, w: loss_sums(a, b, i, w, None))
+
+    def evaluate(adapters) -> Optional[float]:
+        if not eval_set:
+            return None
+        total = count = 0.0
+        eval_lengths = [len(s) for s, _ in eval_set]
+        idx = np.argsort(eval_lengths, kind="stable")
+        for k in range(0, len(idx), args.batch):
+            chunk = [int(i) for i in idx[k : k + args.batch]]
+            width = next(w for w in widths if max(eval_lengths[i] for i in chunk) <= w)
+            ids, weights, _ = stack_batch(eval_set, chunk, width, args.batch, pad_id)
+            t, c = eval_fn(adapters, base, jnp.asarray(ids), jnp.asarray(weights))
+            total, count = total + float(t), count + float(c)
+        return total / max(count, 1.0)
+
+    # Checkpoints, resume (only a run of the same settings: anything else would not continue it).
+    run_file = out / "run.json"
+    run = _run_settings(args)
+    if args.resume and run_file.is_file():
+        before = json.loads(run_file.read_text())
+        changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"--resume: these settings differ from the run in {out} (before, now): {changed}; "
+                f"resume with the same ones, or choose another --out."
+            )
+    ckpt = jlora.TrainCheckpointer(out / "checkpoints", every=args.save_every, keep=2)
+    losses_file = out / "losses.json"
+    losses: list[float] = []
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None and not args.resume:
+        raise FileExistsError(
+            f"{out / 'checkpoints'} holds a checkpoint of step {latest}: pass --resume to continue "
+            f"it, or choose another --out."
+        )
+    if args.resume and latest is not None:
+        restored = ckpt.restore(variables, opt_state_like=opt_state)
+        adapters = jlora.split(restored.params)[0]
+        opt_state, start = restored.opt_state, restored.step
+        if losses_file.is_file():
+            losses = json.loads(losses_file.read_text())[:start]
+        print(f"resumed from step {start} ({out / 'checkpoints' / str(start)})")
+    elif args.resume:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting at step 0")
+
+    run_file.write_text(json.dumps(run, indent=1))
+    eval_before = evaluate(adapters) if start == 0 else None
+    if eval_before is not None:
+        print(f"held-out loss before: {eval_before:.4f}")
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    bar = tqdm(total=args.steps, initial=start, desc="sft", ncols=100, file=sys.stdout) if tqdm else None
+    seen_widths: set[int] = set()
+    timed_s, timed_tokens, timed_real, all_tokens, all_real = 0.0, 0, 0, 0, 0
+    base_key = jax.random.key(args.seed + 1)
+    evals = []
+    t_train = time.time()
+    for step in range(start, end):
+        width, indices = batch_for(step)
+        ids, weights, real = stack_batch(train_set, indices, width, args.batch, pad_id)
+        t1 = time.perf_counter()
+        adapters, opt_state, loss = step_fn(adapters, opt_state, base, jnp.asarray(ids), jnp.asarray(weights),
+                                            jax.random.fold_in(base_key, step))
+        loss = float(loss)  # waits for the step
+        dt = time.perf_counter() - t1
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower --lr.")
+        losses.append(loss)
+        all_tokens, all_real = all_tokens + ids.size, all_real + real
+        if width in seen_widths:  # the first step of each shape compiles: not timed
+            timed_s, timed_tokens, timed_real = timed_s + dt, timed_tokens + ids.size, timed_real + real
+        seen_widths.add(width)
+        if ckpt.save(step + 1, adapters, opt_state):
+            losses_file.write_text(json.dumps(losses))
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            evals.append((step + 1, evaluate(adapters)))
+        if bar is not None:
+            tps = timed_tokens / timed_s if timed_s else 0.0
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", width=width)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    train_seconds = time.time() - t_train
+    ckpt.wait()
+    losses_file.write_text(json.dumps(losses))
+    params = jlora.combine(adapters, base)
+    tokens_per_s = timed_tokens / timed_s if timed_s else None
+    metrics: dict[str, Any] = {
+        "model": str(args.model), "data": str(args.data), "steps": end, "start_step": start,
+        "losses": losses, "eval_loss_before": eval_before, "evals": evals,
+        "train_examples": len(train_set), "eval_examples": len(eval_set),
+        "truncated": len(too_long) if args.long == "truncate" else 0, "dropped": dropped,
+        "widths": widths, "padding_fraction": (1 - all_real / all_tokens) if all_tokens else None,
+        "tokens_per_second": tokens_per_s,
+        "real_tokens_per_second": timed_real / timed_s if timed_s else None,
+        "train_seconds": train_seconds,
+    }
+    result = {**metrics, "params": params, "apply": apply, "config": cfg, "tokenizer": tok}
+    if end < args.steps:
+        ckpt.close()
+        print(f"stopped after step {end} of {args.steps} (--stop-after); continue with --resume")
+        return {**result, "stopped": True}
+    if ckpt.latest_step() != end:
+        ckpt.save(end, adapters, opt_state, force=True)
+    ckpt.close()
+
+    metrics["eval_loss"] = evaluate(adapters)
+    if metrics["eval_loss"] is not None:
+        before = f"{eval_before:.4f} -> " if eval_before is not None else ""
+        print(f"held-out loss: {before}{metrics['eval_loss']:.4f}")
+
+    # Files.
+    written = {}
+    jlora.save_adapters(out / "adapter", params, overwrite=True)
+    written["adapter"] = out / "adapter"
+    try:
+        jlora.export_peft(out / "peft", params, base_model_name_or_path=str(args.model), overwrite=True)
+        written["peft"] = out / "peft"
+    except ValueError as e:
+        print(f"PEFT export skipped: {e}")
+    merged = None
+    if not args.no_merged or args.gguf:
+        merged = jlora.merge(params)
+    if not args.no_merged:
+        from jlora.models.hf import save_pretrained
+
+        written["merged"] = save_pretrained(out / "merged", merged, cfg, tok, overwrite=True)
+    if args.gguf:
+        from jlora.models.gguf_writer import save_gguf
+
+        written["gguf"] = save_gguf(out / f"model-{args.gguf}.gguf", merged, cfg, tok, dtype=args.gguf,
+                                    overwrite=True)
+    del merged
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(1, len(losses) + 1), losses, label="train (answer tokens)")
+        points = ([(0, eval_before)] if eval_before is not None else []) + evals + [(end, metrics["eval_loss"])]
+        points = [(s, v) for s, v in points if v is not None]
+        if points:
+            ax.plot(*zip(*points), "o--", label="held-out")
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"jlora SFT r={args.rank}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=120)
+        plt.close(fig)
+        written["plot"] = out / "loss.png"
+    except ImportError:  # pragma: no cover
+        pass
+    metrics["files"] = {k: str(v) for k, v in written.items()}
+    metrics["total_seconds"] = time.time() - t0
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    pad = metrics["padding_fraction"]
+    tps = "n/a (every step compiled)" if tokens_per_s is None else (
+        f"{tokens_per_s:,.0f} tokens/s incl. padding, {metrics['real_tokens_per_second']:,.0f} without")
+    print(f"\ntrain: {end - start} steps in {train_seconds:.0f}s; {tps} (compiling steps excluded); "
+          f"padding {pad:.1%}")
+    for k, v in written.items():
+        print(f"  {k:8s} {v}")
+    return {**result, **metrics}
+
+
+def cli() -> None:
+    """Console entry point: errors about the data or the model end the program with their message."""
+    try:
+        main()
+    except (DataError, NotImplementedError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"jlora-sft: error: {e}")
+
+
+if __name__ == "__main__":
+    cli()
