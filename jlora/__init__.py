@@ -8,6 +8,9 @@
 True
 """
 
+from jlora._bank import LoraBank, adapter_ids, adapter_names, add_adapter, remove_adapter, select_adapter, \
+    stack_adapters
+from jlora._combine import combine_adapters
 from jlora._checkpoint import CheckpointError, Restored, TrainCheckpointer, load_adapters, save_adapters
 from jlora._apply import Apply
 from jlora._inject import inject
@@ -27,6 +30,7 @@ __all__ = [
     "Int8Tensor",
     "LLAMA_MODULE_MAP",
     "Layout",
+    "LoraBank",
     "LoraKernel",
     "NF4Tensor",
     "QuantizedKernel",
@@ -35,7 +39,11 @@ __all__ = [
     "TrainCheckpointer",
     "Trainable",
     "UnsupportedOpError",
+    "adapter_ids",
+    "adapter_names",
+    "add_adapter",
     "combine",
+    "combine_adapters",
     "dequantize",
     "export_peft",
     "import_peft",
@@ -46,8 +54,11 @@ __all__ = [
     "merge",
     "optimizer",
     "quantize",
+    "remove_adapter",
     "save_adapters",
+    "select_adapter",
     "split",
+    "stack_adapters",
     "summary",
 ]
 

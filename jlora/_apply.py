@@ -7,6 +7,7 @@ from typing import Any, Callable
 import jax
 from jax import lax
 
+from jlora._bank import LoraBank, bank_problem, has_bank
 from jlora._interpret import interpret
 from jlora._node import LoraKernel, Trainable, factor_problem
 from jlora._quant import dequantized
@@ -27,8 +28,11 @@ class Apply:
     one ``inject`` saw (params restored from a checkpoint included). Frozen leaves are wrapped in
     ``lax.stop_gradient``, so no gradient of the base is ever computed.
 
-    Extra keyword, consumed here and not passed on: ``lora_rng`` — a PRNG key that turns on
+    Extra keywords, consumed here and not passed on: ``lora_rng`` — a PRNG key that turns on
     adapter dropout (``B·A·dropout(x)``, as PEFT); without it dropout is off (evaluation).
+    ``adapter_ids`` (with ``batch_axes``, ``out_axes``) — for params holding an adapter bank
+    (:func:`jlora.stack_adapters`): one adapter index per example, -1 for the base model; each
+    example is computed as if alone with its own adapter (see :func:`jlora._mixed.mixed_apply`).
 
     Attributes:
       report: what ``inject`` adapted and skipped, and why (a :class:`Report`).
@@ -51,10 +55,16 @@ class Apply:
         self.__name__ = getattr(apply_fn, "__name__", "apply") + "_lora"
         self.__doc__ = Apply.__doc__
 
-    def __call__(self, params: Any, *args: Any, lora_rng: jax.Array | None = None, **kwargs: Any) -> Any:
+    def __call__(self, params: Any, *args: Any, lora_rng: jax.Array | None = None, adapter_ids: Any = None,
+                 batch_axes: Any = None, out_axes: Any = None, **kwargs: Any) -> Any:
         flat = Flat.of(params)
         _check_nodes(flat)
         self._check_structure(flat)
+        if adapter_ids is not None or batch_axes is not None or out_axes is not None or has_bank(flat.leaves):
+            from jlora._mixed import mixed_apply
+
+            return mixed_apply(self, flat, args, kwargs, adapter_ids, batch_axes=batch_axes, out_axes=out_axes,
+                               rng=lora_rng)
         traced = trace(self.apply_fn, flat.plain_leaves(), flat.treedef, args, kwargs)
         inputs = [_entry_value(flat.paths[i], flat.leaves[i]) for i in traced.params_in]
         outs, fused_log = interpret(traced.jaxpr, inputs + traced.args, fallback=self.fallback, rng=lora_rng,
@@ -86,7 +96,7 @@ def _structure_message(paths: list[str], want_paths: list[str]) -> str:
 
 def _check_nodes(flat: Flat) -> None:
     """Refuse, naming the path, params that would compute something other than the adapted model."""
-    kernels = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, LoraKernel)]
+    kernels = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, (LoraKernel, LoraBank))]
     trained = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, Trainable)]
     if not kernels and not trained:
         raise ValueError(
@@ -98,7 +108,7 @@ def _check_nodes(flat: Flat) -> None:
             raise ValueError(
                 f"apply: '{p}' holds an adapter without its base kernel (split(params)[0], the adapters "
                 f"alone). Pass jlora.combine(adapters, base).")
-        why = factor_problem(x)
+        why = bank_problem(x) if isinstance(x, LoraBank) else factor_problem(x)
         if why is not None:
             raise ValueError(f"apply: adapted kernel '{p}': {why}.")
     for p, x in trained:

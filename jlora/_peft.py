@@ -44,6 +44,7 @@ from jlora._version import __version__
 from jlora._atomic import write_files
 from jlora._discover import layout_from_uses
 from jlora._trace import trace_uses
+from jlora._bank import refuse_banks
 from jlora._node import Layout, LoraKernel, Trainable, is_node
 from jlora._paths import leaf_name, nearest, path_str
 from jlora._sharding import place_factors, place_like
@@ -461,6 +462,7 @@ def export_peft(
     """
     from safetensors.numpy import save_file
 
+    refuse_banks(params, "export_peft")  # one adapter set per PEFT directory
     dt = None if dtype is None else _float_dtype(dtype, "export_peft")
     flat = Flat.of(params).items()
     adapted = [(p, x) for p, x in flat if is_node(x)]

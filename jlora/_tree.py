@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jlora._bank import LoraBank, bank_problem, is_bank
 from jlora._node import LoraKernel, Trainable, factor_problem, is_node
 from jlora._paths import path_str
 from jlora._quant import dequantized, is_quantized
@@ -21,13 +22,19 @@ __all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_
 
 
 def is_jlora_leaf(x: Any) -> bool:
-    """A leaf for jlora's own flattening: a LoraKernel/Trainable node or a quantized kernel."""
-    return is_node(x) or is_quantized(x)
+    """A leaf for jlora's own flattening: a LoraKernel/Trainable/LoraBank node or a quantized kernel."""
+    return is_node(x) or is_bank(x) or is_quantized(x)
+
+
+def _is_unit(x: Any) -> bool:
+    """A node that the tree functions treat whole: LoraKernel, Trainable, LoraBank."""
+    return is_node(x) or is_bank(x)
 
 
 def plain(x: Any) -> Any:
-    """The base value under a jlora node (a LoraKernel's ``w0``, a Trainable's value), or ``x``."""
-    if isinstance(x, LoraKernel):
+    """The base value under a jlora node (a LoraKernel's or LoraBank's ``w0``, a Trainable's value),
+    or ``x``."""
+    if isinstance(x, (LoraKernel, LoraBank)):
         return x.w0
     return x.value if isinstance(x, Trainable) else x
 
@@ -88,15 +95,17 @@ def split(params: Any) -> tuple[Any, Any]:
     def ad(x):
         if isinstance(x, LoraKernel):
             return LoraKernel(None, x.a, x.b, layout=x.layout, scale=x.scale, dropout=x.dropout)
+        if isinstance(x, LoraBank):
+            return x.replace(w0=None)
         return x if isinstance(x, Trainable) else None
 
-    return jax.tree.map(ad, params, is_leaf=is_node), base_of(params)
+    return jax.tree.map(ad, params, is_leaf=_is_unit), base_of(params)
 
 
 def base_of(params: Any) -> Any:
     """``params`` with every jlora node replaced by its plain base value (``split``'s base)."""
 
-    return jax.tree.map(plain, params, is_leaf=is_node)
+    return jax.tree.map(plain, params, is_leaf=_is_unit)
 
 
 def combine(adapters: Any, base: Any) -> Any:
@@ -127,16 +136,16 @@ def combine(adapters: Any, base: Any) -> Any:
 
 
 def _hole_or_node(x: Any) -> bool:
-    return x is None or is_node(x)
+    return x is None or _is_unit(x)
 
 
 def _combine_one(path: str, ad: Any, base: Any) -> Any:
-    if isinstance(base, LoraKernel) and ad is None:
+    if isinstance(base, (LoraKernel, LoraBank)) and ad is None:
         raise ValueError(
             f"combine: base has an adapter at '{path}' but adapters has none: the two trees come "
             f"from different injections. Pass split(params)[1] (the plain base) as base."
         )
-    plain = base.w0 if isinstance(base, LoraKernel) else base.value if isinstance(base, Trainable) else base
+    plain = base.w0 if isinstance(base, (LoraKernel, LoraBank)) else base.value if isinstance(base, Trainable) else base
     if ad is None:
         return plain
     if isinstance(ad, Trainable):
@@ -147,8 +156,12 @@ def _combine_one(path: str, ad: Any, base: Any) -> Any:
     if plain is None or not hasattr(plain, "shape"):
         raise ValueError(f"combine: '{path}' is adapted, but base has {_describe(plain)} there, not a "
                          f"kernel. Pass the base params the adapters were trained on.")
-    node = LoraKernel(plain, ad.a, ad.b, layout=ad.layout, scale=ad.scale, dropout=ad.dropout)
-    why = factor_problem(node)
+    if isinstance(ad, LoraBank):
+        node = ad.replace(w0=plain)
+        why = bank_problem(node)
+    else:
+        node = LoraKernel(plain, ad.a, ad.b, layout=ad.layout, scale=ad.scale, dropout=ad.dropout)
+        why = factor_problem(node)
     if why is not None:
         raise ValueError(f"combine: the adapter at '{path}' does not fit base kernel {_describe(plain)}: "
                          f"{why}. Adapters and base come from different models or injections.")
@@ -193,9 +206,13 @@ def merge(params: Any) -> Any:
             return (w0.astype(jnp.float32) + x.scale * d).astype(w0.dtype)
         if isinstance(x, Trainable):
             return x.value
+        if isinstance(x, LoraBank):
+            raise ValueError(f"merge: the params hold an adapter bank ({', '.join(x.names)}); merge one "
+                             f"adapter: jlora.merge(jlora.select_adapter(params, name)), or combine several "
+                             f"into one with jlora.combine_adapters.")
         return x
 
-    return jax.tree.map(one, params, is_leaf=is_node)
+    return jax.tree.map(one, params, is_leaf=_is_unit)
 
 
 def _label_tree(params: Any) -> Any:
@@ -205,9 +222,11 @@ def _label_tree(params: Any) -> Any:
             return LoraKernel(w0, "lora", "lora", layout=x.layout, scale=x.scale, dropout=x.dropout)
         if isinstance(x, Trainable):
             return Trainable("lora")
+        if isinstance(x, LoraBank):
+            return x.replace(w0=jax.tree.map(lambda _: "frozen", x.w0), a="lora", b="lora")
         return jax.tree.map(lambda _: "frozen", x)
 
-    return jax.tree.map(one, params, is_leaf=is_node)
+    return jax.tree.map(one, params, is_leaf=_is_unit)
 
 
 def labels(params: Any) -> Any:
@@ -254,17 +273,23 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
         >>> adapters, base = jlora.split({"w": k})
         >>> state = tx.init(adapters)     # or over the adapters alone
     """
-    if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
+    if not any(_is_unit(x) for x in jax.tree.leaves(params, is_leaf=_is_unit)):
         raise ValueError("optimizer: params hold no adapters (no LoraKernel or Trainable node); pass "
                          "the params returned by jlora.inject, or split(params)[0].")
     return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, _label_tree)
 
 
-def iter_kernels(params: Any):
-    """Yield ``(path, node)`` for every :class:`LoraKernel` and :class:`Trainable` in ``params``."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+def iter_kernels(params: Any, *, banks: bool = False):
+    """Yield ``(path, node)`` for every :class:`LoraKernel` and :class:`Trainable` in ``params``
+    (and :class:`~jlora.LoraBank` with ``banks=True``; without it a bank is refused, naming its path:
+    the callers save or export one adapter set)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_unit)
     for path, x in flat:
-        if is_node(x):
+        if is_bank(x) and not banks:
+            raise ValueError(
+                f"'{path_str(path)}' holds an adapter bank ({', '.join(x.names)}), but this function takes "
+                f"one adapter set: pass jlora.select_adapter(bank, name) for each name.")
+        if _is_unit(x):
             yield path_str(path), x
 
 
@@ -290,10 +315,14 @@ def summary(params: Any) -> str:
     """
     rows = [("path", "kernel", "layout", "rank", "scale", "trainable")]
     trainable = 0
-    for path, x in iter_kernels(params):
+    for path, x in iter_kernels(params, banks=True):
         if isinstance(x, LoraKernel):
             n = _count(x.a) + _count(x.b)
             rows.append((path, str(tuple(x.shape)), str(x.layout), str(x.rank), f"{x.scale:g}", str(n)))
+        elif isinstance(x, LoraBank):  # one row for the bank: ranks and scales per adapter
+            n = _count(x.a) + _count(x.b)
+            rows.append((path, str(tuple(x.shape)), str(x.layout), "/".join(map(str, x.ranks)),
+                         "/".join(f"{s:g}" for s in x.scales), str(n)))
         else:
             n = _count(x.value)
             rows.append((path, str(tuple(np.shape(x.value))), "full", "-", "-", str(n)))

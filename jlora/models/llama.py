@@ -45,6 +45,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 __all__ = [
+    "CACHE_AXES",
     "LlamaConfig",
     "Llama",
     "causal_lm_loss",
@@ -68,6 +69,11 @@ Array = jax.Array
 Cache = dict
 
 _INIT = nn.initializers.normal(stddev=0.02)
+
+#: The batch axis of each entry of a KV cache from :func:`init_cache` (``index`` is shared by the
+#: whole batch): ``batch_axes={"cache": CACHE_AXES}`` and ``out_axes=(0, CACHE_AXES)`` for a
+#: mixed-adapter ``apply`` (``jlora.stack_adapters``) with a cache.
+CACHE_AXES = {"k": 1, "v": 1, "pos": 0, "index": None}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -837,7 +843,11 @@ def _generate_impl(
     temperature: Array,
     eos_id: Array,
     fill_id: Array,
+    adapter_ids: Optional[Array] = None,
 ) -> Array:
+    if adapter_ids is not None:  # one adapter per row from a bank: jlora's mixed-batch apply
+        apply_fn = functools.partial(apply_fn, adapter_ids=adapter_ids, batch_axes={"cache": CACHE_AXES},
+                                     out_axes=(0, CACHE_AXES))
     batch, width = tokens.shape
     # Move every row's padding to the left (stable, so real tokens keep their order): left- and
     # right-padded prompts both end up left-padded and the last column is each row's last token.
@@ -893,6 +903,7 @@ def generate(
     eos_id: Optional[int] = None,
     prompt_mask: Optional[Any] = None,
     pad_id: Optional[int] = None,
+    adapter_ids: Optional[Any] = None,
 ) -> Array:
     """Greedy or sampled decoding with the KV cache, compiled with ``jax.jit``.
 
@@ -923,6 +934,11 @@ def generate(
             stops early once every row has ended.
         prompt_mask: Boolean ``(batch, seq)``, ``True`` on real prompt tokens.
         pad_id: Filler after ``eos_id``; defaults to ``eos_id`` (or 0 without one).
+        adapter_ids: With ``params`` holding a bank of adapters (``jlora.combine(
+            jlora.stack_adapters({...}), base)``) and ``apply_fn`` from ``jlora.inject``: one adapter
+            index per prompt (-1 for the base model; ``jlora.adapter_ids(bank, names)`` from names),
+            so that one batch decodes with different adapters, each row as if alone with its own.
+            Traced: changing the ids does not recompile.
 
     Returns:
         The generated tokens only, int32, ``(max_new_tokens,)`` for one prompt or
@@ -948,6 +964,16 @@ def generate(
     else:
         mask = jnp.asarray(prompt_mask, bool).reshape(tokens.shape)
     fill = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    ids = None
+    if adapter_ids is not None:
+        from jlora._bank import adapter_names
+        from jlora._mixed import check_ids
+
+        ids = jnp.reshape(jnp.asarray(adapter_ids), (-1,)) if single else adapter_ids
+        ids = check_ids(ids, adapter_names(params), params)
+        if ids.shape[0] != tokens.shape[0]:
+            raise ValueError(f"adapter_ids has {ids.shape[0]} entries, but there are {tokens.shape[0]} prompts "
+                             f"(one adapter index per prompt).")
     out = _generate_impl(
         apply_fn,
         config,
@@ -959,6 +985,7 @@ def generate(
         jnp.asarray(temperature, jnp.float32),
         jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
         jnp.asarray(fill, jnp.int32),
+        ids,
     )
     return out[0] if single else out
 
