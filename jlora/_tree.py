@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora._node import LoraKernel, Trainable, factor_problem, is_node
-from jlora._paths import path_str
+from jlora._node import LoraKernel, Trainable, effective_factors, factor_problem, is_node
+from jlora._paths import leaf_name, path_str
 from jlora._quant import dequantized, is_quantized
 from jlora._value import delta
 
@@ -87,7 +87,7 @@ def split(params: Any) -> tuple[Any, Any]:
 
     def ad(x):
         if isinstance(x, LoraKernel):
-            return LoraKernel(None, x.a, x.b, layout=x.layout, scale=x.scale, dropout=x.dropout)
+            return x.replace(w0=None)  # A, B, DoRA's m (and PiSSA/OLoRA's frozen A0, B0)
         return x if isinstance(x, Trainable) else None
 
     return jax.tree.map(ad, params, is_leaf=is_node), base_of(params)
@@ -147,7 +147,7 @@ def _combine_one(path: str, ad: Any, base: Any) -> Any:
     if plain is None or not hasattr(plain, "shape"):
         raise ValueError(f"combine: '{path}' is adapted, but base has {_describe(plain)} there, not a "
                          f"kernel. Pass the base params the adapters were trained on.")
-    node = LoraKernel(plain, ad.a, ad.b, layout=ad.layout, scale=ad.scale, dropout=ad.dropout)
+    node = ad.replace(w0=plain)
     why = factor_problem(node)
     if why is not None:
         raise ValueError(f"combine: the adapter at '{path}' does not fit base kernel {_describe(plain)}: "
@@ -170,7 +170,9 @@ def _describe(x: Any) -> str:
 def merge(params: Any) -> Any:
     """The original params structure with ``W0 + s·A·B`` folded into every adapted kernel.
 
-    The sum is accumulated in float32 and cast back to W0's dtype (for a bfloat16 base that is one
+    A DoRA kernel becomes ``m ⊙ (W0 + s·A·B) / ‖W0 + s·A·B‖`` (the norm over its input axes per
+    output unit, a constant for gradients as in ``apply``); a PiSSA/OLoRA kernel
+    ``W0 + s·(A·B − A0·B0)``. The sum is accumulated in float32 and cast back to W0's dtype (for a bfloat16 base that is one
     rounding of the exact sum, so ``merge`` can differ from the unmerged model by half a bf16 ulp
     per weight). Leaves trained in full are unwrapped. Quantized bases are dequantized first.
 
@@ -188,9 +190,7 @@ def merge(params: Any) -> Any:
             if x.w0 is None:
                 raise ValueError("merge: these params hold adapters without their base kernels (split's "
                                  "adapters tree); pass jlora.combine(adapters, base).")
-            w0 = dequantized(x.w0)
-            d = delta(x.a, x.b, x.layout, jnp.float32)
-            return (w0.astype(jnp.float32) + x.scale * d).astype(w0.dtype)
+            return merged_kernel(x)
         if isinstance(x, Trainable):
             return x.value
         return x
@@ -198,16 +198,41 @@ def merge(params: Any) -> Any:
     return jax.tree.map(one, params, is_leaf=is_node)
 
 
-def _label_tree(params: Any) -> Any:
-    def one(x):
+def merged_kernel(x: LoraKernel) -> jax.Array:
+    """One adapted kernel's merged value (see :func:`merge`), in W0's dtype."""
+    from jlora._dora import gain_in_kernel_order
+
+    w0 = dequantized(x.w0)
+    a, b = effective_factors(x)
+    w = w0.astype(jnp.float32) + x.scale * delta(a, b, x.layout, jnp.float32)
+    if x.m is not None:
+        w = w * gain_in_kernel_order(w, x.m, x.layout)
+    return w.astype(w0.dtype)
+
+
+def _label_tree(params: Any, plus: bool = False) -> Any:
+    """Per leaf: 'lora' / 'frozen'; with ``plus`` (LoRA+), the trainable ones split into 'lora_a',
+    'lora_b', 'lora_b_no_decay' and 'embedding' as PEFT's ``create_loraplus_optimizer`` groups them
+    (B, DoRA's magnitude and 1-D leaves trained in full with B; biases without weight decay; the
+    factors of an embedding table on their own)."""
+
+    def one(path, x):
         if isinstance(x, LoraKernel):
             w0 = jax.tree.map(lambda _: "frozen", x.w0)  # a quantized base has several children
-            return LoraKernel(w0, "lora", "lora", layout=x.layout, scale=x.scale, dropout=x.dropout)
+            la, lb = ("lora_a", "lora_b") if plus else ("lora", "lora")
+            if plus and x.layout.gather:
+                la = lb = "embedding"
+            frozen = None if x.a0 is None else "frozen"
+            return x.replace(w0=w0, a=la, b=lb, m=None if x.m is None else lb, a0=frozen, b0=frozen)
         if isinstance(x, Trainable):
-            return Trainable("lora")
+            if not plus:
+                return Trainable("lora")
+            if np.ndim(x.value) == 1:
+                return Trainable("lora_b_no_decay" if leaf_name(path_str(path)) in ("bias", "b") else "lora_b")
+            return Trainable("lora_a")
         return jax.tree.map(lambda _: "frozen", x)
 
-    return jax.tree.map(one, params, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)
 
 
 def labels(params: Any) -> Any:
