@@ -17,7 +17,7 @@ from jlora._node import Layout, LoraKernel, Trainable
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
 from jlora._quant import Int8Tensor, NF4Tensor, QuantizedKernel, dequantize, is_quantized, quantize
 from jlora._version import __version__  # noqa: F401
-from jlora._tree import combine, labels, merge, optimizer, split, summary
+from jlora._tree import combine, convert_to_lora, labels, loraplus, merge, optimizer, split, summary
 
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Trainable",
     "UnsupportedOpError",
     "combine",
+    "convert_to_lora",
     "dequantize",
     "export_peft",
     "import_peft",
@@ -43,6 +44,7 @@ __all__ = [
     "is_quantized",
     "labels",
     "load_adapters",
+    "loraplus",
     "merge",
     "optimizer",
     "quantize",
