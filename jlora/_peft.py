@@ -762,7 +762,7 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path, dora: bool = False)
     the modules_to_save ``{module: {param: value}}``."""
     lora: dict[str, dict[str, Any]] = collections.defaultdict(dict)
     saved: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    rx = re.compile(r"(.+)\.(?:lora_(A|B)\.weight|lora_embedding_(A|B)|lora_magnitude_vector)")
+    rx = re.compile(r"(.+)\.(?:lora_(A|B)\.weight|lora_embedding_(A|B)|lora_magnitude_vector|(base_layer)\.weight)")
     for key in sorted(tensors):
         if not key.startswith(prefix):
             raise ValueError(f"import_peft: key {key!r} does not start with {prefix!r}.")
@@ -770,7 +770,9 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path, dora: bool = False)
         m = rx.fullmatch(rest)
         if m:
             entry = lora[m.group(1)]
-            if m.group(2) or m.group(3):
+            if m.group(4):  # an adapted Embedding's own table (PEFT's save_embedding_layers): checked later
+                entry["base"] = tensors[key]
+            elif m.group(2) or m.group(3):
                 kind = "emb" if m.group(3) else "lin"
                 if entry.setdefault("kind", kind) != kind:
                     raise ValueError(f"import_peft: module {m.group(1)!r} has both Linear (lora_A/B.weight) and "
@@ -802,7 +804,7 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path, dora: bool = False)
             if part not in ab:
                 raise ValueError(
                     f"import_peft: key {key(part)} is missing"
-                    + (f" (its lora_{other} is present)." if other in ab else " (the module has only a DoRA magnitude).")
+                    + (f" (its lora_{other} is present)." if other in ab else " (the file holds only its other tensors).")
                 )
         if dora and "m" not in ab:
             raise ValueError(f"import_peft: key {prefix}{name}.lora_magnitude_vector is missing (use_dora is true).")
@@ -811,6 +813,9 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path, dora: bool = False)
                 f"import_peft: keys {key('A')} / {key('B')} have shapes {ab['A'].shape} / "
                 f"{ab['B'].shape}; PEFT's are both 2-D (a Linear's or an Embedding's) or both ConvNd weights."
             )
+        if "base" in ab and not emb:
+            raise ValueError(f"import_peft: unknown key {prefix}{name}.base_layer.weight (a base weight saved with "
+                             f"a Linear's adapter).")
         ab["emb"] = emb
         ab.setdefault("m", None)
     return lora, saved
@@ -866,7 +871,7 @@ class _Base:
         return sorted({module for module, _ in self.where})
 
     def assign(self, lora: Mapping[str, dict], prefix: str) -> dict[int, dict[tuple, tuple]]:
-        """Per leaf: ``{stack index: (module, lora_A, lora_B, magnitude or None, is an Embedding)}``."""
+        """Per leaf: ``{stack index: (module, its entry from _split_keys)}``."""
         per_leaf: dict[int, dict[tuple, tuple]] = collections.defaultdict(dict)
         for name in sorted(lora):
             targets = self.where.get((name, "weight"), []) + self.where.get((name, None), [])
@@ -882,8 +887,7 @@ class _Base:
                     f"{[self.paths[i] for i, _ in targets]}."
                 )
             (i, idx), = targets
-            e = lora[name]
-            per_leaf[i][idx] = (name, e["A"], e["B"], e["m"], e["emb"])
+            per_leaf[i][idx] = (name, lora[name])
         return per_leaf
 
 
@@ -1026,8 +1030,11 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
                 f"stacked kernel {path!r} is adapted in other layers, and a stacked kernel needs an "
                 f"adapter in every layer."
             )
-        name, la, lb, mag, _ = parts[idx]
+        name, entry = parts[idx]
+        la, lb, mag = entry["A"], entry["B"], entry["m"]
         key = _keys(prefix, name, layout)[0]
+        if entry.get("base") is not None:
+            _check_saved_table(f"{prefix}{name}.base_layer.weight", entry["base"], np.asarray(host_array(w0))[idx])
         r = int(la.shape[0])
         scale = settings.rank_scale(name, r, key)
         _check_factors(key, la, lb, layout, shape, path, conventional)
@@ -1053,6 +1060,19 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
     mm = None if m_full is None else jnp.asarray(m_full.astype(dtype))
     return LoraKernel(w0, jnp.asarray(a), jnp.asarray(b), layout=layout, scale=first[1], dropout=settings.dropout,
                       m=mm, rslora=settings.rslora)
+
+
+def _check_saved_table(key: str, saved: np.ndarray, table: np.ndarray) -> None:
+    """PEFT saves an adapted Embedding's own weight too (``save_embedding_layers``, in case the
+    vocabulary was resized): it must be the base's table, or the adapter belongs to another one."""
+    if saved.shape != table.shape:
+        raise ValueError(f"import_peft: key {key!r} (the embedding table PEFT saved with its adapter) has shape "
+                         f"{saved.shape}, the base's table {table.shape}: the vocabulary was resized; resize the base.")
+    a, b = saved.astype(np.float32), table.astype(np.float32)
+    if not np.allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b).max()))):
+        raise ValueError(f"import_peft: key {key!r} (the embedding table PEFT saved with its adapter) differs from "
+                         f"the base's table (max |Δ| {float(np.abs(a - b).max()):.3g}): the adapter was trained over "
+                         f"another embedding.")
 
 
 def _attach_saved(base: _Base, new: list, saved: Mapping[str, dict], prefix: str) -> None:
@@ -1164,7 +1184,7 @@ def import_peft(
     lora, saved = _split_keys(tensors, base_model_prefix, settings.modules_to_save, st_file, settings.dora)
     tree = _Base(base, module_map)
     per_leaf = tree.assign(lora, base_model_prefix)
-    emb = frozenset(i for i, parts in per_leaf.items() if any(p[4] for p in parts.values()))
+    emb = frozenset(i for i, parts in per_leaf.items() if any(e["emb"] for _, e in parts.values()))
     layouts = _layouts(tree, sorted(per_leaf), apply_fn, example_args, example_kwargs, emb)
     new = [plain(x) for x in tree.leaves]
     for i, parts in per_leaf.items():
