@@ -475,6 +475,11 @@ def inject(
         >>> lp, apply = jlora.inject(params, mlp, rank=2, targets=["w2"], example_args=(x,))
         >>> [path for path, *_ in apply.report.adapted]
         ['w2']
+        >>> lp, apply = jlora.inject(params, mlp, rank={"w1": 4, ".*": 2}, dora=True, init="pissa")
+        >>> lp["w1"].rank, lp["w1"].m.shape, lp["w1"].init
+        (4, (16,), 'pissa')
+        >>> bool(jnp.allclose(apply(lp, x), mlp(params, x), atol=1e-4))  # PiSSA and DoRA start as the base
+        True
     """
     if not callable(apply_fn):
         raise TypeError(f"inject: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")

@@ -426,7 +426,7 @@ def summary(params: Any) -> str:
     trainable = 0
     for path, x in iter_kernels(params):
         if isinstance(x, LoraKernel):
-            n = _count(x.a) + _count(x.b)
+            n = _count(x.a) + _count(x.b) + _count(x.m)
             rows.append((path, str(tuple(x.shape)), str(x.layout), str(x.rank), f"{x.scale:g}", str(n)))
         else:
             n = _count(x.value)

@@ -302,3 +302,26 @@ def test_smollm2_converted_init_export(smol, tmp_path, init):
     trained = jax.tree.map(lambda x: x.replace(b=x.b + 0.02 * rng.standard_normal(x.b.shape).astype(np.float32))
                            if isinstance(x, LoraKernel) else x, params, is_leaf=LORA_NODE)
     _smol_check(smol, tmp_path, trained, apply, init)
+
+
+def test_conv_dora_both_ways(tmp_path):
+    """DoRA on torch Conv2d layers: PEFT's magnitude is (1, out, 1, 1), its norm over (in, kh, kw)."""
+    from test_peft import _conv_net, _peft_adapter, _torch_out, _torch_stack
+
+    torch, _, peft = _torch_stack()
+    net, f, base = _conv_net(torch)
+    x = np.random.default_rng(0).standard_normal((2, 7, 7, 3)).astype(np.float32)
+    torch_out = lambda model: _torch_out(torch, model, x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)  # noqa: E731
+    mm = lambda p: p.split("/")[0]  # noqa: E731
+    params, apply = jlora.inject(base, f, rank=2, alpha=3.0, example_args=(jnp.asarray(x),), dora=True)
+    params = _randomize(params, b_std=0.5)
+    d = export_peft(tmp_path / "e", params, module_map=mm)
+    assert _load(d)["base_model.model.c1.lora_magnitude_vector"].shape == (1, 4, 1, 1)
+    pm = _peft_load(peft, copy.deepcopy(net), d)
+    got = np.asarray(apply(params, jnp.asarray(x)))
+    assert np.abs(got - f(base, x)).max() > 0.1
+    np.testing.assert_allclose(got, torch_out(pm), rtol=1e-4, atol=1e-4)
+    pm2 = _peft_adapter(torch, peft, net, tmp_path / "i", ["c1", "c2"], r=3, lora_alpha=6, use_dora=True)
+    back = import_peft(tmp_path / "i", params, module_map=mm)
+    assert back["c2"]["kernel"].m.shape == (5,)
+    np.testing.assert_allclose(np.asarray(apply(back, jnp.asarray(x))), torch_out(pm2), rtol=1e-4, atol=1e-4)
