@@ -44,6 +44,7 @@ def pytest_collection_modifyitems(config, items):
     slow_modules = {"test_llama", "test_examples", "test_benchmarks_smoke", "test_gguf_qlora"}
     slow_fixtures = {"smollm2", "smollm2_scanned", "gguf_path", "smol"}
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        mod = getattr(item, "module", None)  # doctest items (the jlora/ modules) have none
+        module = mod.__name__.rsplit(".", 1)[-1] if mod is not None else ""
         if module in slow_modules or slow_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
