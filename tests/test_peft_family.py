@@ -325,3 +325,46 @@ def test_conv_dora_both_ways(tmp_path):
     back = import_peft(tmp_path / "i", params, module_map=mm)
     assert back["c2"]["kernel"].m.shape == (5,)
     np.testing.assert_allclose(np.asarray(apply(back, jnp.asarray(x))), torch_out(pm2), rtol=1e-4, atol=1e-4)
+
+
+def test_multi_axis_dora_against_peft(tmp_path):
+    """DoRA on kernels with grouped axes (D, H, K) / (H, K, D) against torch Linear(D, H*K) / (H*K, D):
+    the magnitude of a multi-axis output flattens like lora_B's rows; the norm is over all input axes."""
+    from test_peft import _torch_stack
+
+    torch, _, peft = _torch_stack()
+    D, H, Kd = 8, 2, 3
+    rng = np.random.default_rng(0)
+    wq = rng.standard_normal((D, H, Kd)).astype(np.float32)
+    wo = rng.standard_normal((H, Kd, D)).astype(np.float32)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(D, H * Kd, bias=False)
+            self.o = torch.nn.Linear(H * Kd, D, bias=False)
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.q(x)))
+
+    net = Net()
+    with torch.no_grad():
+        net.q.weight.copy_(torch.from_numpy(wq.reshape(D, H * Kd).T.copy()))
+        net.o.weight.copy_(torch.from_numpy(wo.reshape(H * Kd, D).T.copy()))
+
+    def f(p, x):
+        h = jnp.tanh(jnp.einsum("bd,dhk->bhk", x, p["q"]["kernel"]))
+        return jnp.einsum("bhk,hkd->bd", h, p["o"]["kernel"])
+
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    base = {"q": {"kernel": jnp.asarray(wq)}, "o": {"kernel": jnp.asarray(wo)}}
+    params, apply = jlora.inject(base, f, rank=2, example_args=(jnp.asarray(x),), dora=True)
+    assert params["q"]["kernel"].m.shape == (H, Kd) and params["o"]["kernel"].m.shape == (D,)
+    params = _randomize(params, b_std=0.5)
+    mm = lambda path: path.split("/")[0]  # noqa: E731
+    pm = _peft_load(peft, copy.deepcopy(net), export_peft(tmp_path / "e", params, module_map=mm))
+    with torch.no_grad():
+        want = pm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(apply(params, jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+    back = import_peft(tmp_path / "e", base, module_map=mm, apply_fn=f, example_args=(jnp.asarray(x),))
+    np.testing.assert_allclose(np.asarray(apply(back, jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
