@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--compile", action="store_true", help="torch.compile the whole step")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (no PEFT)")
+    p.add_argument("--dora", action="store_true", help="DoRA (LoraConfig(use_dora=True)) instead of LoRA")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="base weights")
     p.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="float32: PEFT's default (autocast_adapter_dtype=True upcasts LoRA weights of a bf16 model), "
@@ -78,7 +79,8 @@ def build_model(a, dev, dtype):
         from peft import LoraConfig, get_peft_model
 
         alpha = a.alpha if a.alpha is not None else 2 * a.rank
-        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=PROJ),
+        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=PROJ,
+                                                 use_dora=a.dora),
                                autocast_adapter_dtype=(a.adapter_dtype == "float32"))
         got = {q.dtype for q in model.parameters() if q.requires_grad}
         if got != {getattr(torch, a.adapter_dtype)}:
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     if floor_ms is None and a.floor_json:
         with open(a.floor_json) as fh:
             floor_ms = json.load(fh)["results"].get("floor", {}).get("step_ms")
-    name = ("torch_full" if a.full else "peft") + ("_compiled" if a.compile else "_eager")
+    name = ("torch_full" if a.full else "peft_dora" if a.dora else "peft") + ("_compiled" if a.compile else "_eager")
     if not a.full and a.adapter_dtype != "float32":
         name += "_bf16"
     res = {

@@ -10,6 +10,8 @@ then the merged model as a Hugging Face folder (``merged/``) and a GGUF file for
     python examples/finetune_smollm2.py                 # CPU by default; GPU when JAX sees one
     python examples/finetune_smollm2.py --steps 120 --rank 16 --targets "q_proj|v_proj"
     python examples/finetune_smollm2.py --qlora          # train over the file's 4-bit weights
+    python examples/finetune_smollm2.py --dora           # DoRA: a trained magnitude per output unit
+    python examples/finetune_smollm2.py --init pissa     # PiSSA: start from the top singular vectors
 """
 
 from __future__ import annotations
@@ -106,7 +108,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--qlora", action="store_true",
                     help="QLoRA: keep the GGUF file's 4-bit (Q4_1) projection weights quantized while training")
+    ap.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude per output unit")
+    ap.add_argument("--init", default=None,
+                    help="adapter init: gaussian, pissa, pissa_niter_N, olora (default: jlora's Gaussian A, zero B)")
     args = ap.parse_args(argv)
+    variant = " + ".join(["DoRA"] * args.dora + [args.init] * bool(args.init)) or "LoRA"
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,15 +132,18 @@ def main(argv=None) -> dict:
                       for iso, ans in train[:50] for p in PHRASINGS)
         args.seq_len = -(-(longest + 2) // 8) * 8
     ids0, _ = encode_examples(tok, train[: args.batch], rng, args.seq_len)
+    t_inject = time.time()
     params, apply = jlora.inject(
         variables, model.apply, rank=args.rank, alpha=args.alpha, targets=args.targets,
-        example_args=(jnp.asarray(ids0),),
+        example_args=(jnp.asarray(ids0),), dora=args.dora, init=args.init,
     )
+    print(f"injected ({variant}) in {time.time() - t_inject:.1f}s")
     print("\n" + str(apply.report).split("\n")[0])
     print(jlora.summary(params).splitlines()[-1])
 
-    # B starts at zero, so the injected model is exactly the base model: evaluate the base through
-    # it (this also works when the base is kept quantized, which model.apply cannot read).
+    # The injected model is exactly the base model (B starts at zero; DoRA's magnitudes are the
+    # kernels' norms; PiSSA/OLoRA subtract the part of W they start the adapter with): evaluate the
+    # base through it (this also works when the base is kept quantized, which model.apply cannot read).
     print("\nBase model on held-out dates:")
     base_acc = evaluate(tok, cfg, apply, params, test, batch=args.eval_size, show=5)
     print(f"base exact match: {base_acc:.0%}")
@@ -163,7 +172,7 @@ def main(argv=None) -> dict:
     except ImportError:  # pragma: no cover
         tqdm = None
     losses = []
-    bar = tqdm(range(args.steps), desc="LoRA", ncols=90, file=sys.stdout) if tqdm else range(args.steps)
+    bar = tqdm(range(args.steps), desc=variant, ncols=90, file=sys.stdout) if tqdm else range(args.steps)
     t_train = time.time()
     tokens = 0
     for i in bar:
@@ -184,7 +193,7 @@ def main(argv=None) -> dict:
 
     print("\nFine-tuned model on the same held-out dates:")
     lora_acc = evaluate(tok, cfg, apply, params, test, batch=args.eval_size, show=5)
-    print(f"\nexact match: base {base_acc:.0%} -> LoRA {lora_acc:.0%}  "
+    print(f"\nexact match: base {base_acc:.0%} -> {variant} {lora_acc:.0%}  "
           f"(loss {losses[0]:.3f} -> {losses[-1]:.3f}, {args.steps} steps in {train_time:.0f}s)")
 
     try:
@@ -196,7 +205,7 @@ def main(argv=None) -> dict:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(losses)
         ax.set(xlabel="step", ylabel="loss (answer tokens)", yscale="log",
-               title=f"SmolLM2-135M + jlora r={args.rank}: dates → DD/MM/YYYY")
+               title=f"SmolLM2-135M + jlora {variant} r={args.rank}: dates → DD/MM/YYYY")
         fig.tight_layout()
         fig.savefig(out / "loss.png", dpi=120)
         plt.close(fig)
@@ -214,7 +223,7 @@ def main(argv=None) -> dict:
     export_time = time.time() - t_export
     result = {"base_accuracy": base_acc, "lora_accuracy": lora_acc, "losses": losses,
               "train_seconds": train_time, "total_seconds": time.time() - t0, "steps": args.steps,
-              "merged": str(hf_dir), "gguf": str(gguf_file)}
+              "merged": str(hf_dir), "gguf": str(gguf_file), "variant": variant}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6  # noqa: E731
     print(f"wrote {out / 'loss.png'}, {out / 'result.json'} and the adapter checkpoint {ckpt} "

@@ -20,7 +20,7 @@ from jlora._node import Layout, LoraKernel, Trainable
 from jlora._peft import LLAMA_MODULE_MAP, export_peft, import_peft
 from jlora._quant import Int8Tensor, NF4Tensor, QuantizedKernel, dequantize, is_quantized, quantize
 from jlora._version import __version__  # noqa: F401
-from jlora._tree import combine, labels, merge, optimizer, split, summary
+from jlora._tree import combine, convert_to_lora, labels, loraplus, merge, optimizer, split, summary
 
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "add_adapter",
     "combine",
     "combine_adapters",
+    "convert_to_lora",
     "dequantize",
     "export_peft",
     "import_peft",
@@ -51,6 +52,7 @@ __all__ = [
     "is_quantized",
     "labels",
     "load_adapters",
+    "loraplus",
     "merge",
     "optimizer",
     "quantize",

@@ -9,7 +9,8 @@ from jax import lax
 
 from jlora._bank import LoraBank, bank_problem, has_bank
 from jlora._interpret import interpret
-from jlora._node import LoraKernel, Trainable, factor_problem
+from jlora import _dora
+from jlora._node import LoraKernel, Trainable, effective_factors, factor_problem
 from jlora._quant import dequantized
 from jlora._report import FusedReport, Report
 from jlora._trace import Flat, shape_of, trace
@@ -128,4 +129,7 @@ def _entry_value(path: str, x: Any) -> Any:
 
 def _lora_value(path: str, k: LoraKernel) -> LoraValue:
     w0 = jax.tree.map(lax.stop_gradient, k.w0)
-    return LoraValue(w0=w0, a=k.a, b=k.b, tags=layout_tags(k.layout), scale=k.scale, dropout=k.dropout, path=path)
+    a, b = effective_factors(k)  # PiSSA/OLoRA: [A, A0], [B; -B0] (rank 2r, A0 and B0 frozen)
+    g = None if k.m is None else _dora.gain(w0, a, b, k.m, k.scale, k.layout)  # DoRA's m / ‖W0 + s·ΔW‖
+    return LoraValue(w0=w0, a=a, b=b, tags=layout_tags(k.layout), scale=k.scale, dropout=k.dropout, path=path,
+                     gain=g)

@@ -40,7 +40,7 @@ import numpy as np
 
 from jlora._version import __version__
 from jlora._atomic import atomic_directory, disk_full_is_clear, resolve
-from jlora._node import Layout, LoraKernel, Trainable, kernel_shape
+from jlora._node import Layout, LoraKernel, Trainable, factor_problem, kernel_shape
 from jlora._paths import nearest
 from jlora._quant import shape_of
 from jlora._sharding import place_factors, place_like
@@ -58,8 +58,11 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 #: Version of the on-disk format written by this jlora. ``load_adapters`` reads every version up to
-#: this one and refuses newer ones.
-FORMAT_VERSION = 1
+#: this one and refuses newer ones. Version 2 adds, per adapter, DoRA's magnitude ``m``, the frozen
+#: initial factors ``a0``/``b0`` and ``init``/``base_sha256`` of weight-modifying inits, and the
+#: ``conv``/``gather`` layout fields; a checkpoint that uses none of them is still written as
+#: version 1, so older jlora reads it.
+FORMAT_VERSION = 2
 _FORMAT = "jlora-adapters"
 _CONFIG_ITEM = "config"
 _CONFIG_FILE = "jlora_config.json"
@@ -127,6 +130,9 @@ def _lora_entry(path: str, x: LoraKernel) -> tuple[dict, dict, dict]:
     shape = _kernel_shape(x.layout, a.shape, b.shape)
     if x.w0 is not None and shape_of(x.w0) != shape:
         raise _Bad(f"A{a.shape} and B{b.shape} do not fit W0 of shape {shape_of(x.w0)} (layout {x.layout})")
+    why = factor_problem(x) if x.m is not None or x.a0 is not None else None  # m / A0 / B0 fit the kernel
+    if why is not None:
+        raise _Bad(why)
     entry = {
         "kind": "lora",
         "layout": x.layout.to_json(),
@@ -137,9 +143,24 @@ def _lora_entry(path: str, x: LoraKernel) -> tuple[dict, dict, dict]:
         "a_shape": list(a.shape),
         "b_shape": list(b.shape),
     }
+    arrays = {f"{path}/a": a, f"{path}/b": b}
+    if x.rslora:
+        entry["rslora"] = True
+    if x.m is not None:  # DoRA
+        arrays[f"{path}/m"] = m = host_array(x.m)
+        entry["m_dtype"] = str(m.dtype)
+    if x.a0 is not None:  # PiSSA / OLoRA: the frozen initial factors
+        arrays[f"{path}/a0"], arrays[f"{path}/b0"] = a0, b0 = host_array(x.a0), host_array(x.b0)
+        if a0.dtype != a.dtype or b0.dtype != b.dtype:
+            raise _Bad(f"its initial factors A0/B0 ({a0.dtype}/{b0.dtype}) are not of A's dtype {a.dtype}")
+    if x.init is not None:
+        entry["init"] = x.init
+        if x.base_sha256 is None:
+            raise _Bad(f"init {x.init!r} modified or moved part of the base, but no base_sha256 records which base")
+        entry["base_sha256"] = x.base_sha256
     # The adapters tree of `jlora.split` has no W0: its shape follows from A and B, its dtype is unknown.
     fingerprint = {"shape": list(shape), "dtype": None if x.w0 is None else _dtype_name(x.w0)}
-    return entry, fingerprint, {f"{path}/a": a, f"{path}/b": b}
+    return entry, fingerprint, arrays
 
 
 def _collect(params: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
@@ -184,7 +205,7 @@ def _make_config(params: Any, metadata: Optional[Mapping[str, Any]], **extra: An
             entries[path].setdefault("sha256", {})[name] = _digest(arr)
         config = {
             "format": _FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": _needed_version(entries),
             "jlora_version": __version__,
             "adapters": entries,
             "base_fingerprint": fingerprint,
@@ -195,6 +216,17 @@ def _make_config(params: Any, metadata: Optional[Mapping[str, Any]], **extra: An
     except _Bad as err:
         raise ValueError(f"Cannot save the adapters: {err}; load_adapters would refuse it.") from None
     return config, arrays
+
+
+def _needed_version(entries: Mapping[str, Any]) -> int:
+    """1 unless an adapter uses what version 2 added (so older jlora reads plain checkpoints)."""
+    new = ("m_dtype", "init", "base_sha256")
+    for e in entries.values():
+        if any(k in e for k in new) or any(k in e.get("layout", {}) for k in ("conv", "gather")):
+            return 2
+        if "a0" in e.get("sha256", {}):
+            return 2
+    return 1
 
 
 def _json_metadata(metadata: Optional[Mapping[str, Any]]) -> Optional[dict]:
@@ -245,8 +277,11 @@ def _get(d: dict, key: str, ok: Callable[[Any], bool], what: str, *, prefix: str
 
 def _layout(v: Any) -> Layout:
     axes = lambda x: isinstance(x, list) and all(_is_int(i) for i in x)
-    if not (isinstance(v, dict) and set(v) == {"stack", "in", "out"} and all(map(axes, v.values()))):
-        raise _Bad(f"layout {v!r} is not {{'stack': [...], 'in': [...], 'out': [...]}} of axis numbers")
+    ok = (isinstance(v, dict) and {"stack", "in", "out"} <= set(v) <= {"stack", "in", "out", "conv", "gather"}
+          and all(axes(v[k]) for k in v if k != "gather") and v.get("gather", False) in (True, False))
+    if not ok:
+        raise _Bad(f"layout {v!r} is not {{'stack': [...], 'in': [...], 'out': [...]}} of axis numbers "
+                   f"(with optional 'conv': [...] and 'gather': true)")
     try:
         return Layout.from_json(v)
     except ValueError as err:
@@ -265,7 +300,24 @@ def _check_lora(e: dict) -> tuple[int, ...]:
     shape = _kernel_shape(layout, a, b)
     if a[-1] != rank:
         raise _Bad(f"rank {rank} does not match A{tuple(a)} and B{tuple(b)}")
+    if "m_dtype" in e:
+        _get(e, "m_dtype", lambda v: _is_dtype(v, floating=True), "the name of a floating dtype")
+    if "rslora" in e:
+        _get(e, "rslora", lambda v: isinstance(v, bool), "true or false")
+    if "init" in e:
+        _get(e, "init", lambda v: isinstance(v, str) and bool(v), "the name of an init")
+        _get(e, "base_sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest")
     return shape
+
+
+def _lora_names(e: dict) -> list[str]:
+    """The arrays a 'lora' entry stores: a, b, DoRA's m, the initial factors a0, b0."""
+    names = ["a", "b"]
+    if "m_dtype" in e:
+        names.append("m")
+    if "a0" in e.get("sha256", {}):
+        names += ["a0", "b0"]
+    return sorted(names)
 
 
 def _check_entry(e: Any, fp: Any) -> None:
@@ -273,7 +325,7 @@ def _check_entry(e: Any, fp: Any) -> None:
         raise _Bad(f"{e!r} is not a mapping")
     kind = _get(e, "kind", lambda v: v in ("lora", "full"), "'lora' or 'full'")
     if kind == "lora":
-        shape, names = _check_lora(e), ["a", "b"]
+        shape, names = _check_lora(e), _lora_names(e)
     else:
         _get(e, "dtype", _is_dtype, "the name of a numeric or bool dtype")
         shape, names = tuple(_get(e, "shape", _is_shape, "a shape (a list of ints >= 0)")), ["value"]
@@ -351,6 +403,13 @@ def _abstract(config: dict) -> dict[str, jax.ShapeDtypeStruct]:
         if e["kind"] == "lora":
             out[f"{path}/a"] = jax.ShapeDtypeStruct(tuple(e["a_shape"]), dtype)
             out[f"{path}/b"] = jax.ShapeDtypeStruct(tuple(e["b_shape"]), dtype)
+            if "m_dtype" in e:
+                layout = Layout.from_json(e["layout"])
+                m_shape = layout.m_shape(kernel_shape(layout, e["a_shape"], e["b_shape"]))
+                out[f"{path}/m"] = jax.ShapeDtypeStruct(m_shape, jnp.dtype(e["m_dtype"]))
+            if "a0" in e["sha256"]:
+                out[f"{path}/a0"] = jax.ShapeDtypeStruct(tuple(e["a_shape"]), dtype)
+                out[f"{path}/b0"] = jax.ShapeDtypeStruct(tuple(e["b_shape"]), dtype)
         else:
             out[f"{path}/value"] = jax.ShapeDtypeStruct(tuple(e["shape"]), dtype)
     return out
@@ -377,13 +436,35 @@ def _check_base_leaf(plain: Any, path: str, fp: dict, where: str) -> None:
         )
 
 
+def _check_modified_base(plain: Any, path: str, e: dict, where: str) -> None:
+    """An adapter from a weight-modifying init is valid only over the exact base it was made on."""
+    if "base_sha256" not in e:
+        return
+    from jlora._init import fingerprint
+
+    if fingerprint(plain) != e["base_sha256"]:
+        kind = e.get("init", "")
+        what = ("LoftQ's NF4-quantized weights (re-create them with jlora.inject(original, ..., init="
+                f"{kind!r}) on the same original weights, or save them)" if kind.startswith("loftq")
+                else f"the original weights it was initialised from ({kind}: its frozen A0·B0 came from them)")
+        raise CheckpointError(
+            f"{where}: base leaf {path!r} is not the base this {kind} adapter was trained over (its sha256 "
+            f"differs from the one recorded); load it over {what}.")
+
+
 def _node(plain: Any, path: str, e: dict, arrays: Mapping[str, Any]) -> Any:
     """The LoraKernel / Trainable of entry ``e`` over the base leaf ``plain``."""
     if e["kind"] == "full":
         return Trainable(place_like(plain, arrays[f"{path}/value"]))
     layout = Layout.from_json(e["layout"])
     a, b = place_factors(plain, layout, arrays[f"{path}/a"], arrays[f"{path}/b"])  # sharded like the base
-    return LoraKernel(plain, a, b, layout=layout, scale=float(e["scale"]), dropout=float(e["dropout"]))
+    a0 = b0 = None
+    if f"{path}/a0" in arrays:
+        a0, b0 = place_factors(plain, layout, arrays[f"{path}/a0"], arrays[f"{path}/b0"])
+    m = arrays.get(f"{path}/m")
+    return LoraKernel(plain, a, b, layout=layout, scale=float(e["scale"]), dropout=float(e["dropout"]),
+                      m=None if m is None else jnp.asarray(m), a0=a0, b0=b0, rslora=bool(e.get("rslora", False)),
+                      init=e.get("init"), base_sha256=e.get("base_sha256"))
 
 
 def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) -> Any:
@@ -408,6 +489,7 @@ def _rebuild(base: Any, config: dict, arrays: Mapping[str, Any], *, where: str) 
     for path, x in zip(paths, flat.plain_leaves()):
         if path in entries:
             _check_base_leaf(x, path, config["base_fingerprint"][path], where)
+            _check_modified_base(x, path, entries[path], where)
             x = _node(x, path, entries[path], arrays)
         leaves.append(x)
     return jax.tree_util.tree_unflatten(flat.treedef, leaves)

@@ -68,7 +68,7 @@ def gather_layout(uses: list[Use], ndim: int) -> tuple[Layout | None, str]:
     first = uses[0]
     if any((u.in_, u.out) != (first.in_, first.out) for u in uses) or ndim != 2:
         return None, "gathered along different axes"
-    return Layout(stack=(), in_=tuple(sorted(first.in_)), out=tuple(sorted(first.out))), ""
+    return Layout(stack=(), in_=tuple(sorted(first.in_)), out=tuple(sorted(first.out)), gather=True), ""
 
 
 def layout_from_uses(uses: list[Use], ndim: int) -> tuple[Layout | None, str]:

@@ -21,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _dora, _init
 from jlora._apply import MATMUL_PATHS, Apply
 from jlora._discover import gather_layout, layout_from_uses
-from jlora._node import Layout, LoraKernel, Trainable, is_node
+from jlora._init import Init, parse_init
+from jlora._node import Layout, LoraKernel, Trainable, effective_factors, is_node
 from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest
 from jlora._quant import is_quantized
 from jlora._report import Report
-from jlora._sharding import init_factors
+from jlora._sharding import init_factors, place_factors
 from jlora._trace import Flat, shape_of, trace_uses
 
 __all__ = ["inject", "EMBEDDING_NAMES"]
@@ -47,21 +49,23 @@ _TRACED = "traced: every leaf apply_fn uses as a matmul/conv weight"
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    rank: int
-    scale: float
+    rank: Any  # int, or {regex: int}
+    alpha: Any  # None, a number, or {regex: number}
+    rslora: bool
     dropout: float
     bias: str
     fallback: str | None
     adapter_dtype: Any
     matmul: str
+    dora: bool
+    init: Init
 
     @classmethod
-    def check(cls, *, rank, alpha, rslora, dropout, bias, fallback, adapter_dtype, matmul) -> "_Options":
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-            raise ValueError(f"inject: rank must be a positive integer, got {rank!r}.")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                                  or not math.isfinite(alpha) or alpha <= 0):
-            raise ValueError(f"inject: alpha must be a positive number, got {alpha!r}.")
+    def check(cls, *, rank, alpha, rslora, dropout, bias, fallback, adapter_dtype, matmul, dora=False,
+              init=None) -> "_Options":
+        _check_pattern("rank", rank, _is_rank, "a positive integer")
+        if alpha is not None:
+            _check_pattern("alpha", alpha, _is_alpha, "a positive number")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"inject: dropout must be in [0, 1), got {dropout!r}.")
         if bias not in ("none", "all", "lora_only"):
@@ -70,9 +74,64 @@ class _Options:
             raise ValueError(f"inject: fallback must be None or 'merge', got {fallback!r}.")
         if matmul not in MATMUL_PATHS:
             raise ValueError(f"inject: matmul must be one of {MATMUL_PATHS}, got {matmul!r}.")
-        alpha = float(rank if alpha is None else alpha)
-        scale = alpha / (math.sqrt(rank) if rslora else rank)
-        return cls(int(rank), scale, float(dropout), bias, fallback, _adapter_dtype(adapter_dtype), matmul)
+        if not isinstance(dora, bool):
+            raise TypeError(f"inject: dora must be True or False, got {dora!r}.")
+        return cls(rank, alpha, bool(rslora), float(dropout), bias, fallback, _adapter_dtype(adapter_dtype), matmul,
+                   dora, parse_init(init))
+
+    def rank_for(self, path: str) -> int:
+        return int(_lookup("rank", self.rank, path))
+
+    def scale_for(self, path: str, rank: int) -> float:
+        alpha = rank if self.alpha is None else _lookup("alpha", self.alpha, path, default=rank)
+        return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
+
+    @property
+    def uniform(self) -> bool:
+        return not isinstance(self.rank, dict) and not isinstance(self.alpha, dict)
+
+
+def _is_rank(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v > 0
+
+
+def _is_alpha(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
+
+
+def _check_pattern(name: str, value: Any, ok, want: str) -> None:
+    """``value`` is ``ok``, or a non-empty dict ``{regex: ok value}``."""
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError(f"inject: {name}={{}} chooses nothing; pass a number or {{regex: value}}.")
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"inject: {name} pattern keys are regexes (str), got {k!r}.")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ValueError(f"inject: {name} pattern {k!r} is not a valid regular expression: {e}.") from None
+            if not ok(v):
+                raise ValueError(f"inject: {name}[{k!r}] must be {want}, got {v!r}.")
+    elif not ok(value):
+        raise ValueError(f"inject: {name} must be {want} or a dict {{regex: value}}, got {value!r}.")
+
+
+_MISSING = object()
+
+
+def _lookup(name: str, value: Any, path: str, default: Any = _MISSING) -> Any:
+    """A per-kernel option: a plain value, or the first ``{regex: value}`` whose regex is found in
+    the '/'-joined path (``re.search``, as ``targets``)."""
+    if not isinstance(value, dict):
+        return value
+    for k, v in value.items():
+        if re.search(k, path):
+            return v
+    if default is not _MISSING:
+        return default
+    raise ValueError(f"inject: no {name} pattern matches adapted kernel {path!r} (patterns {list(value)}); "
+                     f"add a catch-all such as '.*'.")
 
 
 def _adapter_dtype(dt: Any) -> Any:
@@ -241,30 +300,83 @@ def _build(flat: Flat, choice: _Choice, trained: set[int], opts: _Options, key: 
     """The new leaves (LoraKernel / Trainable nodes in place) and the report."""
     leaves = flat.leaves
     keys = jax.random.split(key, max(len(leaves), 1))
-    new_leaves, adapted = list(leaves), []
+    new_leaves, adapted, ranks, scales = list(leaves), [], set(), set()
     for i, lay in choice.layouts.items():
-        w0, shape = leaves[i], shape_of(leaves[i])
+        path, w0, shape = flat.paths[i], leaves[i], shape_of(leaves[i])
+        r = opts.rank_for(path)
+        scale = opts.scale_for(path, r)
         dt = w0.dtype if opts.adapter_dtype is None else opts.adapter_dtype
-        std = 1.0 / math.sqrt(lay.fan_in(shape))
-        a, b = init_factors(keys[i], w0, lay, opts.rank, dt, std)  # placed like w0 (sharded or not)
-        new_leaves[i] = LoraKernel(w0, a, b, layout=lay, scale=opts.scale, dropout=opts.dropout)
-        adapted.append((flat.paths[i], shape, str(lay)))
+        node = _adapter(keys[i], path, w0, lay, r, scale, dt, opts)
+        new_leaves[i] = node
+        ranks.add(r)
+        scales.add(scale)
+        desc = str(lay) if opts.uniform else f"{lay}, r={r}, scale={scale:g}"
+        adapted.append((path, shape, desc))
     for i in trained:
         new_leaves[i] = Trainable(leaves[i])
-    n_train = sum(int(np.size(x.a)) + int(np.size(x.b)) for x in new_leaves if isinstance(x, LoraKernel))
+    n_train = sum(sum(int(np.size(f)) for f in (x.a, x.b, x.m) if f is not None)
+                  for x in new_leaves if isinstance(x, LoraKernel))
     n_train += sum(int(np.size(leaves[i])) for i in trained)
     total = sum(int(math.prod(shape_of(x))) for x in leaves if hasattr(x, "shape"))
+    variant = ", ".join(v for v in ("DoRA" if opts.dora else "", "rsLoRA" if opts.rslora else "",
+                                    f"init {opts.init.name}" if opts.init.name else "") if v)
+    one = lambda vals, fmt: fmt(vals.pop()) if len(vals) == 1 else "per module"  # noqa: E731
     report = Report(adapted=adapted, skipped=choice.skipped, trained=[flat.paths[i] for i in sorted(trained)],
-                    rank=opts.rank, scale=opts.scale, trainable=n_train, total=total, rule=choice.rule)
+                    rank=one(set(ranks), int) if ranks else opts.rank if not isinstance(opts.rank, dict) else 0,
+                    scale=one(set(scales), float) if scales else 0.0, trainable=n_train, total=total,
+                    rule=choice.rule, variant=variant)
     return new_leaves, report
+
+
+def _adapter(key: jax.Array, path: str, w0: Any, lay: Layout, r: int, scale: float, dt: Any,
+             opts: _Options) -> LoraKernel:
+    """One kernel's LoraKernel, initialised as ``opts.init`` says (placed like ``w0``)."""
+    init = opts.init
+    a0 = b0 = sha = None
+    if init.kind in ("default", "gaussian"):
+        # jlora's default: std 1/sqrt(fan_in), so x·A keeps x's scale; PEFT's "gaussian": std 1/r
+        std = 1.0 / math.sqrt(lay.fan_in(shape_of(w0))) if init.kind == "default" else 1.0 / r
+        a, b = init_factors(key, w0, lay, r, dt, std)  # placed like w0 (sharded or not)
+    else:
+        _check_init_fits(path, w0, lay, r, init)
+        if init.kind == "pissa":
+            a, b = _init.pissa(w0, lay, r, scale, init.n, key)
+        elif init.kind == "olora":
+            a, b = _init.olora(w0, lay, r)
+        else:  # LoftQ: the base becomes its NF4 quantization Q, with Q + s·A·B ≈ W
+            w0, a, b = _init.loftq(w0, lay, r, scale, init.n)
+        a, b = place_factors(w0, lay, a.astype(dt), b.astype(dt))
+        if init.kind != "loftq":
+            a0, b0 = a, b  # the part of W the adapter starts with, subtracted unmerged (see _init)
+        sha = _init.fingerprint(w0)
+    node = LoraKernel(w0, a, b, layout=lay, scale=scale, dropout=opts.dropout, a0=a0, b0=b0, rslora=opts.rslora,
+                      init=init.name if init.modifies_base else None, base_sha256=sha)
+    if opts.dora:
+        ea, eb = effective_factors(node)
+        node = node.replace(m=_dora.magnitude(w0, ea, eb, scale, lay, dt))
+    return node
+
+
+def _check_init_fits(path: str, w0: Any, lay: Layout, r: int, init: Init) -> None:
+    shape = shape_of(w0)
+    n_in, n_out = lay.fan_in(shape), int(math.prod(shape[i] for i in lay.out))
+    if r > min(n_in, n_out):
+        raise ValueError(f"inject: init={init.name!r} needs rank <= min(in, out) = {min(n_in, n_out)} for "
+                         f"'{path}' {list(shape)} (layout {lay}), got rank {r}.")
+    if init.kind == "loftq" and is_quantized(w0):
+        raise ValueError(f"inject: init={init.name!r} quantizes the dense weights itself, but '{path}' is already "
+                         f"quantized; pass the unquantized base.")
+    if lay.gather and init.kind != "loftq":
+        raise ValueError(f"inject: init={init.name!r} is for matmul kernels; '{path}' is an embedding table "
+                         f"(PEFT's {init.kind} init does not apply to embeddings either).")
 
 
 def inject(
     params: Any,
     apply_fn: Callable,
-    rank: int = 8,
+    rank: int | dict[str, int] = 8,
     *,
-    alpha: float | None = None,
+    alpha: float | dict[str, float] | None = None,
     targets: Targets = None,
     key: jax.Array | None = None,
     example_args: Sequence[Any] = (),
@@ -276,6 +388,8 @@ def inject(
     adapter_dtype: Any = jnp.float32,
     fallback: str | None = None,
     matmul: str = "xla",
+    dora: bool = False,
+    init: str | None = None,
     verbose: bool = False,
     fuse_shared_inputs: bool = False,
     fused_matmul: bool = False,
@@ -302,8 +416,13 @@ def inject(
         module, any pytree). Leaves that are not arrays (Python numbers, functions) are passed
         to ``apply_fn`` as they are.
       apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. ``model.apply``.
-      rank: the adapter rank r (a positive integer).
-      alpha: LoRA alpha; defaults to ``rank`` (scale 1).
+      rank: the adapter rank r (a positive integer), or per kernel ``{regex: rank}``: the first
+        regex found (``re.search``) in a kernel's '/'-joined path gives its rank, e.g.
+        ``{"q_proj|v_proj": 16, ".*": 8}`` (every adapted kernel must match one; PEFT's
+        ``rank_pattern``).
+      alpha: LoRA alpha; defaults to the kernel's rank (scale 1). A ``{regex: alpha}`` dict is
+        looked up like ``rank`` (a kernel no regex matches gets alpha = its rank; PEFT's
+        ``alpha_pattern``).
       targets: None — every kernel used as a matmul/conv weight; a regex searched in the
         '/'-joined key path; a list of module names matching whole path components (every name
         must choose a kernel); or a callable ``(path, leaf) -> bool``. A target that chooses
@@ -328,6 +447,22 @@ def inject(
         matmul's epilogue (and the same for ``dx``); matmuls it does not cover keep ``'xla'``, and
         ``apply.fused_report`` says which and why. Same function to rounding; measured in
         benchmarks/RESULTS.md.
+      dora: DoRA (Liu et al. 2024): each adapted kernel also gets a trainable magnitude ``m`` (one
+        value per output unit and stacked layer, initialised to the kernel's norms) and computes
+        ``m ⊙ (W0 + s·A·B) / ‖W0 + s·A·B‖`` — the norm over the input axes, a constant in the
+        backward pass (the paper's §4.3, as PEFT) — still without forming ``A·B``: the norm comes
+        from ``‖W0‖²``, ``Aᵀ·W0`` and ``AᵀA`` (see ``jlora._dora``).
+      init: how A and B start. ``None`` (default): A ~ N(0, 1/fan_in), B = 0. ``"gaussian"``: A ~
+        N(0, 1/r²), B = 0 (PEFT's). Inits that move part of W0 into the adapter — ``"pissa"``
+        (top-r singular vectors), ``"pissa_niter_N"`` (randomised SVD, N power iterations),
+        ``"olora"`` (QR) — keep W0 unmodified and store the initial factors as frozen ``a0``,
+        ``b0``, computing ``W0 + s·(A·B − A0·B0)``: the model starts as exactly the base model, and
+        the adapter is a standard rank-2r LoRA over the original weights (what ``export_peft``
+        writes, as PEFT's ``path_initial_model_for_weight_conversion``). ``"loftq"`` /
+        ``"loftq_iter_N"`` replace W0 by its NF4 quantization Q from LoftQ's alternating
+        algorithm (1 or N iterations), with Q + s·A·B ≈ W0. Adapters from these inits record a
+        sha256 of the base they are valid over; ``load_adapters`` refuses any other. The papers'
+        algorithms are cited in ``jlora._init``.
       verbose: print the report (also available as ``apply.report``).
       fuse_shared_inputs, fused_matmul: deprecated spellings of ``matmul='shared_xa'`` /
         ``matmul='pallas'``.
@@ -349,11 +484,17 @@ def inject(
         >>> lp, apply = jlora.inject(params, mlp, rank=2, targets=["w2"], example_args=(x,))
         >>> [path for path, *_ in apply.report.adapted]
         ['w2']
+        >>> lp, apply = jlora.inject(params, mlp, rank={"w1": 4, ".*": 2}, dora=True, init="pissa")
+        >>> lp["w1"].rank, lp["w1"].m.shape, lp["w1"].init
+        (4, (16,), 'pissa')
+        >>> bool(jnp.allclose(apply(lp, x), mlp(params, x), atol=1e-4))  # PiSSA and DoRA start as the base
+        True
     """
     if not callable(apply_fn):
         raise TypeError(f"inject: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")
     opts = _Options.check(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, bias=bias, fallback=fallback,
-                          adapter_dtype=adapter_dtype, matmul=_matmul_option(matmul, fuse_shared_inputs, fused_matmul))
+                          adapter_dtype=adapter_dtype, matmul=_matmul_option(matmul, fuse_shared_inputs, fused_matmul),
+                          dora=dora, init=init)
     if not isinstance(example_args, (tuple, list)):
         raise TypeError("inject: example_args must be a tuple of apply_fn's arguments after params.")
     example_kwargs = dict(example_kwargs or {})

@@ -42,10 +42,10 @@ import numpy as np
 from jlora._quant import shape_of
 from jlora._version import __version__
 from jlora._atomic import write_files
-from jlora._discover import layout_from_uses
+from jlora._discover import gather_layout, layout_from_uses
 from jlora._trace import trace_uses
 from jlora._bank import refuse_banks
-from jlora._node import Layout, LoraKernel, Trainable, is_node
+from jlora._node import Layout, LoraKernel, Trainable, effective_factors, is_node
 from jlora._paths import leaf_name, nearest, path_str
 from jlora._sharding import place_factors, place_like
 from jlora._tree import Flat, host_array, is_jlora_leaf, plain
@@ -76,6 +76,7 @@ _PARAM_NAMES = {
     "weight": ("weight", False),
     "bias": ("bias", False),
 }
+_DEFAULT = object()
 _WEIGHTS = "adapter_model.safetensors"
 _CONFIG = "adapter_config.json"
 
@@ -245,10 +246,17 @@ def _claim(owner: dict[str, str], name: str, path: str) -> None:
 def _check_exportable(path: str, x: LoraKernel) -> None:
     if x.a is None or x.b is None:
         raise ValueError(f"export_peft: {path!r} is a LoraKernel without A/B.")
-    if leaf_name(path) == "embedding":
+    if leaf_name(path) == "embedding" and not x.layout.gather:
         raise ValueError(
-            f"export_peft: {path!r} is an embedding table (a tied output head?); PEFT's LoRA "
-            f"on embeddings has another layout (lora_embedding_A/B), which export_peft does not write."
+            f"export_peft: {path!r} is an embedding table that is also used as a matmul weight (a tied "
+            f"output head); PEFT's LoRA on an Embedding adapts its lookups only, so no PEFT adapter computes "
+            f"this model."
+        )
+    if x.init is not None and x.a0 is None:
+        raise ValueError(
+            f"export_peft: {path!r} was initialised with {x.init!r}: its base is LoftQ's NF4-quantized weights, "
+            f"not the original ones PEFT loads the adapter onto, and the difference is not low-rank. PEFT can "
+            f"only use it over that quantized base (PEFT's own LoftQ flow saves the modified base model)."
         )
     if x.layout.conv == ():
         raise ValueError(
@@ -257,28 +265,67 @@ def _check_exportable(path: str, x: LoraKernel) -> None:
         )
 
 
+class _Exported(NamedTuple):
+    """One torch module's adapter, as the config describes it."""
+
+    r: int
+    alpha: float
+    dropout: float
+    dora: bool
+    rslora: bool
+
+
+def _magnitude_to_torch(m: np.ndarray, layout: Layout) -> np.ndarray:
+    """One layer's DoRA magnitude (out...) -> PEFT's ``lora_magnitude_vector``: (out,) flattened like
+    lora_B's rows (a ConvNd's: (1, out, 1, ...))."""
+    flat = m.transpose(np.argsort(layout.out)).reshape(-1)
+    return flat.reshape(1, -1, *(1,) * (len(layout.conv) - 1)) if layout.conv else flat
+
+
+def _magnitude_from_torch(v: np.ndarray, layout: Layout, shape: tuple[int, ...]) -> np.ndarray:
+    s_out = sorted(layout.out)
+    return v.reshape([shape[i] for i in s_out]).transpose([s_out.index(ax) for ax in layout.out])
+
+
+def _keys(prefix: str, name: str, layout: Layout) -> tuple[str, str]:
+    """The lora_A / lora_B keys of a module: a Linear's or ConvNd's ``lora_A.weight``, an
+    Embedding's ``lora_embedding_A`` (no ``.weight``: PEFT keeps them in a ParameterDict)."""
+    if layout.gather:
+        return f"{prefix}{name}.lora_embedding_A", f"{prefix}{name}.lora_embedding_B"
+    return f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_B.weight"
+
+
 def _export_lora(adapted, resolve, prefix: str, cast) -> tuple[dict, dict, dict]:
-    """lora_A/lora_B tensors; per torch module (r, alpha, dropout); torch module -> jlora path."""
+    """lora_A/lora_B (and DoRA magnitude) tensors; per torch module its :class:`_Exported`; torch
+    module -> jlora path. PiSSA/OLoRA adapters are written converted (rank 2r over the original
+    weights, as PEFT's ``path_initial_model_for_weight_conversion``)."""
     tensors: dict[str, np.ndarray] = {}
-    lora: dict[str, tuple[int, float, float]] = {}
+    lora: dict[str, _Exported] = {}
     owner: dict[str, str] = {}
     for path, x in adapted:
         if not isinstance(x, LoraKernel):
             continue
         _check_exportable(path, x)
+        ea, eb = effective_factors(x)
         ns = len(x.layout.stack)
         template = _template(resolve, path, ns)
-        a, b = host_array(x.a), host_array(x.b)
+        a, b = host_array(ea), host_array(eb)
         _check_finite(a, f"export_peft: the A of {path!r}")
         _check_finite(b, f"export_peft: the B of {path!r}")
+        m = None if x.m is None else host_array(x.m)
+        if m is not None:
+            _check_finite(m, f"export_peft: the DoRA magnitude of {path!r}")
         r = int(a.shape[-1])
+        alpha = x.scale * (math.sqrt(r) if x.rslora else r)
         for idx in np.ndindex(*a.shape[:ns]):
             name = _expand(template, idx)
             _claim(owner, name, path)
             la, lb = _to_torch(a[idx], b[idx], x.layout)
-            tensors[f"{prefix}{name}.lora_A.weight"] = cast(la)
-            tensors[f"{prefix}{name}.lora_B.weight"] = cast(lb)
-            lora[name] = (r, x.scale * r, x.dropout)
+            ka, kb = _keys(prefix, name, x.layout)
+            tensors[ka], tensors[kb] = cast(la), cast(lb)
+            if m is not None:
+                tensors[f"{prefix}{name}.lora_magnitude_vector"] = cast(_magnitude_to_torch(m[idx], x.layout))
+            lora[name] = _Exported(r, alpha, x.dropout, m is not None, x.rslora)
     return tensors, lora, owner
 
 
@@ -334,12 +381,13 @@ def _pattern_key(name: str, names: set[str]) -> str:
     return "^" + re.escape(name)
 
 
-def _common(lora: Mapping[str, tuple[int, float, float]]) -> tuple[int, float, float]:
-    """The most common (r, alpha) and dropout: the config's r / lora_alpha / lora_dropout."""
+def _common(lora: Mapping[str, _Exported]) -> tuple[int, float, float, bool, bool]:
+    """The most common (r, alpha) and dropout: the config's r / lora_alpha / lora_dropout; and
+    use_dora / use_rslora, which PEFT has once per adapter (mixed ones are refused)."""
     if not lora:
-        return 8, 8, 0.0
-    (r0, alpha0), _ = collections.Counter((r, al) for r, al, _ in lora.values()).most_common(1)[0]
-    dropouts = collections.Counter(d for _, _, d in lora.values())
+        return 8, 8, 0.0, False, False
+    (r0, alpha0), _ = collections.Counter((e.r, e.alpha) for e in lora.values()).most_common(1)[0]
+    dropouts = collections.Counter(e.dropout for e in lora.values())
     dropout0 = dropouts.most_common(1)[0][0]
     if len(dropouts) > 1:
         warnings.warn(
@@ -347,7 +395,16 @@ def _common(lora: Mapping[str, tuple[int, float, float]]) -> tuple[int, float, f
             f"lora_dropout, {dropout0} is written.",
             stacklevel=4,  # the caller of export_peft
         )
-    return r0, alpha0, dropout0
+    flags = []
+    for what, key in (("DoRA", "dora"), ("rsLoRA", "rslora")):
+        values = {getattr(e, key) for e in lora.values()}
+        if len(values) > 1:
+            some = sorted(n for n, e in lora.items() if getattr(e, key))[0]
+            other = sorted(n for n, e in lora.items() if not getattr(e, key))[0]
+            raise ValueError(f"export_peft: {some!r} is {what} but {other!r} is not; PEFT's use_{key} holds for "
+                             f"the whole adapter. Export them separately.")
+        flags.append(values.pop())
+    return r0, alpha0, dropout0, flags[0], flags[1]
 
 
 def _target_list(lora, names: set[str], target_modules: Optional[Sequence[str]]) -> list[str]:
@@ -373,11 +430,12 @@ def _target_list(lora, names: set[str], target_modules: Optional[Sequence[str]])
     return sorted(chosen)
 
 
-def _peft_config(lora, save_modules, names, *, target_modules, builtin, base_model_name_or_path) -> dict:
-    r0, alpha0, dropout0 = _common(lora)
+def _peft_config(lora, save_modules, names, *, target_modules, builtin, base_model_name_or_path,
+                 task_type) -> dict:
+    r0, alpha0, dropout0, dora, rslora = _common(lora)
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if builtin else None,
+        "task_type": ("CAUSAL_LM" if builtin else None) if task_type is _DEFAULT else task_type,
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
@@ -388,14 +446,14 @@ def _peft_config(lora, save_modules, names, *, target_modules, builtin, base_mod
         "target_modules": _target_list(lora, names, target_modules),
         "fan_in_fan_out": False,
         "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": rslora,
+        "use_dora": dora,
         "modules_to_save": sorted(save_modules) or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {_pattern_key(n, names): r for n, (r, _, _) in sorted(lora.items()) if r != r0},
-        "alpha_pattern": {_pattern_key(n, names): _num(al) for n, (_, al, _) in sorted(lora.items()) if al != alpha0},
+        "rank_pattern": {_pattern_key(n, names): e.r for n, e in sorted(lora.items()) if e.r != r0},
+        "alpha_pattern": {_pattern_key(n, names): _num(e.alpha) for n, e in sorted(lora.items()) if e.alpha != alpha0},
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "loftq_config": {},
@@ -413,6 +471,7 @@ def export_peft(
     base_model_name_or_path: Optional[str] = None,
     dtype: Any = None,
     overwrite: bool = False,
+    task_type: Optional[str] = _DEFAULT,  # type: ignore[assignment]
 ) -> Path:
     """Write the adapters of injected ``params`` as a Hugging Face PEFT LoRA adapter.
 
@@ -424,8 +483,15 @@ def export_peft(
     ``example_args``) gets PEFT's ``ConvNd`` factors, ``lora_A`` (r, in, *kernel_size) and
     ``lora_B`` (out, r, 1, ...). ``lora_alpha = scale · r``. Kernels of different rank or scale go
     into PEFT's ``rank_pattern`` / ``alpha_pattern`` (a key is anchored, ``^name``, where it would
-    also match another module's name). Leaves trained in full (:class:`~jlora.Trainable`) become
-    ``modules_to_save``. Adapters holding NaN or infinite values are refused.
+    also match another module's name). rsLoRA adapters write ``use_rslora: true`` with their own
+    alpha (``scale·√r``). DoRA adapters add ``lora_magnitude_vector`` per module and
+    ``use_dora: true``. An embedding table adapted where it is looked up (``Layout.gather``)
+    becomes PEFT's ``Embedding`` LoRA, ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B``
+    (features, r). PiSSA/OLoRA adapters are written as PEFT's
+    ``path_initial_model_for_weight_conversion`` converts them: rank 2r over the original weights,
+    ``init_lora_weights: true``; LoftQ adapters are refused (their base is LoftQ's quantized
+    weights). Leaves trained in full (:class:`~jlora.Trainable`) become ``modules_to_save``.
+    Adapters holding NaN or infinite values are refused.
 
     Args:
         directory: The directory to write into (created if missing). Only the two files are
@@ -442,6 +508,8 @@ def export_peft(
         dtype: Floating dtype of the stored tensors (default: the adapters' own).
         overwrite: Replace an existing ``adapter_model.safetensors`` / ``adapter_config.json``
             (without it, either one being there is a ``FileExistsError``).
+        task_type: The config's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...); by default
+            ``"CAUSAL_LM"`` with the built-in Llama map and None otherwise.
 
     Returns:
         The absolute path of the directory.
@@ -487,8 +555,10 @@ def export_peft(
             f"export_peft: torch module {name!r} is both LoRA-adapted ({owner[name]!r}) and trained in "
             f"full ({save_modules[name]!r}); PEFT cannot express both on one module."
         )
+    if task_type is not _DEFAULT and task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"export_peft: task_type must be a str (e.g. 'CAUSAL_LM') or None, got {task_type!r}.")
     config = _peft_config(lora, save_modules, _module_names(universe), target_modules=target_modules,
-                          builtin=builtin, base_model_name_or_path=base_model_name_or_path)
+                          builtin=builtin, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     metadata = {"format": "pt", "jlora_version": __version__}
     writers = {
@@ -512,7 +582,6 @@ _UNSUPPORTED = (  # config key, values that are fine, what it is
 )
 # LoRA variants whose forward is not W0 + s·B·A (PEFT turns each on when its key is truthy).
 _VARIANTS = (
-    ("use_dora", "DoRA (use_dora)"),
     ("use_qalora", "QALoRA (use_qalora)"),
     ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
     ("velora_config", "VeLoRA (velora_config)"),
@@ -599,6 +668,7 @@ class _Settings(NamedTuple):
     rslora: bool
     dropout: float
     modules_to_save: list
+    dora: bool = False
 
     def rank_scale(self, name: str, r: int, key: str) -> float:
         """The scale of module ``name``, whose lora_A (``key``) has rank ``r``."""
@@ -638,11 +708,14 @@ def _settings(config: dict, file: Path) -> _Settings:
     mts = config.get("modules_to_save") or []
     if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
         raise bad("modules_to_save", "a list of module names")
+    dora = config.get("use_dora")
+    if dora is not None and not isinstance(dora, bool):
+        raise bad("use_dora", "true or false")
     return _Settings(
         r=config["r"], alpha=float(config["lora_alpha"]),
         rank_pattern=_pattern(config, "rank_pattern", _is_pos_int, "a positive integer", file),
         alpha_pattern=_pattern(config, "alpha_pattern", _is_pos_num, "a positive finite number", file),
-        rslora=bool(rslora), dropout=float(dropout), modules_to_save=mts,
+        rslora=bool(rslora), dropout=float(dropout), modules_to_save=mts, dora=bool(dora),
     )
 
 
@@ -686,21 +759,35 @@ def _read_adapter(directory: Path) -> tuple[_Settings, dict[str, np.ndarray], Pa
     return _settings(config, cfg_file), _read_tensors(st_file), st_file
 
 
-def _split_keys(tensors, prefix: str, mts: list, file: Path) -> tuple[dict, dict]:
-    """``{module: {"A": lora_A, "B": lora_B}}`` and the modules_to_save ``{module: {param: value}}``."""
-    lora: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+def _split_keys(tensors, prefix: str, mts: list, file: Path, dora: bool = False) -> tuple[dict, dict]:
+    """``{module: {"A": lora_A, "B": lora_B, "emb": an Embedding's, "m": DoRA magnitude or None}}`` and
+    the modules_to_save ``{module: {param: value}}``."""
+    lora: dict[str, dict[str, Any]] = collections.defaultdict(dict)
     saved: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    rx = re.compile(r"(.+)\.lora_(A|B)\.weight")
+    rx = re.compile(r"(.+)\.(?:lora_(A|B)\.weight|lora_embedding_(A|B)|lora_magnitude_vector|(base_layer)\.weight)")
     for key in sorted(tensors):
         if not key.startswith(prefix):
             raise ValueError(f"import_peft: key {key!r} does not start with {prefix!r}.")
         rest = key[len(prefix) :]
         m = rx.fullmatch(rest)
         if m:
-            lora[m.group(1)][m.group(2)] = tensors[key]
+            entry = lora[m.group(1)]
+            if m.group(4):  # an adapted Embedding's own table (PEFT's save_embedding_layers): checked later
+                entry["base"] = tensors[key]
+            elif m.group(2) or m.group(3):
+                kind = "emb" if m.group(3) else "lin"
+                if entry.setdefault("kind", kind) != kind:
+                    raise ValueError(f"import_peft: module {m.group(1)!r} has both Linear (lora_A/B.weight) and "
+                                     f"Embedding (lora_embedding_A/B) factors.")
+                entry[m.group(2) or m.group(3)] = tensors[key]
+            else:
+                if not dora:
+                    raise ValueError(f"import_peft: key {key!r} is a DoRA magnitude, but the config's use_dora is "
+                                     f"not true.")
+                entry["m"] = tensors[key]
             continue
-        if re.search(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[AB]\.bias)\b", rest):
-            raise ValueError(f"import_peft: key {key!r} is not supported (LoRA on embeddings, DoRA or LoRA bias).")
+        if re.search(r"\.lora_[AB]\.bias\b", rest):
+            raise ValueError(f"import_peft: key {key!r} is not supported (LoRA bias).")
         module, _, pname = rest.rpartition(".")
         if module and any(module == s or module.endswith("." + s) for s in mts):
             saved[module][pname] = tensors[key]
@@ -712,16 +799,27 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path) -> tuple[dict, dict
     if not lora:
         raise ValueError(f"import_peft: {file} holds no lora_A/lora_B tensors: there is no LoRA adapter in it.")
     for name, ab in lora.items():
+        emb = ab.get("kind") == "emb"
+        key = (lambda part: f"{prefix}{name}.lora_embedding_{part}") if emb else \
+            (lambda part: f"{prefix}{name}.lora_{part}.weight")
         for part, other in (("A", "B"), ("B", "A")):
             if part not in ab:
                 raise ValueError(
-                    f"import_peft: key {prefix}{name}.lora_{part}.weight is missing (its lora_{other} is present)."
+                    f"import_peft: key {key(part)} is missing"
+                    + (f" (its lora_{other} is present)." if other in ab else " (the file holds only its other tensors).")
                 )
-        if ab["A"].ndim < 2 or ab["A"].ndim != ab["B"].ndim:
+        if dora and "m" not in ab:
+            raise ValueError(f"import_peft: key {prefix}{name}.lora_magnitude_vector is missing (use_dora is true).")
+        if ab["A"].ndim < 2 or ab["A"].ndim != ab["B"].ndim or (emb and ab["A"].ndim != 2):
             raise ValueError(
-                f"import_peft: keys {prefix}{name}.lora_A.weight / lora_B.weight have shapes {ab['A'].shape} / "
-                f"{ab['B'].shape}; PEFT's are both 2-D (a Linear's) or both ConvNd weights."
+                f"import_peft: keys {key('A')} / {key('B')} have shapes {ab['A'].shape} / "
+                f"{ab['B'].shape}; PEFT's are both 2-D (a Linear's or an Embedding's) or both ConvNd weights."
             )
+        if "base" in ab and not emb:
+            raise ValueError(f"import_peft: unknown key {prefix}{name}.base_layer.weight (a base weight saved with "
+                             f"a Linear's adapter).")
+        ab["emb"] = emb
+        ab.setdefault("m", None)
     return lora, saved
 
 
@@ -775,7 +873,7 @@ class _Base:
         return sorted({module for module, _ in self.where})
 
     def assign(self, lora: Mapping[str, dict], prefix: str) -> dict[int, dict[tuple, tuple]]:
-        """Per leaf: ``{stack index: (module, lora_A, lora_B)}``."""
+        """Per leaf: ``{stack index: (module, its entry from _split_keys)}``."""
         per_leaf: dict[int, dict[tuple, tuple]] = collections.defaultdict(dict)
         for name in sorted(lora):
             targets = self.where.get((name, "weight"), []) + self.where.get((name, None), [])
@@ -791,17 +889,27 @@ class _Base:
                     f"{[self.paths[i] for i, _ in targets]}."
                 )
             (i, idx), = targets
-            per_leaf[i][idx] = (name, lora[name]["A"], lora[name]["B"])
+            per_leaf[i][idx] = (name, lora[name])
         return per_leaf
 
 
 # ------------------------------------------------------------------------------------------------
 # import: each adapted leaf's layout, known and never guessed
 # ------------------------------------------------------------------------------------------------
-def _conventional_layout(base: _Base, i: int) -> Layout:
+_TABLE_NAMES = ("embedding", "embeddings", "weight")
+
+
+def _conventional_layout(base: _Base, i: int, emb: bool = False) -> Layout:
     """The layout of a plain base leaf without apply_fn, where a convention makes it certain."""
     path, m = base.paths[i], base.mapped[i]
     shape, ns, leaf = shape_of(plain(base.leaves[i])), len(base.mapped[i].stack), leaf_name(base.paths[i])
+    if emb:  # every framework stores a table (num_embeddings, features): Flax nn.Embed, torch, equinox
+        if len(shape) == 2 and ns == 0 and (base.builtin or leaf in _TABLE_NAMES):
+            return Layout((), (0,), (1,), gather=True)
+        raise ValueError(
+            f"import_peft: the file holds an Embedding LoRA for base leaf {path!r} {list(shape)}, which is not "
+            f"a 2-D table named {' / '.join(_TABLE_NAMES)}. Pass apply_fn and example_args (its layout is read "
+            f"from the gather that reads it), or params injected by jlora.inject as base.")
     if len(shape) == ns + 2:
         if base.builtin or (leaf == "kernel" and shape[ns] != shape[ns + 1]):
             return Layout(m.stack, (ns,), (ns + 1,))  # Flax's Dense: (in, out)
@@ -821,7 +929,8 @@ def _conventional_layout(base: _Base, i: int) -> Layout:
     )
 
 
-def _traced_layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs) -> dict[int, Layout]:
+def _traced_layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs,
+                    emb: frozenset = frozenset()) -> dict[int, Layout]:
     if not callable(apply_fn):
         raise TypeError(f"import_peft: apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}.")
     if not isinstance(example_args, (tuple, list)):
@@ -831,7 +940,8 @@ def _traced_layouts(base: _Base, ids: list[int], apply_fn, example_args, example
     layouts = {}
     for i in ids:
         path, m = base.paths[i], base.mapped[i]
-        layout, why = layout_from_uses(uses[i], len(shape_of(values[i])))
+        find = gather_layout if i in emb else layout_from_uses
+        layout, why = find(uses[i], len(shape_of(values[i])))
         if layout is None:
             raise ValueError(f"import_peft: the layout of {path!r} cannot be read from apply_fn: {why}.")
         if layout.stack != m.stack:
@@ -843,8 +953,9 @@ def _traced_layouts(base: _Base, ids: list[int], apply_fn, example_args, example
     return layouts
 
 
-def _layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs) -> dict[int, tuple[Layout, bool]]:
-    """Per leaf: ``(layout, taken by convention)``."""
+def _layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs,
+             emb: frozenset = frozenset()) -> dict[int, tuple[Layout, bool]]:
+    """Per leaf: ``(layout, taken by convention)``; ``emb``: the leaves the file adapts as Embeddings."""
     if apply_fn is None and (example_args or example_kwargs):
         raise TypeError("import_peft: example_args / example_kwargs are inputs of apply_fn; pass apply_fn too.")
     out: dict[int, tuple[Layout, bool]] = {}
@@ -857,13 +968,19 @@ def _layouts(base: _Base, ids: list[int], apply_fn, example_args, example_kwargs
                     f"import_peft: {base.paths[i]!r} has {len(x.layout.stack)} stack axes (layout "
                     f"{x.layout}) but its module name {m.template!r} has {len(m.stack)} '{{}}' fields."
                 )
+            if x.layout.gather != (i in emb):
+                raise ValueError(
+                    f"import_peft: the file holds {'an Embedding' if i in emb else 'a Linear/ConvNd'} LoRA for "
+                    f"{base.paths[i]!r}, but its layout ({x.layout}) says it is "
+                    f"{'a matmul kernel' if i in emb else 'a table read by gather (an Embedding)'}."
+                )
             out[i] = (x.layout, False)
         elif apply_fn is not None:
             traced.append(i)
         else:
-            out[i] = (_conventional_layout(base, i), True)
+            out[i] = (_conventional_layout(base, i, i in emb), True)
     if traced:
-        found = _traced_layouts(base, traced, apply_fn, example_args, example_kwargs)
+        found = _traced_layouts(base, traced, apply_fn, example_args, example_kwargs, emb)
         out.update((i, (layout, False)) for i, layout in found.items())
     return out
 
@@ -907,7 +1024,7 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
     path, m = base.paths[i], base.mapped[i]
     w0 = plain(base.leaves[i])
     shape = shape_of(w0)
-    a_full = b_full = first = None
+    a_full = b_full = m_full = first = None
     for idx in np.ndindex(*m.stack_shape):
         if idx not in parts:
             raise ValueError(
@@ -915,8 +1032,11 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
                 f"stacked kernel {path!r} is adapted in other layers, and a stacked kernel needs an "
                 f"adapter in every layer."
             )
-        name, la, lb = parts[idx]
-        key = f"{prefix}{name}.lora_A.weight"
+        name, entry = parts[idx]
+        la, lb, mag = entry["A"], entry["B"], entry["m"]
+        key = _keys(prefix, name, layout)[0]
+        if entry.get("base") is not None:
+            _check_saved_table(f"{prefix}{name}.base_layer.weight", entry["base"], np.asarray(host_array(w0))[idx])
         r = int(la.shape[0])
         scale = settings.rank_scale(name, r, key)
         _check_factors(key, la, lb, layout, shape, path, conventional)
@@ -924,15 +1044,37 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
             first = (r, scale)
             a_full = np.zeros(layout.a_shape(shape, r), np.float32)
             b_full = np.zeros(layout.b_shape(shape, r), np.float32)
+            m_full = None if mag is None else np.zeros(layout.m_shape(shape), np.float32)
         elif (r, scale) != first:
             raise ValueError(
                 f"import_peft: key {key!r}: rank {r} / scale {scale:g} differ from the other layers of "
                 f"stacked kernel {path!r} (rank {first[0]}, scale {first[1]:g})."
             )
         a_full[idx], b_full[idx] = _from_torch(la.astype(np.float32), lb.astype(np.float32), layout, shape)
+        if mag is not None:
+            want = _magnitude_to_torch(np.zeros(layout.m_shape(shape)[len(m.stack):]), layout).shape
+            if mag.shape != want:
+                raise ValueError(f"import_peft: key {prefix}{name}.lora_magnitude_vector has shape {mag.shape}, "
+                                 f"expected {want} for {path!r} (layout {layout}).")
+            m_full[idx] = _magnitude_from_torch(mag.astype(np.float32), layout, shape)
     # Sharded like the base they are loaded over, as load_adapters does.
     a, b = place_factors(w0, layout, a_full.astype(dtype), b_full.astype(dtype))
-    return LoraKernel(w0, jnp.asarray(a), jnp.asarray(b), layout=layout, scale=first[1], dropout=settings.dropout)
+    mm = None if m_full is None else jnp.asarray(m_full.astype(dtype))
+    return LoraKernel(w0, jnp.asarray(a), jnp.asarray(b), layout=layout, scale=first[1], dropout=settings.dropout,
+                      m=mm, rslora=settings.rslora)
+
+
+def _check_saved_table(key: str, saved: np.ndarray, table: np.ndarray) -> None:
+    """PEFT saves an adapted Embedding's own weight too (``save_embedding_layers``, in case the
+    vocabulary was resized): it must be the base's table, or the adapter belongs to another one."""
+    if saved.shape != table.shape:
+        raise ValueError(f"import_peft: key {key!r} (the embedding table PEFT saved with its adapter) has shape "
+                         f"{saved.shape}, the base's table {table.shape}: the vocabulary was resized; resize the base.")
+    a, b = saved.astype(np.float32), table.astype(np.float32)
+    if not np.allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b).max()))):
+        raise ValueError(f"import_peft: key {key!r} (the embedding table PEFT saved with its adapter) differs from "
+                         f"the base's table (max |Δ| {float(np.abs(a - b).max()):.3g}): the adapter was trained over "
+                         f"another embedding.")
 
 
 def _attach_saved(base: _Base, new: list, saved: Mapping[str, dict], prefix: str) -> None:
@@ -1003,7 +1145,10 @@ def import_peft(
       name. A square kernel (Flax's ``(in, out)`` and torch's ``(out, in)`` both fit), a leaf named
       otherwise (``weight`` is ``(out, in)`` in torch and equinox) or one with more axes is refused.
 
-    Adapters that do not add ``s·B·A`` to the original base weights are refused: DoRA and other
+    DoRA (``use_dora``) adapters bring their ``lora_magnitude_vector`` (DoRA's ``m``); an
+    ``Embedding``'s ``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (features, r) go onto the
+    table (``(vocab, features)``, read by gather); ``use_rslora`` is kept on the nodes.
+    Other adapters that do not add ``s·B·A`` to the original base weights are refused: the other
     LoRA variants, and ``init_lora_weights`` that modify the base (PiSSA, OLoRA, CorDA, LoRA-GA: save
     those converted with PEFT's ``path_initial_model_for_weight_conversion``; LoftQ).
 
@@ -1022,7 +1167,7 @@ def import_peft(
 
     Raises:
         FileNotFoundError: A file is missing.
-        ValueError: Unsupported or malformed config (non-LoRA, DoRA, PiSSA, a non-positive r, ...,
+        ValueError: Unsupported or malformed config (non-LoRA, VeRA-like variants, PiSSA, a non-positive r, ...,
             naming the file and key), an empty adapter, a kernel whose layout is not known, or a key
             that is unknown, missing, or of the wrong shape (the message names it).
 
@@ -1038,10 +1183,11 @@ def import_peft(
     """
     dtype = _float_dtype(dtype, "import_peft")
     settings, tensors, st_file = _read_adapter(Path(directory))
-    lora, saved = _split_keys(tensors, base_model_prefix, settings.modules_to_save, st_file)
+    lora, saved = _split_keys(tensors, base_model_prefix, settings.modules_to_save, st_file, settings.dora)
     tree = _Base(base, module_map)
     per_leaf = tree.assign(lora, base_model_prefix)
-    layouts = _layouts(tree, sorted(per_leaf), apply_fn, example_args, example_kwargs)
+    emb = frozenset(i for i, parts in per_leaf.items() if any(e["emb"] for _, e in parts.values()))
+    layouts = _layouts(tree, sorted(per_leaf), apply_fn, example_args, example_kwargs, emb)
     new = [plain(x) for x in tree.leaves]
     for i, parts in per_leaf.items():
         new[i] = _build_kernel(tree, i, parts, *layouts[i], settings, dtype, base_model_prefix)

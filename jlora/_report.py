@@ -22,15 +22,18 @@ class Report:
     adapted: list[tuple[str, tuple[int, ...], str]]  # (path, shape, layout)
     skipped: list[tuple[str, tuple[int, ...], str]]  # (path, shape, reason)
     trained: list[str]  # leaves trained in full
-    rank: int
-    scale: float
+    rank: int | str  # "per module" with rank patterns
+    scale: float | str
     trainable: int
     total: int
     rule: str = ""  # how candidates were chosen (traced uses, or the 2-D convention)
+    variant: str = ""  # e.g. "DoRA, init pissa"
 
     def __str__(self) -> str:
         how = f" (chosen: {self.rule})" if self.rule else ""
-        lines = [f"jlora: adapted {len(self.adapted)} kernels with rank {self.rank}, scale {self.scale:g}{how}"]
+        scale = f"{self.scale:g}" if isinstance(self.scale, (int, float)) else self.scale
+        var = f", {self.variant}" if self.variant else ""
+        lines = [f"jlora: adapted {len(self.adapted)} kernels with rank {self.rank}, scale {scale}{var}{how}"]
         lines += [f"  + {p} {list(s)} ({lay})" for p, s, lay in self.adapted]
         lines += [f"  * {p} (trained in full)" for p in self.trained]
         lines += [f"  - {p} {list(s)}: {why}" for p, s, why in self.skipped]

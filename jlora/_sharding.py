@@ -254,7 +254,8 @@ def shard_adapters(params: Any) -> Any:
         if not isinstance(x, LoraKernel) or x.a is None or x.b is None:
             return x
         a, b = place_factors(x.w0, x.layout, x.a, x.b)
-        return LoraKernel(x.w0, a, b, layout=x.layout, scale=x.scale, dropout=x.dropout)
+        a0, b0 = (None, None) if x.a0 is None else place_factors(x.w0, x.layout, x.a0, x.b0)
+        return x.replace(a=a, b=b, a0=a0, b0=b0)
 
     return jax.tree.map(one, params, is_leaf=is_node)
 

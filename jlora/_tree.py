@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -12,12 +13,12 @@ import numpy as np
 import optax
 
 from jlora._bank import LoraBank, bank_problem, is_bank
-from jlora._node import LoraKernel, Trainable, factor_problem, is_node
-from jlora._paths import path_str
+from jlora._node import LoraKernel, Trainable, effective_factors, factor_problem, is_node
+from jlora._paths import leaf_name, path_str
 from jlora._quant import dequantized, is_quantized
 from jlora._value import delta
 
-__all__ = ["split", "combine", "merge", "labels", "optimizer", "summary", "iter_kernels", "base_of", "Flat",
+__all__ = ["split", "combine", "merge", "labels", "optimizer", "loraplus", "convert_to_lora", "summary", "iter_kernels", "base_of", "Flat",
            "host_array", "is_jlora_leaf", "plain"]
 
 
@@ -94,7 +95,7 @@ def split(params: Any) -> tuple[Any, Any]:
 
     def ad(x):
         if isinstance(x, LoraKernel):
-            return LoraKernel(None, x.a, x.b, layout=x.layout, scale=x.scale, dropout=x.dropout)
+            return x.replace(w0=None)  # A, B, DoRA's m (and PiSSA/OLoRA's frozen A0, B0)
         if isinstance(x, LoraBank):
             return x.replace(w0=None)
         return x if isinstance(x, Trainable) else None
@@ -156,12 +157,8 @@ def _combine_one(path: str, ad: Any, base: Any) -> Any:
     if plain is None or not hasattr(plain, "shape"):
         raise ValueError(f"combine: '{path}' is adapted, but base has {_describe(plain)} there, not a "
                          f"kernel. Pass the base params the adapters were trained on.")
-    if isinstance(ad, LoraBank):
-        node = ad.replace(w0=plain)
-        why = bank_problem(node)
-    else:
-        node = LoraKernel(plain, ad.a, ad.b, layout=ad.layout, scale=ad.scale, dropout=ad.dropout)
-        why = factor_problem(node)
+    node = ad.replace(w0=plain)
+    why = bank_problem(node) if isinstance(ad, LoraBank) else factor_problem(node)
     if why is not None:
         raise ValueError(f"combine: the adapter at '{path}' does not fit base kernel {_describe(plain)}: "
                          f"{why}. Adapters and base come from different models or injections.")
@@ -183,7 +180,9 @@ def _describe(x: Any) -> str:
 def merge(params: Any) -> Any:
     """The original params structure with ``W0 + s·A·B`` folded into every adapted kernel.
 
-    The sum is accumulated in float32 and cast back to W0's dtype (for a bfloat16 base that is one
+    A DoRA kernel becomes ``m ⊙ (W0 + s·A·B) / ‖W0 + s·A·B‖`` (the norm over its input axes per
+    output unit, a constant for gradients as in ``apply``); a PiSSA/OLoRA kernel
+    ``W0 + s·(A·B − A0·B0)``. The sum is accumulated in float32 and cast back to W0's dtype (for a bfloat16 base that is one
     rounding of the exact sum, so ``merge`` can differ from the unmerged model by half a bf16 ulp
     per weight). Leaves trained in full are unwrapped. Quantized bases are dequantized first.
 
@@ -201,9 +200,7 @@ def merge(params: Any) -> Any:
             if x.w0 is None:
                 raise ValueError("merge: these params hold adapters without their base kernels (split's "
                                  "adapters tree); pass jlora.combine(adapters, base).")
-            w0 = dequantized(x.w0)
-            d = delta(x.a, x.b, x.layout, jnp.float32)
-            return (w0.astype(jnp.float32) + x.scale * d).astype(w0.dtype)
+            return merged_kernel(x)
         if isinstance(x, Trainable):
             return x.value
         if isinstance(x, LoraBank):
@@ -215,18 +212,75 @@ def merge(params: Any) -> Any:
     return jax.tree.map(one, params, is_leaf=_is_unit)
 
 
-def _label_tree(params: Any) -> Any:
-    def one(x):
+def merged_kernel(x: LoraKernel) -> jax.Array:
+    """One adapted kernel's merged value (see :func:`merge`), in W0's dtype."""
+    from jlora._dora import gain_in_kernel_order
+
+    w0 = dequantized(x.w0)
+    a, b = effective_factors(x)
+    w = w0.astype(jnp.float32) + x.scale * delta(a, b, x.layout, jnp.float32)
+    if x.m is not None:
+        w = w * gain_in_kernel_order(w, x.m, x.layout)
+    return w.astype(w0.dtype)
+
+
+def convert_to_lora(params: Any) -> Any:
+    """Adapters made by a weight-modifying init (PiSSA, OLoRA) as standard LoRA over the original
+    weights: each such kernel's ``(A, B, A0, B0)`` becomes the rank-2r pair ``([A, A0], [B; −B0])``,
+    trainable as a whole, computing the same model (as PEFT's ``path_initial_model_for_weight_
+    conversion`` writes it; :func:`jlora.export_peft` does this itself). Other kernels are unchanged.
+    A LoftQ adapter is refused: its base is LoftQ's quantized weights, and the difference from the
+    original weights is not low-rank.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> k = jlora.LoraKernel(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), a0=jnp.zeros((4, 2)),
+        ...                      b0=jnp.zeros((2, 3)), layout=jlora.Layout((), (0,), (1,)), scale=0.5, init="pissa")
+        >>> c = jlora.convert_to_lora({"w": k})["w"]
+        >>> c.rank, c.init, bool(jnp.allclose(jlora.merge({"w": c})["w"], jlora.merge({"w": k})["w"]))
+        (4, None, True)
+    """
+
+    def one(path, x):
+        if not isinstance(x, LoraKernel) or x.init is None:
+            return x
+        if x.a0 is None:
+            raise ValueError(
+                f"convert_to_lora: '{path_str(path)}' was initialised with {x.init!r}, whose base is LoftQ's "
+                f"quantized weights: W_orig − Q is not low-rank, so no LoRA over the original weights computes "
+                f"this model. Keep (or re-create) the quantized base instead.")
+        a, b = effective_factors(x)
+        return x.replace(a=a, b=b, a0=None, b0=None, init=None, base_sha256=None)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)
+
+
+def _label_tree(params: Any, plus: bool = False) -> Any:
+    """Per leaf: 'lora' / 'frozen'; with ``plus`` (LoRA+), the trainable ones split into 'lora_a',
+    'lora_b', 'lora_b_no_decay' and 'embedding' as PEFT's ``create_loraplus_optimizer`` groups them
+    (B, DoRA's magnitude and 1-D leaves trained in full with B; biases without weight decay; the
+    factors of an embedding table on their own)."""
+
+    def one(path, x):
         if isinstance(x, LoraKernel):
             w0 = jax.tree.map(lambda _: "frozen", x.w0)  # a quantized base has several children
-            return LoraKernel(w0, "lora", "lora", layout=x.layout, scale=x.scale, dropout=x.dropout)
+            la, lb = ("lora_a", "lora_b") if plus else ("lora", "lora")
+            if plus and x.layout.gather:
+                la = lb = "embedding"
+            frozen = None if x.a0 is None else "frozen"
+            return x.replace(w0=w0, a=la, b=lb, m=None if x.m is None else lb, a0=frozen, b0=frozen)
         if isinstance(x, Trainable):
-            return Trainable("lora")
+            if not plus:
+                return Trainable("lora")
+            if np.ndim(x.value) == 1:
+                return Trainable("lora_b_no_decay" if leaf_name(path_str(path)) in ("bias", "b") else "lora_b")
+            return Trainable("lora_a")
         if isinstance(x, LoraBank):
-            return x.replace(w0=jax.tree.map(lambda _: "frozen", x.w0), a="lora", b="lora")
+            la, lb = ("lora_a", "lora_b") if plus else ("lora", "lora")
+            return x.replace(w0=jax.tree.map(lambda _: "frozen", x.w0), a=la, b=lb)
         return jax.tree.map(lambda _: "frozen", x)
 
-    return jax.tree.map(one, params, is_leaf=_is_unit)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_unit)
 
 
 def labels(params: Any) -> Any:
@@ -250,7 +304,8 @@ def labels(params: Any) -> Any:
     return tree
 
 
-def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
+def optimizer(tx: optax.GradientTransformation, params: Any, *, lr_ratio: float | None = None
+              ) -> optax.GradientTransformation:
     """``tx`` on the adapters, nothing on the frozen base.
 
     ``optax.multi_transform({'lora': tx, 'frozen': optax.set_to_zero()}, labels)``: the optimizer
@@ -260,9 +315,20 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
     base needs: its integer codes cannot be differentiated) — use one of the two consistently
     for ``init`` and ``update``.
 
+    ``lr_ratio=λ`` is LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large
+    Models"): B's learning rate is λ times A's. B — with DoRA's magnitudes and 1-D leaves trained
+    in full, as PEFT's ``create_loraplus_optimizer`` groups them — gets ``chain(tx, scale(λ))``,
+    A and the rest ``tx``, each group with its own optimizer state. Scaling an update by λ is
+    scaling the learning rate by λ for every optimizer whose update is linear in its learning rate
+    (SGD with or without momentum, Adam, AdamW with its weight decay, RMSProp, Lion, ...); for one
+    that is not (Adafactor's relative steps, schedule-free or learning-rate-free optimizers), use
+    :func:`loraplus`, which builds each group's optimizer with its own learning rate. Embedding
+    adapters are in the A/B groups here; :func:`loraplus` gives them their own learning rate.
+
     Args:
       tx: the optimizer for the adapters (e.g. ``optax.adamw(2e-4)``).
       params: injected params or their adapters tree; checked to hold adapters.
+      lr_ratio: LoRA+'s ηB/ηA (PEFT's ``loraplus_lr_ratio``, e.g. 16); None for plain LoRA.
 
     Example:
         >>> import jax.numpy as jnp, optax, jlora
@@ -272,11 +338,76 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
         >>> state = tx.init({"w": k})
         >>> adapters, base = jlora.split({"w": k})
         >>> state = tx.init(adapters)     # or over the adapters alone
+        >>> tx = jlora.optimizer(optax.sgd(0.1), {"w": k}, lr_ratio=16)
+        >>> g = jax.tree.map(jnp.ones_like, {"w": k})
+        >>> u, _ = tx.update(g, tx.init({"w": k}), {"w": k})
+        >>> [round(float(x[0, 0]), 6) for x in (u["w"].a, u["w"].b, u["w"].w0)]
+        [-0.1, -1.6, 0.0]
     """
+    _check_has_adapters(params, "optimizer")
+    if lr_ratio is None:
+        return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, _label_tree)
+    ratio = _check_ratio(lr_ratio)
+    b_tx = optax.chain(tx, optax.scale(ratio))
+    groups = {"lora_a": tx, "embedding": tx, "lora_b": b_tx, "lora_b_no_decay": b_tx, "frozen": optax.set_to_zero()}
+    return optax.multi_transform(groups, functools.partial(_label_tree, plus=True))
+
+
+def loraplus(optimizer_cls, params: Any, *, lr, lr_ratio: float, lr_embedding: float = 1e-6,
+             weight_decay: float = 0.0, **kwargs) -> optax.GradientTransformation:
+    """LoRA+ exactly as PEFT's ``create_loraplus_optimizer``: one optimizer per parameter group.
+
+    Groups (Hayou et al. 2024; PEFT's grouping): A and leaves of 2+ axes trained in full get
+    ``optimizer_cls(lr)``; B, DoRA's magnitudes and 1-D leaves trained in full get
+    ``optimizer_cls(lr · lr_ratio)``; the factors of an embedding table get
+    ``optimizer_cls(lr_embedding)`` (PEFT's ``loraplus_lr_embedding``, default 1e-6). With
+    ``weight_decay`` (PEFT's ``loraplus_weight_decay``) passed as ``weight_decay=`` to every group
+    but the biases trained in full. The frozen base gets zero updates.
+
+    Args:
+      optimizer_cls: an optax optimizer factory taking the learning rate first, e.g. ``optax.adamw``.
+      params: injected params or their adapters tree.
+      lr: A's learning rate (a float or an optax schedule).
+      lr_ratio: ηB/ηA (>= 1 in the paper; e.g. 16).
+      lr_embedding: the embedding factors' learning rate.
+      weight_decay: weight decay of every group but biases (needs an optimizer that takes it).
+      **kwargs: passed to every ``optimizer_cls`` call (``b1``, ``eps``, ...).
+
+    Example:
+        >>> import jax.numpy as jnp, optax, jlora
+        >>> k = jlora.LoraKernel(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)),
+        ...                      layout=jlora.Layout((), (0,), (1,)), scale=1.0)
+        >>> tx = jlora.loraplus(optax.sgd, {"w": k}, lr=0.1, lr_ratio=4)
+        >>> u, _ = tx.update(jax.tree.map(jnp.ones_like, {"w": k}), tx.init({"w": k}))
+        >>> round(float(u["w"].a[0, 0]), 6), round(float(u["w"].b[0, 0]), 6)
+        (-0.1, -0.4)
+    """
+    _check_has_adapters(params, "loraplus")
+    ratio = _check_ratio(lr_ratio)
+    scaled = (lambda n: lr(n) * ratio) if callable(lr) else lr * ratio  # noqa: E731
+    decay = {} if weight_decay == 0.0 else {"weight_decay": weight_decay}
+    no_decay = {} if weight_decay == 0.0 else {"weight_decay": 0.0}
+    groups = {
+        "lora_a": optimizer_cls(lr, **decay, **kwargs),
+        "embedding": optimizer_cls(lr_embedding, **decay, **kwargs),
+        "lora_b": optimizer_cls(scaled, **decay, **kwargs),
+        "lora_b_no_decay": optimizer_cls(scaled, **no_decay, **kwargs),
+        "frozen": optax.set_to_zero(),
+    }
+    return optax.multi_transform(groups, functools.partial(_label_tree, plus=True))
+
+
+def _check_ratio(lr_ratio: Any) -> float:
+    if isinstance(lr_ratio, bool) or not isinstance(lr_ratio, (int, float)) or not math.isfinite(lr_ratio) \
+            or lr_ratio <= 0:
+        raise ValueError(f"lr_ratio must be a positive number (LoRA+'s ηB/ηA, e.g. 16), got {lr_ratio!r}.")
+    return float(lr_ratio)
+
+
+def _check_has_adapters(params: Any, what: str) -> None:
     if not any(_is_unit(x) for x in jax.tree.leaves(params, is_leaf=_is_unit)):
-        raise ValueError("optimizer: params hold no adapters (no LoraKernel or Trainable node); pass "
+        raise ValueError(f"{what}: params hold no adapters (no LoraKernel or Trainable node); pass "
                          "the params returned by jlora.inject, or split(params)[0].")
-    return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, _label_tree)
 
 
 def iter_kernels(params: Any, *, banks: bool = False):
@@ -317,7 +448,7 @@ def summary(params: Any) -> str:
     trainable = 0
     for path, x in iter_kernels(params, banks=True):
         if isinstance(x, LoraKernel):
-            n = _count(x.a) + _count(x.b)
+            n = _count(x.a) + _count(x.b) + _count(x.m)
             rows.append((path, str(tuple(x.shape)), str(x.layout), str(x.rank), f"{x.scale:g}", str(n)))
         elif isinstance(x, LoraBank):  # one row for the bank: ranks and scales per adapter
             n = _count(x.a) + _count(x.b)

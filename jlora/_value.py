@@ -133,6 +133,7 @@ class LoraValue:
     scale: float
     dropout: float
     path: str
+    gain: Any = None  # DoRA: m / ‖W0 + s·ΔW‖, shaped (stack..., out...) like B without its rank axis
 
     @property
     def n_stack(self) -> int:
@@ -163,7 +164,32 @@ class LoraValue:
                        precision=lax.Precision.HIGHEST)
         d = d.reshape(tuple(1 if t.role is Role.UNIT else n for t, n in zip(self.tags, self.w0.shape)))
         w0 = self.dense()
-        return (w0.astype(jnp.float32) + self.scale * d).astype(w0.dtype)
+        w = w0.astype(jnp.float32) + self.scale * d
+        if self.gain is not None:
+            w = w * self.gain_view()
+        return w.astype(w0.dtype)
+
+    def gain_axis(self, view_axis: int) -> int | None:
+        """The axis of ``gain`` behind a view axis (its stack and output axes have one)."""
+        t = self.tags[view_axis]
+        return t.idx if t.role is Role.STACK else self.n_stack + t.idx if t.role is Role.OUT else None
+
+    def gain_on(self, positions: dict[int, int], ndim: int, dtype: Any) -> jax.Array:
+        """``gain`` laid out for broadcasting against an array of ``ndim`` axes in which view axis
+        ``v`` is axis ``positions[v]`` (every stack and output axis of the view must have one)."""
+        ga = {self.gain_axis(v): pos for v, pos in positions.items() if self.gain_axis(v) is not None}
+        if sorted(ga) != list(range(self.gain.ndim)):
+            raise ValueError("not every stack/output axis of the kernel has a place in the result")
+        order = sorted(ga, key=ga.get)
+        g = jnp.transpose(self.gain, order) if order != list(range(self.gain.ndim)) else self.gain
+        shape = [1] * ndim
+        for k in order:
+            shape[ga[k]] = self.gain.shape[k]
+        return jnp.reshape(g, shape).astype(dtype)
+
+    def gain_view(self) -> jax.Array:
+        """``gain`` shaped to broadcast against the view (size 1 on input and unit axes)."""
+        return self.gain_on({v: v for v in range(len(self.tags))}, len(self.tags), jnp.float32)
 
     def ordered(self) -> "LoraValue":
         """Reorder A's and B's axes so that each role's axes follow the view's order."""
@@ -171,7 +197,10 @@ class LoraValue:
         order = {r: [t.idx for t in self.tags if t.role is r] for r in (Role.STACK, Role.IN, Role.OUT)}
         a_perm = order[Role.STACK] + [ns + k for k in order[Role.IN]] + [self.a.ndim - 1]
         b_perm = order[Role.STACK] + [ns] + [ns + 1 + k for k in order[Role.OUT]]
-        return self.with_(a=_transpose(self.a, a_perm), b=_transpose(self.b, b_perm), tags=renumber(self.tags))
+        g_perm = order[Role.STACK] + [ns + k for k in order[Role.OUT]]
+        gain = None if self.gain is None else _transpose(self.gain, g_perm)
+        return self.with_(a=_transpose(self.a, a_perm), b=_transpose(self.b, b_perm), gain=gain,
+                          tags=renumber(self.tags))
 
     def stack_first(self) -> "LoraValue":
         """Make view axis 0 (a stack axis) the leading axis of A and B too."""

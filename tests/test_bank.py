@@ -411,6 +411,25 @@ def test_bad_ids_are_refused():
     assert np.isnan(np.asarray(y[1])).all() and np.isfinite(np.asarray(y)[[0, 2, 3, 4]]).all()
 
 
+def test_pissa_adapter_in_a_bank_and_dora_refused():
+    """A PiSSA adapter (frozen A0, B0 over the user's weights) is banked as its rank-2r LoRA and gives
+    the same outputs as served alone; DoRA and LoftQ adapters are refused, naming the kernel."""
+    p, pa, _, apply = two_adapters()
+    pp, _ = jlora.inject(p, mlp, rank=2, init="pissa", example_args=(X,), key=K(6))
+    rng = np.random.default_rng(7)
+    pp = jax.tree.map(lambda x: x.replace(a=x.a + jnp.asarray(rng.standard_normal(x.a.shape) * 0.3, x.a.dtype))
+                      if isinstance(x, jlora.LoraKernel) else x, pp, is_leaf=lambda x: isinstance(x, jlora.LoraKernel))
+    params = jlora.combine(jlora.stack_adapters({"a": pa, "p": pp}), p)
+    ids = np.array([1, 0, 1, -1, 1], np.int32)
+    got = jax.jit(lambda prm, x, i: apply(prm, x, adapter_ids=i))(params, X, ids)
+    want = per_example(apply, mlp, p, [pa, pp], X, ids)
+    close(got, want, 1e-4)
+    assert not np.allclose(want[0], mlp(p, X[:1])[0], atol=1e-3)  # the trained PiSSA adapter matters
+    pd, _ = jlora.inject(p, mlp, rank=2, dora=True, example_args=(X,))
+    with pytest.raises(ValueError, match="adapter 'd' has a DoRA magnitude at 'l1/kernel'"):
+        jlora.stack_adapters({"a": pa, "d": pd})
+
+
 def test_bad_banks_are_refused():
     p, pa, pb, apply = two_adapters()
     # adapters trained on a different base (other shapes): stacking, or putting onto this base, is refused

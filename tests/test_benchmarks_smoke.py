@@ -212,3 +212,24 @@ def test_unsloth_step_needs_cuda_and_runs_its_peft_row_on_cpu(tmp_path):
     row = json.loads(out.read_text())["results"]["peft"]
     assert row["status"] == "ok" and row["batch"] == 2 and row["trainable"] == 2 * 16 * (
         (64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r 16 on 7 projections of 2 layers
+def test_dora_step_smoke(tmp_path):
+    """benchmarks/dora_step.py at a tiny shape: PEFT's DoRA (subprocess), floor, jlora LoRA and DoRA
+    steps, and every init's one-off cost, with a table row each and the JSON record."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + FAST_CPU_COMPILE).strip()
+    out = tmp_path / "dora.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "dora_step.py"), *TINY[:-4], "--steps", "2", "--warmup", "0",
+           "--init-d", "64", "--init-kv", "32", "--init-ffn", "128", "--init-layers", "2", "--init-rank", "4",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    for row in ("floor", "jlora", "jlora_dora", "peft_dora_eager", "pissa", "pissa_niter_4", "olora", "loftq",
+                "dora_magnitude"):
+        assert _row(proc.stdout, row) is not None, f"no row for {row}\n{log}"
+    res = json.loads(out.read_text())
+    assert res["steps"]["jlora_dora"]["check_ok"] and res["steps"]["jlora"]["check_ok"]
+    assert res["steps"]["peft_dora_eager"]["step_ms"] > 0 and res["extra"]["dora_over_lora"] > 0
+    assert all(r["model_s"] > 0 for r in res["inits"].values())

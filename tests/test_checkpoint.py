@@ -117,7 +117,7 @@ def test_directory_contents_and_config(tmp_path):
     assert os.listdir(tmp_path) == ["ck"]  # no temporary siblings left behind
     cfg = json.loads((tmp_path / "ck" / "config" / "jlora_config.json").read_text())
     assert cfg["format"] == "jlora-adapters"
-    assert cfg["format_version"] == FORMAT_VERSION
+    assert cfg["format_version"] == 1  # plain LoRA stays in format 1 (older jlora reads it); DoRA etc. write 2
     assert cfg["jlora_version"] == jlora.__version__
     assert cfg["metadata"] == {"step": 7}
     dense = cfg["adapters"]["params/dense/kernel"]
@@ -626,7 +626,7 @@ def test_train_checkpointer_keeps_last_k_and_restores_latest(tmp_path):
         assert ckpt.restore(base).opt_state is None
     # Each step directory is complete and self-describing.
     cfg = json.loads((tmp_path / "run" / "5" / "config" / "jlora_config.json").read_text())
-    assert cfg["step"] == 5 and cfg["format_version"] == FORMAT_VERSION
+    assert cfg["step"] == 5 and cfg["format_version"] == 1  # plain LoRA: format 1
 
 
 def test_train_checkpointer_refuses_mismatched_opt_state(tmp_path):

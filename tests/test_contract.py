@@ -209,7 +209,7 @@ def test_targeting_an_embedding_with_example_args_adapts_it():
     f = lambda p, t: p["embed"][t] @ p["w"]
     t = jnp.array([[1, 2], [9, 0]])
     lp, apply = jlora.inject(p, f, rank=2, targets=["embed"], example_args=(t,))
-    assert lp["embed"].layout == jlora.Layout((), (0,), (1,))
+    assert lp["embed"].layout == jlora.Layout((), (0,), (1,), gather=True)
     lp = randomize(lp)
     e = lp["embed"]
     close(jax.jit(apply)(lp, t), (p["embed"] + e.a @ e.b)[t] @ p["w"], 1e-5)

@@ -268,7 +268,7 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="1 stack axes.*'{}' fields"):
         export_peft(tmp_path / "a", {"s": stacked}, module_map=lambda p: "layer.x")
     emb = LoraKernel(jnp.zeros((11, 4)), jnp.ones((4, 2)), jnp.ones((2, 11)), layout=Layout((), (1,), (0,)), scale=1.0)
-    with pytest.raises(ValueError, match="embedding table"):
+    with pytest.raises(ValueError, match="embedding table that is also used as a matmul weight"):
         export_peft(tmp_path / "a", {"params": {"embed_tokens": {"embedding": emb}}})
     assert not (tmp_path / "a").exists()
     export_peft(tmp_path / "a", {"s": stacked}, module_map=lambda p: "layer.{0}.x")
@@ -303,7 +303,7 @@ def _edit_tensors(d, fn):
     "changes, match",
     [
         ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-        ({"use_dora": True}, r"DoRA \(use_dora\) is not supported"),
+        ({"use_dora": True}, r"lora_magnitude_vector is missing \(use_dora is true\)"),
         ({"bias": "all"}, "bias"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),
         ({"r": None}, "'r' is missing"),
@@ -334,7 +334,13 @@ def test_import_stray_key(exported):
 def test_import_embedding_lora_key(exported):
     d, base = exported
     _edit_tensors(d, lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((2, 11), np.float32)}))
-    with pytest.raises(ValueError, match="lora_embedding_A' is not supported"):
+    with pytest.raises(ValueError, match="lora_embedding_B is missing"):
+        import_peft(d, base)
+    _edit_tensors(d, lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_B": np.ones((6, 2), np.float32)}))
+    k = import_peft(d, base)["params"]["embed_tokens"]["embedding"]
+    assert k.layout == Layout((), (0,), (1,), gather=True) and k.a.shape == (11, 2) and k.b.shape == (2, 6)
+    _edit_tensors(d, lambda t: t.update({"base_model.model.model.embed_tokens.lora_magnitude_vector": np.ones(6, np.float32)}))
+    with pytest.raises(ValueError, match="DoRA magnitude, but the config's use_dora is not true"):
         import_peft(d, base)
 
 

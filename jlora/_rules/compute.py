@@ -66,13 +66,53 @@ def _dot_evaluate(eqn, invals, ctx):
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     if isinstance(rhs, LoraValue):
         k, x, kc, kb, xc, xb, x_is_lhs = rhs, lhs, rc, rb, lc, lb, True
-        base = base_product(rhs, lambda w: jax_compat.bind(eqn, [lhs, w])[0])
+        op = lambda xx, w: jax_compat.bind(eqn, [xx, w])[0]  # noqa: E731
     else:
         k, x, kc, kb, xc, xb, x_is_lhs = lhs, rhs, lc, lb, rc, rb, False
-        base = base_product(lhs, lambda w: jax_compat.bind(eqn, [w, rhs])[0])
+        op = lambda xx, w: jax_compat.bind(eqn, [w, xx])[0]  # noqa: E731
     pre = ctx.shared.pop(id(eqn), None) if x_is_lhs else None
-    y = _low_rank_dot(x, k, (kc, kb, xc, xb), x_is_lhs, ctx, p.get("precision"), base, pre)
+    dims = (kc, kb, xc, xb)
+    if k.gain is not None:
+        return [_dora_dot(x, k, dims, x_is_lhs, ctx, p.get("precision"), op, pre)]
+    base = base_product(k, lambda w: op(x, w))
+    y = _low_rank_dot(x, k, dims, x_is_lhs, ctx, p.get("precision"), base, pre)
     return [base + y.astype(base.dtype)]
+
+
+def _dora_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, op, pre):
+    """A DoRA kernel's matmul: the LoRA matmul with every output unit scaled by ``g = m/‖W‖``.
+
+    As PEFT's DoRA layer: ``g ⊙ (x·W0 + s·(x·A)·B)``, and with adapter dropout active
+    ``x·W0 + (g − 1) ⊙ d·W0 + g ⊙ s·(d·A)·B`` with ``d = dropout(x)``. A kernel used transposed
+    (``x·Wᵀ``, contracting its output axes) is scaled along the contracted axes instead:
+    ``(x ⊙ g)·Wᵀ``."""
+    kc, kb, xc, xb = dims
+    a_first = _contraction_side(k, kc, kb)
+    dropping = k.dropout > 0 and ctx.rng is not None
+    xd = ctx.dropout(x, k.dropout) if dropping else x
+    if a_first:
+        k_free = [a for a in range(len(k.tags)) if a not in kc and a not in kb]
+        off = len(kb) + ((x.ndim - len(xc) - len(xb)) if x_is_lhs else 0)
+        base = base_product(k, lambda w: op(x, w))
+        pos = {ka: i for i, ka in enumerate(kb)} | {ka: off + j for j, ka in enumerate(k_free)}
+        g = k.gain_on(pos, base.ndim, base.dtype)
+        y = _low_rank_dot(xd, k, dims, x_is_lhs, ctx, precision, base, None if dropping else pre, drop=False)
+        if dropping:
+            base_d = base_product(k, lambda w: op(xd, w))
+            return base + (g - jnp.ones((), g.dtype)) * base_d + g * y.astype(base.dtype)
+        return g * (base + y.astype(base.dtype))
+    pos = {ka: xa for xa, ka in zip(xc, kc)} | {ka: xa for xa, ka in zip(xb, kb)}
+    try:
+        gx = k.gain_on(pos, x.ndim, x.dtype)
+    except ValueError:
+        raise NoRule("DoRA: the kernel is used transposed with a stacked-layer axis the matmul does not batch") from None
+    if dropping:
+        base = base_product(k, lambda w: op(x, w))
+        base = base + base_product(k, lambda w: op(xd * (gx - jnp.ones((), gx.dtype)), w))
+    else:
+        base = base_product(k, lambda w: op(x * gx, w))
+    y = _low_rank_dot(xd * gx, k, dims, x_is_lhs, ctx, precision, base, None, drop=False)
+    return base + y.astype(base.dtype)
 
 
 def _contraction_side(k: LoraValue, kc, kb) -> bool:
@@ -94,8 +134,9 @@ def _contraction_side(k: LoraValue, kc, kb) -> bool:
     return a_first
 
 
-def _low_rank_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, base, pre=None):
-    """``s·(x·A)·B`` (or ``s·(x·Bᵀ)·Aᵀ``) laid out exactly as ``dot_general``'s output."""
+def _low_rank_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, base, pre=None, drop=True):
+    """``s·(x·A)·B`` (or ``s·(x·Bᵀ)·Aᵀ``) laid out exactly as ``dot_general``'s output (``drop``:
+    apply the adapter's dropout to ``x`` here; False when the caller already did)."""
     kc, kb, xc, xb = dims
     a_first = _contraction_side(k, kc, kb)
     letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -121,7 +162,8 @@ def _low_rank_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, base, p
     t_l = list(dict.fromkeys([c for c in x_l if c not in first_l or c in s.stack]
                              + [c for c in s.stack if c not in x_l] + [s.rank]))
     y_l = [c for c in out_l if c not in unit_free]
-    x = ctx.dropout(x, k.dropout)
+    if drop:
+        x = ctx.dropout(x, k.dropout)
     t_kw, y_kw = _explicit_shardings(x, x_l, (first, first_l), (second, second_l), t_l, y_l, out_l,
                                      unit_free, base)
     dtype = k.dtype
@@ -194,6 +236,7 @@ def _pallas_refusal(x, k: LoraValue, p, ctx) -> str | None:
         (bool(xb or kb or tuple(xc) != (x.ndim - 1,) or not is_matrix_on_input(k, kc)),
          "not a plain x @ W of a 2-D kernel"),
         (k.dropout > 0 and ctx.rng is not None, "adapter dropout is on"),
+        (k.gain is not None, "DoRA"),
         (is_quantized(k.w0), "quantized base"),
         (x.dtype != k.dtype or (pet is not None and jnp.dtype(pet) != x.dtype),
          f"mixed dtypes (x {x.dtype}, kernel {k.dtype}, result {pet})"),
@@ -287,16 +330,24 @@ def _conv_evaluate(eqn, invals, ctx):
     if any(t.role not in (Role.IN, Role.UNIT) for a, t in enumerate(k.tags) if a != o_ax):
         raise NoRule("its input/spatial axes are not the adapter's input axes")
     base = base_product(k, lambda w: jax_compat.bind(eqn, [x, w])[0])
+    dropping = k.gain is not None and k.dropout > 0 and ctx.rng is not None
+    xd = ctx.dropout(x, k.dropout)
     dtype, r, n_i = k.dtype, k.a.shape[-1], k.a.ndim - 1
     # A as a convolution kernel: the view's layout with the output feature axis replaced by r.
     perm = [n_i if ax == o_ax else t.idx for ax, t in enumerate(k.tags) if ax == o_ax or t.role is Role.IN]
     shape = [r if ax == o_ax else k.a.shape[t.idx] if t.role is Role.IN else 1 for ax, t in enumerate(k.tags)]
     a_conv = jnp.reshape(jnp.transpose(k.a, perm), shape).astype(dtype)
-    (t,) = jax_compat.bind_with(eqn.primitive, dict(p, preferred_element_type=dtype), ctx.dropout(x, k.dropout), a_conv)
+    (t,) = jax_compat.bind_with(eqn.primitive, dict(p, preferred_element_type=dtype), xd, a_conv)
     f = dn.out_spec[1]
     t = t * jnp.asarray(k.scale, dtype)
-    y = jnp.moveaxis(jnp.tensordot(t, k.b.astype(dtype), axes=([f], [0])), -1, f)
-    return [base + y.astype(base.dtype)]
+    y = jnp.moveaxis(jnp.tensordot(t, k.b.astype(dtype), axes=([f], [0])), -1, f).astype(base.dtype)
+    if k.gain is None:
+        return [base + y]
+    g = k.gain_on({o_ax: f}, base.ndim, base.dtype)  # DoRA: per output feature, as PEFT's DoRA ConvNd
+    if dropping:
+        base_d = base_product(k, lambda w: jax_compat.bind(eqn, [xd, w])[0])
+        return [base + (g - jnp.ones((), g.dtype)) * base_d + g * y]
+    return [g * (base + y)]
 
 
 # -- gather (an embedding table, or a tied one) ----------------------------------------------------------
@@ -356,7 +407,15 @@ def _gather_evaluate(eqn, invals, ctx):
     od = dn.offset_dims[0]
     t = t * jnp.asarray(k.scale, k.dtype)
     y = jnp.moveaxis(jnp.tensordot(t, f2.astype(k.dtype), axes=([od], [0])), -1, od)
-    return [base + y.astype(base.dtype)]
+    out = base + y.astype(base.dtype)
+    if k.gain is None:
+        return [out]
+    if k.tags[g].role is Role.IN:  # DoRA: the rows' features are output units
+        return [out * k.gain_on({1 - g: od}, out.ndim, out.dtype)]
+    # a table gathered along its output axis (a tied head's rows): each row has its own gain
+    gdn = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
+    gi = lax.gather(k.gain, idx, gdn, (1,), mode=p.get("mode"), fill_value=p.get("fill_value"))
+    return [out * jnp.expand_dims(gi, od).astype(out.dtype)]
 
 
 RULES = expand({

@@ -24,12 +24,13 @@ def _flatten_vals(vals):
     flat, protos = [], []
     for v in vals:
         protos.append(v if isinstance(v, LoraValue) else None)
-        flat.extend([v.w0, v.a, v.b] if isinstance(v, LoraValue) else [v])
+        flat.extend([v.w0, v.a, v.b, v.gain] if isinstance(v, LoraValue) else [v])  # gain: None unless DoRA
 
     def rebuild(arrs):
         out, it = [], iter(arrs)
         for proto in protos:
-            out.append(proto.with_(w0=next(it), a=next(it), b=next(it)) if proto is not None else next(it))
+            out.append(proto.with_(w0=next(it), a=next(it), b=next(it), gain=next(it)) if proto is not None
+                       else next(it))
         return out
 
     return flat, rebuild

@@ -166,7 +166,8 @@ def _reshape_evaluate(eqn, invals, ctx):
     rank = x.a.shape[-1]
     a = x.a.reshape(sizes[Role.STACK] + sizes[Role.IN] + (rank,))
     b = x.b.reshape(sizes[Role.STACK] + (rank,) + sizes[Role.OUT])
-    return [x.with_(w0=jnp.reshape(x.dense(), new), a=a, b=b, tags=renumber([Tag(r) for r in new_roles]))]
+    gain = None if x.gain is None else x.gain.reshape(sizes[Role.STACK] + sizes[Role.OUT])
+    return [x.with_(w0=jnp.reshape(x.dense(), new), a=a, b=b, gain=gain, tags=renumber([Tag(r) for r in new_roles]))]
 
 
 # -- squeeze and broadcast_in_dim (unit axes out and in) -----------------------------------------------
@@ -187,8 +188,10 @@ def _squeeze_evaluate(eqn, invals, ctx):
     gone_b = tuple(pos[d][1] for d in dims if pos[d][1] is not None)
     a = jnp.squeeze(x.a, gone_a) if gone_a else x.a
     b = jnp.squeeze(x.b, gone_b) if gone_b else x.b
+    gone_g = tuple(g for g in (x.gain_axis(d) for d in dims) if g is not None)
+    gain = jnp.squeeze(x.gain, gone_g) if x.gain is not None and gone_g else x.gain
     tags = renumber([t for k, t in enumerate(x.tags) if k not in dims])
-    return [x.with_(w0=lax.squeeze(x.dense(), dims), a=a, b=b, tags=tags)]
+    return [x.with_(w0=lax.squeeze(x.dense(), dims), a=a, b=b, gain=gain, tags=tags)]
 
 
 def _inserts_unit_axes(eqn, n_operands: int) -> None:
@@ -233,9 +236,12 @@ def _inexact_discover(analysis, eqn, ins):
 
 
 def _on_factors(x: LoraValue, view_axis: int, fn) -> LoraValue:
-    """``fn(factor, axis)`` applied to the factor axes behind one view axis."""
+    """``fn(factor, axis)`` applied to the factor axes behind one view axis (and to DoRA's gain,
+    which has B's stack and output axes)."""
     pa, pb = factor_positions(x.tags)[view_axis]
-    return x.with_(a=x.a if pa is None else fn(x.a, pa), b=x.b if pb is None else fn(x.b, pb))
+    pg = x.gain_axis(view_axis) if x.gain is not None else None
+    return x.with_(a=x.a if pa is None else fn(x.a, pa), b=x.b if pb is None else fn(x.b, pb),
+                   gain=x.gain if pg is None else fn(x.gain, pg))
 
 
 def _slice_evaluate(eqn, invals, ctx):
