@@ -147,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS,
                    help=f"dense bf16 peak for MFU (default {H200_BF16_DENSE_TFLOPS:g}, H200 SXM)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--matmul", default="xla", choices=("xla", "shared_xa", "pallas"),
+                   help="inject's matmul= for the LoRA/QLoRA variants (pallas: the fused Hopper kernel)")
     p.add_argument("--no-attn-check", action="store_true", help="skip the forced-cuDNN attention compile check")
     p.add_argument("--find-batch", default=None, metavar="B1,B2,...",
                    help="instead of one run: try these batch sizes in order, each in a subprocess running "
@@ -504,7 +506,8 @@ def main(argv=None) -> int:
                 src = quant if v.kind == "qlora" else dense[v.scan]
                 t_inj = time.perf_counter()
                 lp, apply = jlora.inject(src, apply_fn, a.rank, alpha=2.0 * a.rank, targets=PROJ,
-                                         key=jax.random.key(2), example_args=(tokens,), adapter_dtype=adapter_dtype)
+                                         key=jax.random.key(2), example_args=(tokens,), adapter_dtype=adapter_dtype,
+                                         matmul=a.matmul)
                 adapters, base = jlora.split(lp)
                 del lp
                 tx = jlora.optimizer(optax.adamw(a.lr), adapters)
@@ -516,6 +519,9 @@ def main(argv=None) -> int:
                 call(run, args)
             runs[v.name] = run
             status[v.name] = "ok"
+            if v.kind != "floor" and a.matmul == "pallas":
+                run.res["fused_report"] = str(apply.fused_report).splitlines()[0] if apply.fused_report else None
+                print(f"{v.name}: {run.res['fused_report']}", flush=True)
             r = run.res
             print(f"{v.name}: trace {r['trace_s']:.1f} s, compile {r['compile_s']:.1f} s, first loss "
                   f"{r['first_loss']:.4f}, cuDNN fmha calls {r.get('cudnn_fmha_calls')}", flush=True)
