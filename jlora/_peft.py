@@ -816,7 +816,7 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path, dora: bool = False)
                 f"{ab['B'].shape}; PEFT's are both 2-D (a Linear's or an Embedding's) or both ConvNd weights."
             )
         if "base" in ab and not emb:
-            raise ValueError(f"import_peft: unknown key {prefix}{name}.base_layer.weight (a base weight saved with "
+            raise ValueError(f"import_peft: unknown key '{prefix}{name}.base_layer.weight' (a base weight saved with "
                              f"a Linear's adapter).")
         ab["emb"] = emb
         ab.setdefault("m", None)

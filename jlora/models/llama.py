@@ -681,33 +681,7 @@ class Llama(nn.Module):
         if loss_mask is not None and labels is None:
             raise ValueError("loss_mask needs labels.")
         batch, seq = tokens.shape
-        steps = jnp.arange(seq, dtype=jnp.int32)
-
-        if cache is None:
-            # The keys are this call's tokens: causal attention, plus a key mask for padding.
-            index = None
-            if positions is None:
-                mask = None
-                positions = jnp.broadcast_to(steps, (batch, seq))
-            else:
-                positions = jnp.asarray(positions, jnp.int32)
-                mask = (positions >= 0)[:, None, None, :]
-        else:
-            # The keys are every slot of the cache: causal in slot order, padding never seen.
-            index = jnp.asarray(cache["index"], jnp.int32)
-            query_slot = index + steps
-            if positions is None:
-                positions = jnp.broadcast_to(query_slot, (batch, seq))
-            positions = jnp.asarray(positions, jnp.int32)
-            key_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, index))
-            key_slot = jnp.arange(cache["pos"].shape[1], dtype=jnp.int32)
-            mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & (key_pos[:, None, :] >= 0)
-            if cfg.sliding_window is not None:  # Mistral: keys within the window before the query
-                mask &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
-            mask = mask[:, None]  # (batch, 1, seq, slots)
-        if cache is None and cfg.sliding_window is not None:  # Mistral, on this call's own tokens
-            window = positions[:, None, None, :] > positions[:, None, :, None] - cfg.sliding_window
-            mask = window if mask is None else mask & window  # (batch, 1, seq, seq), with is_causal
+        positions, mask, index, key_pos = _positions_and_mask(cfg, batch, seq, positions, cache)
         cos, sin = rope_tables(
             positions, head_dim=cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling
         )
@@ -775,6 +749,41 @@ class Llama(nn.Module):
             "index": index + seq,
         }
         return logits, new_cache
+
+
+def _positions_and_mask(cfg: LlamaConfig, batch: int, seq: int, positions: Optional[Array],
+                        cache: Optional[Cache]) -> tuple[Array, Optional[Array], Optional[Array], Optional[Array]]:
+    """``(positions, mask, index, key_pos)`` of one call: the tokens' RoPE positions, the attention
+    mask (None: causal only), and with a cache its fill index and the cached keys' positions.
+
+    Without a cache the keys are this call's tokens: causal attention, plus a key mask for padding
+    (negative positions). With one, the keys are every slot of the cache: causal in slot order,
+    padding never seen. Mistral's sliding window limits both to keys within the window before the
+    query."""
+    steps = jnp.arange(seq, dtype=jnp.int32)
+    index = key_pos = None
+    if cache is None:
+        if positions is None:
+            mask = None
+            positions = jnp.broadcast_to(steps, (batch, seq))
+        else:
+            positions = jnp.asarray(positions, jnp.int32)
+            mask = (positions >= 0)[:, None, None, :]
+        if cfg.sliding_window is not None:
+            window = positions[:, None, None, :] > positions[:, None, :, None] - cfg.sliding_window
+            mask = window if mask is None else mask & window  # (batch, 1, seq, seq), with is_causal
+        return positions, mask, index, key_pos
+    index = jnp.asarray(cache["index"], jnp.int32)
+    query_slot = index + steps
+    if positions is None:
+        positions = jnp.broadcast_to(query_slot, (batch, seq))
+    positions = jnp.asarray(positions, jnp.int32)
+    key_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, index))
+    key_slot = jnp.arange(cache["pos"].shape[1], dtype=jnp.int32)
+    mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & (key_pos[:, None, :] >= 0)
+    if cfg.sliding_window is not None:
+        mask &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
+    return positions, mask[:, None], index, key_pos  # mask: (batch, 1, seq, slots)
 
 
 # ----------------------------------------------------------------------------------------------

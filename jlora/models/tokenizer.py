@@ -160,67 +160,19 @@ class Tokenizer:
         chat_template: Optional[str] = None,
         pre: str = "gpt2",
     ):
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as _Backend
+        from tokenizers import decoders, models
 
         tokens = list(tokens)
         types = list(token_types) if token_types is not None else [1] * len(tokens)
         if len(types) != len(tokens):
             raise ValueError(f"{len(types)} token types for {len(tokens)} tokens.")
-        spelling = _byte_alphabet()
-        alphabet = set(spelling.values())
-        vocab: dict[str, int] = {}
-        for i, (tok, kind) in enumerate(zip(tokens, types)):
-            if kind not in (_CONTROL, _USER_DEFINED) and not set(tok) <= alphabet:
-                # Raw text where byte-level spelling was expected: respell it.
-                tok = "".join(spelling[b] for b in tok.encode("utf-8"))
-            vocab.setdefault(tok, i)
-        pairs = []
-        for merge in merges:
-            left, sep, right = merge.partition(" ")
-            if not sep:
-                raise ValueError(f"Malformed merge {merge!r}.")
-            pairs.append((left, right))
-
-        backend = _Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre in _DIGIT_SPLIT_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level]
-            )
-        elif pre in _LLAMA3_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        else:
-            if pre not in _GPT2_PRE:
-                warnings.warn(
-                    f"Unknown GGUF pre-tokenizer {pre!r}; using GPT-2's split.", stacklevel=2
-                )
-            backend.pre_tokenizer = byte_level
+        pairs = _merge_pairs(merges)
+        backend = _Backend(models.BPE(vocab=_byte_level_vocab(tokens, types), merges=pairs, unk_token=None,
+                                      fuse_unk=False))
+        backend.pre_tokenizer = _pre_tokenizer(pre)
         backend.decoder = decoders.ByteLevel()
-        control = [
-            AddedToken(tok, special=True, normalized=False)
-            for tok, kind in zip(tokens, types)
-            if kind == _CONTROL
-        ]
-        user = [
-            AddedToken(tok, special=False, normalized=False)
-            for tok, kind in zip(tokens, types)
-            if kind == _USER_DEFINED
-        ]
-        if control:
-            backend.add_special_tokens(control)
-        if user:
-            backend.add_tokens(user)
-        if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
-            raise ValueError(
-                f"Tokenizer has {backend.get_vocab_size(with_added_tokens=True)} entries for "
-                f"{len(tokens)} GGUF tokens (duplicate spellings?)."
-            )
+        _add_special_tokens(backend, tokens, types)
 
         self.backend = backend
         self.tokens = tokens
@@ -356,6 +308,64 @@ def _token_text(value: Any) -> Optional[str]:
         value = value.get("content")
     return value if isinstance(value, str) else None
 
+
+
+def _byte_level_vocab(tokens: Sequence[str], types: Sequence[int]) -> dict[str, int]:
+    """GGUF tokens as a byte-level BPE vocabulary (the first id of a spelling wins)."""
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind not in (_CONTROL, _USER_DEFINED) and not set(tok) <= alphabet:
+            # Raw text where byte-level spelling was expected: respell it.
+            tok = "".join(spelling[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(tok, i)
+    return vocab
+
+
+def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise ValueError(f"Malformed merge {merge!r}.")
+        pairs.append((left, right))
+    return pairs
+
+
+def _pre_tokenizer(pre: str) -> Any:
+    """The pre-tokenizer that llama.cpp's ``tokenizer.ggml.pre`` name stands for."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGIT_SPLIT_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _LLAMA3_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if pre not in _GPT2_PRE:
+        warnings.warn(f"Unknown GGUF pre-tokenizer {pre!r}; using GPT-2's split.", stacklevel=3)
+    return byte_level
+
+
+def _add_special_tokens(backend: Any, tokens: Sequence[str], types: Sequence[int]) -> None:
+    """Control tokens as special, user-defined ones as plain added tokens; every GGUF token must
+    end up with its own id."""
+    from tokenizers import AddedToken
+
+    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    if control:
+        backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise ValueError(
+            f"Tokenizer has {backend.get_vocab_size(with_added_tokens=True)} entries for "
+            f"{len(tokens)} GGUF tokens (duplicate spellings?)."
+        )
 
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (any model the ``tokenizers`` package runs) with the
