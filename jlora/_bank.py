@@ -176,7 +176,7 @@ def _unit(x: Any) -> bool:
     return x is None or is_node(x) or is_bank(x) or is_quantized(x)
 
 
-def _flat(tree: Any):
+def bank_leaves(tree: Any):
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_unit)
     return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
 
@@ -276,8 +276,8 @@ def _slot(bank: LoraBank, i: int) -> Optional[LoraKernel]:
     return LoraKernel(bank.w0, a, b, layout=bank.layout, scale=bank.scales[i], dropout=bank.dropouts[i])
 
 
-def _names_of(tree: Any, what: str) -> tuple[str, ...]:
-    banks = [(p, x) for p, x in zip(*_flat(tree)[:2]) if is_bank(x)]
+def names_of(tree: Any, what: str) -> tuple[str, ...]:
+    banks = [(p, x) for p, x in zip(*bank_leaves(tree)[:2]) if is_bank(x)]
     if not banks:
         raise ValueError(f"{what}: the tree holds no adapter bank (no LoraBank node); make one with "
                          f"jlora.stack_adapters({{name: adapters, ...}}).")
@@ -289,13 +289,13 @@ def _names_of(tree: Any, what: str) -> tuple[str, ...]:
     return names
 
 
-def _params_form(leaves: list[Any]) -> bool:
+def params_form(leaves: list[Any]) -> bool:
     return any(is_bank(x) and x.w0 is not None for x in leaves)
 
 
-def _absent(x: Any, params_form: bool) -> Any:
+def absent_leaf(x: Any, in_params: bool) -> Any:
     """What a position adapted by no adapter holds: the base value in params form, else None."""
-    if not params_form:
+    if not in_params:
         return None
     if isinstance(x, (LoraKernel, LoraBank)):
         return x.w0
@@ -339,7 +339,7 @@ def stack_adapters(adapters: Mapping[str, Any]) -> Any:
     for nm in names:
         if not isinstance(nm, str) or not nm or nm == BASE:
             raise ValueError(f"{what}: adapter names must be non-empty strings other than {BASE!r}, got {nm!r}.")
-    flats = {nm: _flat(adapters[nm]) for nm in names}
+    flats = {nm: bank_leaves(adapters[nm]) for nm in names}
     paths0, _, treedef = flats[names[0]]
     for nm in names[1:]:
         _check_paths(what, nm, flats[nm][0], paths0)
@@ -361,7 +361,7 @@ def adapter_names(bank: Any) -> tuple[str, ...]:
         >>> jlora.adapter_names(jlora.stack_adapters({"en": {"w": k}, "de": {"w": k}}))
         ('en', 'de')
     """
-    return _names_of(bank, "adapter_names")
+    return names_of(bank, "adapter_names")
 
 
 def adapter_ids(bank: Any, names: Sequence[Optional[str]]) -> np.ndarray:
@@ -376,7 +376,7 @@ def adapter_ids(bank: Any, names: Sequence[Optional[str]]) -> np.ndarray:
         >>> jlora.adapter_ids(bank, ["de", None, "en", "__base__"])
         array([ 1, -1,  0, -1], dtype=int32)
     """
-    known = _names_of(bank, "adapter_ids")
+    known = names_of(bank, "adapter_ids")
     index = {nm: i for i, nm in enumerate(known)}
     out = []
     for nm in names:
@@ -406,13 +406,13 @@ def select_adapter(bank: Any, name: str) -> Any:
         >>> jlora.select_adapter(bank, "x")["w"]
         LoraKernel(w0=None, a=float32[4, 1], b=float32[1, 3], layout=(in=[0] out=[1]), scale=1)
     """
-    names = _names_of(bank, "select_adapter")
+    names = names_of(bank, "select_adapter")
     if name not in names:
         raise ValueError(f"select_adapter: no adapter named {name!r} in the bank; it holds {list(names)}.")
     i = names.index(name)
-    paths, leaves, treedef = _flat(bank)
-    form = _params_form(leaves)
-    out = [(_slot(x, i) or _absent(x, form)) if is_bank(x) else x for x in leaves]
+    paths, leaves, treedef = bank_leaves(bank)
+    form = params_form(leaves)
+    out = [(_slot(x, i) or absent_leaf(x, form)) if is_bank(x) else x for x in leaves]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -432,15 +432,15 @@ def add_adapter(bank: Any, name: str, adapters: Any) -> Any:
         (('x', 'y'), (1, 3), (2, 4, 3))
     """
     what = "add_adapter"
-    names = _names_of(bank, what)
+    names = names_of(bank, what)
     if not isinstance(name, str) or not name or name == BASE:
         raise ValueError(f"{what}: adapter names must be non-empty strings other than {BASE!r}, got {name!r}.")
     if name in names:
         raise ValueError(f"{what}: the bank already holds an adapter named {name!r}; remove_adapter it first.")
-    paths, leaves, treedef = _flat(bank)
-    new_paths, new_leaves, _ = _flat(adapters)
+    paths, leaves, treedef = bank_leaves(bank)
+    new_paths, new_leaves, _ = bank_leaves(adapters)
     _check_paths(what, name, new_paths, paths)
-    form = _params_form(leaves)
+    form = params_form(leaves)
     out = []
     for path, x, y in zip(paths, leaves, new_leaves):
         k = _kernel_of(what, name, path, y)
@@ -448,7 +448,7 @@ def add_adapter(bank: Any, name: str, adapters: Any) -> Any:
             entries = [(nm, _slot(x, i)) for i, nm in enumerate(names)] + [(name, k)]
             out.append(_bank_of(what, path, x.w0, entries))
         elif k is not None:
-            w0 = _absent(x, form)
+            w0 = absent_leaf(x, form)
             if form and (w0 is None or not hasattr(w0, "shape")):
                 raise ValueError(f"{what}: adapter {name!r} adapts '{path}', but the bank's base holds "
                                  f"{type(w0).__name__} there, not a kernel.")
@@ -473,20 +473,20 @@ def remove_adapter(bank: Any, name: str) -> Any:
         (('x',), (1, 4, 1))
     """
     what = "remove_adapter"
-    names = _names_of(bank, what)
+    names = names_of(bank, what)
     if name not in names:
         raise ValueError(f"{what}: no adapter named {name!r} in the bank; it holds {list(names)}.")
     if len(names) == 1:
         raise ValueError(f"{what}: {name!r} is the bank's only adapter; a bank needs at least one. Use "
                          f"jlora.select_adapter(bank, {name!r}) for the adapter, or the base params alone.")
-    paths, leaves, treedef = _flat(bank)
-    form = _params_form(leaves)
+    paths, leaves, treedef = bank_leaves(bank)
+    form = params_form(leaves)
     out = []
     for path, x in zip(paths, leaves):
         if is_bank(x):
             entries = [(nm, _slot(x, i)) for i, nm in enumerate(names) if nm != name]
             node = _bank_of(what, path, x.w0, entries)
-            out.append(node if node is not None else _absent(x, form))
+            out.append(node if node is not None else absent_leaf(x, form))
         else:
             out.append(x)
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora._bank import LoraBank, _absent, _flat, _names_of, _params_form, is_bank
+from jlora._bank import LoraBank, absent_leaf, bank_leaves, is_bank, names_of, params_form
 from jlora._node import LoraKernel
 
 __all__ = ["combine_adapters", "METHODS"]
@@ -154,7 +154,7 @@ def combine_adapters(bank: Any, weights: Union[Mapping[str, float], Sequence[flo
     if method not in METHODS:
         raise ValueError(f"combine_adapters: method must be one of {METHODS} (PEFT's combination types that jlora "
                          f"has), got {method!r}.")
-    names = _names_of(bank, "combine_adapters")
+    names = names_of(bank, "combine_adapters")
     chosen = _weights(names, weights)
     if len({i for i, _ in chosen}) != len(chosen):
         raise ValueError("combine_adapters: an adapter is named twice in weights.")
@@ -164,14 +164,14 @@ def combine_adapters(bank: Any, weights: Union[Mapping[str, float], Sequence[flo
         raise ValueError(f"combine_adapters: rank must be a positive int, got {rank!r}.")
     if len(chosen) == 1:
         method = "linear"  # as PEFT: one adapter is always combined linearly
-    paths, leaves, treedef = _flat(bank)
+    paths, leaves, treedef = bank_leaves(bank)
     k = rank or max(x.ranks[i] for x in leaves if is_bank(x) for i, _ in chosen)
-    form = _params_form(leaves)
+    form = params_form(leaves)
     out = []
     for path, x in zip(paths, leaves):
         if is_bank(x):
             node = _combine_node(path, x, chosen, method, k)
-            out.append(node if node is not None else _absent(x, form))
+            out.append(node if node is not None else absent_leaf(x, form))
         else:
             out.append(x)
     if not any(isinstance(x, LoraKernel) for x in out):

@@ -59,7 +59,11 @@ class Tiles(NamedTuple):
 def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
     """``x·w + u·v`` on Hopper: a persistent, warp-specialized wgmma matmul whose accumulator gets
     one more wgmma, ``u_tile · v_tile`` (K = r), before the epilogue stores it. All 2-D, bf16/f16,
-    ``r`` a multiple of 16, shapes divisible by the tiles."""
+    ``r`` a multiple of 16, shapes divisible by the tiles.
+
+    Longer than the project's 60 lines, on purpose: a Pallas Mosaic GPU kernel is one closure over
+    its tiles, scoped allocations and barriers (the nested ``jlora_fused_matmul`` body is the
+    kernel itself), and splitting it would pass a dozen of those between functions."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.extend import backend

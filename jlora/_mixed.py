@@ -239,28 +239,8 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
                [ 3.,  3.],
                [ 6.,  6.]], dtype=float32)
     """
-    banks = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, LoraBank)]
-    if not banks:
-        raise ValueError("apply: adapter_ids (and batch_axes/out_axes) select adapters from a bank, but these "
-                         "params hold none. Make one: jlora.combine(jlora.stack_adapters({name: adapters, ...}), "
-                         "base).")
-    names = banks[0][1].names
-    for p, x in banks[1:]:
-        if x.names != names:
-            raise ValueError(f"apply: the banks at '{banks[0][0]}' and '{p}' hold different adapters ({names} vs "
-                             f"{x.names}); build the bank with jlora.stack_adapters / add_adapter.")
-    if adapter_ids is None:
-        raise ValueError(f"apply: these params hold an adapter bank ({', '.join(names)}): pass adapter_ids=, one "
-                         f"index per example (-1 for the base model), or run one adapter with "
-                         f"jlora.select_adapter(params, name).")
-    bank_tree = jax.tree.unflatten(flat.treedef, flat.leaves)
-    ids = check_ids(adapter_ids, names, bank_tree)
+    ids = _checked_ids(flat, adapter_ids, rng)
     n = int(ids.shape[0])
-    if rng is not None:
-        for p, x in banks:
-            if len({d for d, q in zip(x.dropouts, x.ranks) if q}) > 1:
-                raise ValueError(f"apply: the adapters at '{p}' have different dropout rates {x.dropouts}; with "
-                                 f"lora_rng a mixed batch needs one rate per kernel.")
 
     a_leaves, a_def = jax.tree.flatten((args, kwargs), is_leaf=_none_leaf)
     axes, labels = _in_axes(args, kwargs, batch_axes, n)
@@ -268,13 +248,7 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
         raise ValueError("apply: no argument has a batch axis (batch_axes gives None to all of them), so "
                          "adapter_ids cannot be matched with examples.")
 
-    def one_example(x, ax):
-        shape = list(np.shape(x))
-        shape[ax] = 1
-        weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
-        return jax.ShapeDtypeStruct(tuple(shape), x.dtype, weak_type=weak)
-
-    ex = [x if ax is None else one_example(x, ax) for x, ax in zip(a_leaves, axes)]
+    ex = [x if ax is None else _one_example(x, ax) for x, ax in zip(a_leaves, axes)]
     ex_args, ex_kwargs = jax.tree.unflatten(a_def, ex)
     traced = trace(apply.apply_fn, flat.plain_leaves(), flat.treedef, tuple(ex_args), dict(ex_kwargs))
     a_in = [j for j, x in enumerate(ex) if is_input(x)]
@@ -304,3 +278,36 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
             f"apply: an output without a batch axis (output leaves {shared}: scalars, or None in out_axes) "
             f"differs between examples; give it a batch axis in out_axes. ({e})") from None
     return jax.tree.unflatten(traced.out_tree, outs)
+
+
+def _checked_ids(flat: Any, adapter_ids: Any, rng: Any) -> Any:
+    """The banks' common adapter names checked, and ``adapter_ids`` as an int array over them."""
+    banks = [(p, x) for p, x in zip(flat.paths, flat.leaves) if isinstance(x, LoraBank)]
+    if not banks:
+        raise ValueError("apply: adapter_ids (and batch_axes/out_axes) select adapters from a bank, but these "
+                         "params hold none. Make one: jlora.combine(jlora.stack_adapters({name: adapters, ...}), "
+                         "base).")
+    names = banks[0][1].names
+    for p, x in banks[1:]:
+        if x.names != names:
+            raise ValueError(f"apply: the banks at '{banks[0][0]}' and '{p}' hold different adapters ({names} vs "
+                             f"{x.names}); build the bank with jlora.stack_adapters / add_adapter.")
+    if adapter_ids is None:
+        raise ValueError(f"apply: these params hold an adapter bank ({', '.join(names)}): pass adapter_ids=, one "
+                         f"index per example (-1 for the base model), or run one adapter with "
+                         f"jlora.select_adapter(params, name).")
+    ids = check_ids(adapter_ids, names, jax.tree.unflatten(flat.treedef, flat.leaves))
+    if rng is not None:
+        for p, x in banks:
+            if len({d for d, q in zip(x.dropouts, x.ranks) if q}) > 1:
+                raise ValueError(f"apply: the adapters at '{p}' have different dropout rates {x.dropouts}; with "
+                                 f"lora_rng a mixed batch needs one rate per kernel.")
+    return ids
+
+
+def _one_example(x: Any, ax: int) -> jax.ShapeDtypeStruct:
+    """The abstract value of one example of ``x`` (its batch axis ``ax`` of size 1)."""
+    shape = list(np.shape(x))
+    shape[ax] = 1
+    weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype, weak_type=weak)

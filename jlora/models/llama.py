@@ -672,6 +672,10 @@ class Llama(nn.Module):
         labels: Optional[Array] = None,
         loss_mask: Optional[Array] = None,
     ) -> Any:
+        """Float32 logits; ``(logits, cache)`` with a cache; the mean loss with ``labels`` (see the
+        class docstring). Over 60 lines on purpose: Flax defines submodules (the embedding, the
+        layer stack, the head) only inline in the ``compact`` method, so they stay here; the
+        positions and masks are :func:`_positions_and_mask`, the loss :func:`causal_lm_loss`."""
         cfg = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
