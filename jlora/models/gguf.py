@@ -245,11 +245,11 @@ def _set(tree: dict, path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bool = False) -> dict:
-    params: dict = {}
+def _expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Each block tensor kind's shape, torch-style ``(out, in)`` for linear weights."""
     d, ffn = cfg.hidden_size, cfg.intermediate_size
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    expected = {  # torch-style (out, in) for linear weights
+    return {
         "attn_q": (q_out, d),
         "attn_k": (kv_out, d),
         "attn_v": (kv_out, d),
@@ -261,54 +261,83 @@ def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bo
         "ffn_norm": (d,),
     }
 
-    def check(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
-        if shape != want:
-            raise ValueError(f"GGUF tensor {name} has shape {shape}, expected {want}.")
 
-    def put(path: Sequence[str], value: np.ndarray) -> None:
-        # Converted one tensor at a time, so only one float32 copy is alive at once.
-        _set(params, path, jnp.asarray(value, dtype=dtype))
+def _check_shape(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    """A ValueError when the GGUF tensor ``name`` does not have the shape the config needs."""
+    if shape != want:
+        raise ValueError(f"GGUF tensor {name} has shape {shape}, expected {want}.")
 
+
+def _put(params: dict, path: Sequence[str], value: np.ndarray, *, dtype: Any) -> None:
+    """Store one converted array (one tensor at a time: one float32 copy alive at once)."""
+    _set(params, path, jnp.asarray(value, dtype=dtype))
+
+
+def _put_block(
+    params: dict,
+    tensor: Any,
+    layer: int,
+    kind: str,
+    cfg: LlamaConfig,
+    *,
+    expected: dict[str, tuple[int, ...]],
+    keep: set[str],
+    dtype: Any,
+) -> None:
+    """One ``blk.N.*`` tensor into ``layers_N``: RoPE rows restored, Q4_1 kept or dequantized."""
+    name = tensor.name
+    if layer >= cfg.num_layers:
+        raise ValueError(f"GGUF tensor {name} is past block_count={cfg.num_layers}.")
+    _check_shape(name, _numpy_shape(tensor), expected[kind])
+    module, leaf, linear = _BLOCK[kind]
+    path = (f"layers_{layer}", *module, leaf)
+    rows: Any = slice(None)
+    if kind in ("attn_q", "attn_k"):  # the RoPE row permutation, on whole rows
+        heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+        rows = _rope_rows(expected[kind][0], heads)
+    if kind in keep:
+        out_dim, in_dim = expected[kind]
+        raw = np.asarray(tensor.data).reshape(out_dim, in_dim // 32, 20)
+        _set(params, path, Q4_1Kernel.from_raw(raw[rows], dtype=dtype))
+    else:
+        value = _dequantize(tensor)[rows]
+        _put(params, path, value.T if linear else value, dtype=dtype)
+
+
+def _put_global(params: dict, tensor: Any, cfg: LlamaConfig, *, dtype: Any) -> None:
+    """One tensor outside the blocks (embedding, final norm, head, llama3 RoPE factors)."""
+    name = tensor.name
+    value = _dequantize(tensor)
+    d = cfg.hidden_size
+    if name == "token_embd.weight":
+        _check_shape(name, value.shape, (cfg.vocab_size, d))
+        _put(params, ("embed_tokens", "embedding"), value, dtype=dtype)
+    elif name == "output_norm.weight":
+        _check_shape(name, value.shape, (d,))
+        _put(params, ("norm", "scale"), value, dtype=dtype)
+    elif name == "output.weight":
+        _check_shape(name, value.shape, (cfg.vocab_size, d))
+        _put(params, ("lm_head", "kernel"), value.T, dtype=dtype)
+    elif name == "rope_freqs.weight" and cfg.rope_scaling is not None:
+        from jlora.models.gguf_writer import llama3_rope_factors
+
+        if not np.allclose(value, llama3_rope_factors(cfg), rtol=1e-5):
+            raise ValueError("GGUF rope_freqs.weight does not match the file's jlora.rope_scaling.")
+    else:
+        raise ValueError(f"Unexpected tensor {name!r} in a llama GGUF file (biases? MoE?).")
+
+
+def _params_from_reader(reader: Any, cfg: LlamaConfig, dtype: Any, quantized: bool = False) -> dict:
+    """Flax params (unrolled layers) from every tensor of ``reader``, checked complete."""
+    params: dict = {}
+    expected = _expected_shapes(cfg)
     keep = _q4_1_kinds(reader) if quantized else set()
     for tensor in reader.tensors:
-        name = tensor.name
-        if (m := _BLOCK_NAME.match(name)) and m.group(2) in _BLOCK:
-            layer, kind = int(m.group(1)), m.group(2)
-            if layer >= cfg.num_layers:
-                raise ValueError(f"GGUF tensor {name} is past block_count={cfg.num_layers}.")
-            check(name, _numpy_shape(tensor), expected[kind])
-            module, leaf, linear = _BLOCK[kind]
-            path = (f"layers_{layer}", *module, leaf)
-            rows: Any = slice(None)
-            if kind in ("attn_q", "attn_k"):  # the RoPE row permutation, on whole rows
-                heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
-                rows = _rope_rows(expected[kind][0], heads)
-            if kind in keep:
-                out_dim, in_dim = expected[kind]
-                raw = np.asarray(tensor.data).reshape(out_dim, in_dim // 32, 20)
-                _set(params, path, Q4_1Kernel.from_raw(raw[rows], dtype=dtype))
-            else:
-                value = _dequantize(tensor)[rows]
-                put(path, value.T if linear else value)
-            continue
-        value = _dequantize(tensor)
-        if name == "token_embd.weight":
-            check(name, value.shape, (cfg.vocab_size, d))
-            put(("embed_tokens", "embedding"), value)
-        elif name == "output_norm.weight":
-            check(name, value.shape, (d,))
-            put(("norm", "scale"), value)
-        elif name == "output.weight":
-            check(name, value.shape, (cfg.vocab_size, d))
-            put(("lm_head", "kernel"), value.T)
-        elif name == "rope_freqs.weight" and cfg.rope_scaling is not None:
-            from jlora.models.gguf_writer import llama3_rope_factors
-
-            if not np.allclose(value, llama3_rope_factors(cfg), rtol=1e-5):
-                raise ValueError("GGUF rope_freqs.weight does not match the file's jlora.rope_scaling.")
+        if (m := _BLOCK_NAME.match(tensor.name)) and m.group(2) in _BLOCK:
+            _put_block(params, tensor, int(m.group(1)), m.group(2), cfg,
+                       expected=expected, keep=keep, dtype=dtype)
         else:
-            raise ValueError(f"Unexpected tensor {name!r} in a llama GGUF file (biases? MoE?).")
-
+            _put_global(params, tensor, cfg, dtype=dtype)
     _check_complete(params, cfg)
     return params
 

@@ -276,6 +276,106 @@ def _byte_layout(shape: tuple[int, ...], name: str, dtype: str) -> tuple[tuple[i
     return byte_shape, np.uint8, qtype, math.prod(byte_shape)
 
 
+def _check_options(config: LlamaConfig, *, dtype: str) -> None:
+    """Refuse what is not written (an unknown dtype, q/k/v biases); warn about a sliding window."""
+    import warnings
+
+    if dtype not in _FILE_TYPE:
+        raise ValueError(f"dtype must be one of {sorted(_FILE_TYPE)}, got {dtype!r}.")
+    if config.qkv_bias:
+        raise NotImplementedError(
+            "save_gguf writes llama.cpp's 'llama' architecture; q/k/v biases (Qwen2) would need "
+            "its 'qwen2' architecture, which is not written. Use save_pretrained and llama.cpp's "
+            "convert_hf_to_gguf.py."
+        )
+    if config.sliding_window is not None:
+        warnings.warn(
+            f"save_gguf: the sliding window ({config.sliding_window}) is not stored; llama.cpp's "
+            f"'llama' architecture attends to the whole context.",
+            stacklevel=3,  # save_gguf's caller
+        )
+
+
+def _add_model_keys(writer: Any, config: LlamaConfig, *, dtype: str, name: str) -> None:
+    """The ``general.*`` and ``llama.*`` metadata, RoPE scaling included."""
+    cfg = config
+    writer.add_name(name)
+    writer.add_file_type(_FILE_TYPE[dtype])
+    writer.add_quantization_version(2)
+    writer.add_context_length(int(cfg.max_position_embeddings or 2048))
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_theta))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.rope_scaling is not None:
+        scaling = dict(cfg.rope_scaling)
+        if scaling["rope_type"] == "linear":
+            from gguf import RopeScalingType
+
+            writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_string("jlora.rope_scaling", json.dumps(scaling, sort_keys=True))
+
+
+def _add_tokenizer_keys(writer: Any, vocab: dict[str, Any], *, vocab_size: int) -> None:
+    """The ``tokenizer.ggml.*`` metadata and the chat template."""
+    # A model with more rows than tokens gets padding entries (llama.cpp wants one token per
+    # embedding row).
+    tokens, types = list(vocab["tokens"]), list(vocab["token_type"])
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(vocab["merges"])
+    if vocab["bos"] is not None:
+        writer.add_bos_token_id(int(vocab["bos"]))
+    if vocab["eos"] is not None:
+        writer.add_eos_token_id(int(vocab["eos"]))
+    if vocab["pad"] is not None:
+        writer.add_pad_token_id(int(vocab["pad"]))
+    writer.add_add_bos_token(vocab["add_bos"])
+    writer.add_add_eos_token(vocab["add_eos"])
+    if vocab["chat_template"]:
+        writer.add_chat_template(vocab["chat_template"])
+
+
+def _write_tensors(
+    writer: Any, plan: list[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]], *, dtype: str
+) -> None:
+    """Announce every tensor, write header, metadata and tensor infos, then each tensor's data."""
+    layouts = []
+    for tname, _, shape in plan:
+        layout = _byte_layout(tuple(shape), tname, dtype)
+        if tname == "rope_freqs.weight":
+            layout = (tuple(shape), np.float32, None, 4 * math.prod(shape))
+        layouts.append(layout)
+        stored, np_dtype, raw, nbytes = layout
+        writer.add_tensor_info(tname, stored, np.dtype(np_dtype), nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for (tname, make, shape), (stored, np_dtype, raw, nbytes) in zip(plan, layouts):
+        x = make()
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{tname}: shape {x.shape}, expected {shape}.")
+        data, _ = _encode(x, tname, dtype) if tname != "rope_freqs.weight" else (x, None)
+        del x
+        if data.nbytes != nbytes:
+            raise AssertionError(f"{tname}: {data.nbytes} bytes, announced {nbytes}.")
+        writer.write_tensor_data(np.ascontiguousarray(data))
+
+
 def save_gguf(
     path: PathLike,
     params: Any,
@@ -308,104 +408,24 @@ def save_gguf(
         NotImplementedError: q/k/v biases, or a tokenizer that is not byte-level BPE.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
-    import warnings
-
     from gguf import GGUFWriter
 
-    if dtype not in _FILE_TYPE:
-        raise ValueError(f"dtype must be one of {sorted(_FILE_TYPE)}, got {dtype!r}.")
-    cfg = config
-    if cfg.qkv_bias:
-        raise NotImplementedError(
-            "save_gguf writes llama.cpp's 'llama' architecture; q/k/v biases (Qwen2) would need "
-            "its 'qwen2' architecture, which is not written. Use save_pretrained and llama.cpp's "
-            "convert_hf_to_gguf.py."
-        )
-    if cfg.sliding_window is not None:
-        warnings.warn(
-            f"save_gguf: the sliding window ({cfg.sliding_window}) is not stored; llama.cpp's "
-            f"'llama' architecture attends to the whole context.",
-            stacklevel=2,
-        )
+    _check_options(config, dtype=dtype)
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
     vocab = gguf_vocab(tokenizer)
-    if len(vocab["tokens"]) > cfg.vocab_size:
-        raise ValueError(f"The tokenizer has {len(vocab['tokens'])} tokens, the model {cfg.vocab_size}.")
-    plan = _plan(params, cfg)
+    if len(vocab["tokens"]) > config.vocab_size:
+        raise ValueError(f"The tokenizer has {len(vocab['tokens'])} tokens, the model {config.vocab_size}.")
+    plan = _plan(params, config)
 
     tmp = target.parent / f".{target.name}.jlora-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(tmp), "llama")
     try:
-        writer.add_name(name)
-        writer.add_file_type(_FILE_TYPE[dtype])
-        writer.add_quantization_version(2)
-        writer.add_context_length(int(cfg.max_position_embeddings or 2048))
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_block_count(cfg.num_layers)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count(cfg.num_heads)
-        writer.add_head_count_kv(cfg.num_kv_heads)
-        writer.add_rope_dimension_count(cfg.head_dim)
-        if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
-            writer.add_key_length(cfg.head_dim)
-            writer.add_value_length(cfg.head_dim)
-        writer.add_rope_freq_base(float(cfg.rope_theta))
-        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        writer.add_vocab_size(cfg.vocab_size)
-        if cfg.rope_scaling is not None:
-            scaling = dict(cfg.rope_scaling)
-            if scaling["rope_type"] == "linear":
-                from gguf import RopeScalingType
-
-                writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-                writer.add_rope_scaling_factor(float(scaling["factor"]))
-            writer.add_string("jlora.rope_scaling", json.dumps(scaling, sort_keys=True))
-
-        # Tokenizer: a model with more rows than tokens gets padding entries (llama.cpp wants one
-        # token per embedding row).
-        tokens, types = list(vocab["tokens"]), list(vocab["token_type"])
-        for i in range(len(tokens), cfg.vocab_size):
-            tokens.append(f"[PAD{i}]")
-            types.append(5)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(vocab["pre"])
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(vocab["merges"])
-        if vocab["bos"] is not None:
-            writer.add_bos_token_id(int(vocab["bos"]))
-        if vocab["eos"] is not None:
-            writer.add_eos_token_id(int(vocab["eos"]))
-        if vocab["pad"] is not None:
-            writer.add_pad_token_id(int(vocab["pad"]))
-        writer.add_add_bos_token(vocab["add_bos"])
-        writer.add_add_eos_token(vocab["add_eos"])
-        if vocab["chat_template"]:
-            writer.add_chat_template(vocab["chat_template"])
-
-        layouts = []
-        for tname, _, shape in plan:
-            layout = _byte_layout(tuple(shape), tname, dtype)
-            if tname == "rope_freqs.weight":
-                layout = (tuple(shape), np.float32, None, 4 * math.prod(shape))
-            layouts.append(layout)
-            stored, np_dtype, raw, nbytes = layout
-            writer.add_tensor_info(tname, stored, np.dtype(np_dtype), nbytes, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for (tname, make, shape), (stored, np_dtype, raw, nbytes) in zip(plan, layouts):
-            x = make()
-            if tuple(x.shape) != tuple(shape):
-                raise ValueError(f"{tname}: shape {x.shape}, expected {shape}.")
-            data, _ = _encode(x, tname, dtype) if tname != "rope_freqs.weight" else (x, None)
-            del x
-            if data.nbytes != nbytes:
-                raise AssertionError(f"{tname}: {data.nbytes} bytes, announced {nbytes}.")
-            writer.write_tensor_data(np.ascontiguousarray(data))
+        _add_model_keys(writer, config, dtype=dtype, name=name)
+        _add_tokenizer_keys(writer, vocab, vocab_size=config.vocab_size)
+        _write_tensors(writer, plan, dtype=dtype)
         writer.flush()
         for fout in writer.fout or []:
             os.fsync(fout.fileno())

@@ -47,7 +47,7 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -465,6 +465,121 @@ def _set(tree: dict, path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
+def _read_config(directory: Path, *, dtype: Any, scan_layers: bool) -> LlamaConfig:
+    """The folder's ``config.json`` as a :class:`LlamaConfig` (FileNotFoundError without one)."""
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found: not a Hugging Face model folder.")
+    hf = json.loads((directory / "config.json").read_text())
+    return config_from_hf(hf, dtype=dtype, scan_layers=scan_layers)
+
+
+def _match_tensors(directory: Path, in_file: Mapping[str, str], cfg: LlamaConfig) -> list[_Tensor]:
+    """The tensors ``cfg`` needs, checked against the files': none missing, none left over."""
+    wanted = tensor_plan(cfg)
+    names = {t.hf for t in wanted}
+    missing = [t.hf for t in wanted if t.hf not in in_file]
+    if missing:
+        raise ValueError(f"{directory}: {len(missing)} tensors missing, first {missing[:3]}.")
+    tied_head = cfg.tie_embeddings and "lm_head.weight" in in_file
+    extra = sorted(n for n in in_file if n not in names and not _IGNORED.search(n)
+                   and not (tied_head and n == "lm_head.weight"))
+    if extra:
+        raise ValueError(
+            f"{directory}: {len(extra)} tensors jlora's Llama has no place for, first {extra[:3]} "
+            f"(biases, MoE experts or another architecture?)."
+        )
+    return wanted
+
+
+@contextlib.contextmanager
+def _tensor_reader(
+    files: Mapping[str, Path], in_file: Mapping[str, str], *, np_dtype: np.dtype
+) -> Iterator[Callable[[_Tensor], np.ndarray]]:
+    """``read(t)``: one tensor on the host in jlora's layout; each file opened once, closed at exit."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(t: _Tensor) -> np.ndarray:
+            file = files[in_file[t.hf]]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+            return _host(handles[file].get_slice(in_file[t.hf])[:], t, np_dtype)
+
+        yield read
+
+
+def _param_path(p: Sequence[str]) -> str:
+    """A params path as partition rules see it: ``'params/layers_0/self_attn/q_proj/kernel'``."""
+    return "/".join(("params", *p))
+
+
+def _read_unrolled(
+    wanted: Sequence[_Tensor],
+    read: Callable[[_Tensor], np.ndarray],
+    *,
+    place: _Placer,
+    quant: Optional[Callable[[jax.Array], Any]],
+) -> dict:
+    """Unrolled params (``layers_N``), each tensor read, quantized if asked and placed in turn."""
+    params: dict = {}
+    for t in wanted:
+        x = read(t)
+        if quant is not None and _is_projection(t):
+            _set(params, t.path, place.quantized(_param_path(t.path), quant(jnp.asarray(x))))
+        else:
+            _set(params, t.path, place(_param_path(t.path), x))
+        del x
+    return params
+
+
+def _read_stack(
+    ts: Sequence[_Tensor],
+    read: Callable[[_Tensor], np.ndarray],
+    *,
+    place: _Placer,
+    quant: Optional[Callable[[jax.Array], Any]],
+    np_dtype: np.dtype,
+) -> Any:
+    """One kernel kind of every layer as a placed stack (a quantized node when quantized)."""
+    p = ("layers", *ts[0].kind)
+    if quant is not None and _is_projection(ts[0]):
+        nodes = [quant(jnp.asarray(read(t))) for t in ts]
+        node = jax.tree.map(lambda *xs: jnp.stack(xs), *nodes)
+        del nodes
+        return place.quantized(_param_path(p), node)
+    first = read(ts[0])
+    buf = np.empty((len(ts), *first.shape), np_dtype)
+    buf[0] = first
+    del first
+    for t in ts[1:]:
+        buf[t.layer] = read(t)
+    return place(_param_path(p), buf)
+
+
+def _read_scanned(
+    wanted: Sequence[_Tensor],
+    read: Callable[[_Tensor], np.ndarray],
+    *,
+    place: _Placer,
+    quant: Optional[Callable[[jax.Array], Any]],
+    np_dtype: np.dtype,
+) -> dict:
+    """Scanned params: tensors outside the layers as read, each kernel kind stacked under ``layers``."""
+    params: dict = {}
+    by_kind: dict[tuple[str, ...], list[_Tensor]] = {}
+    for t in wanted:
+        if t.layer is None:
+            _set(params, t.path, place(_param_path(t.path), read(t)))
+        else:
+            by_kind.setdefault(t.kind, []).append(t)
+    for kind, ts in by_kind.items():
+        ts = sorted(ts, key=lambda t: t.layer)
+        _set(params, ("layers", *kind), _read_stack(ts, read, place=place, quant=quant, np_dtype=np_dtype))
+    return params
+
+
 def from_pretrained(
     path: PathLike,
     *,
@@ -508,77 +623,19 @@ def from_pretrained(
         FileNotFoundError: No ``config.json`` or no safetensors weights (pickles are refused).
         ValueError: A tensor missing, unexpected, or of the wrong shape.
     """
-    from safetensors import safe_open
-
     directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory / 'config.json'} not found: not a Hugging Face model folder.")
-    hf = json.loads((directory / "config.json").read_text())
-    cfg = config_from_hf(hf, dtype=dtype, scan_layers=scan_layers)
+    cfg = _read_config(directory, dtype=dtype, scan_layers=scan_layers)
     np_dtype = np.dtype(dtype)
     files = _weight_files(directory)
     in_file = _strip_prefix(list(files))
-    wanted = tensor_plan(cfg)
-    names = {t.hf for t in wanted}
-    missing = [t.hf for t in wanted if t.hf not in in_file]
-    if missing:
-        raise ValueError(f"{directory}: {len(missing)} tensors missing, first {missing[:3]}.")
-    tied_head = cfg.tie_embeddings and "lm_head.weight" in in_file
-    extra = sorted(n for n in in_file if n not in names and not _IGNORED.search(n)
-                   and not (tied_head and n == "lm_head.weight"))
-    if extra:
-        raise ValueError(
-            f"{directory}: {len(extra)} tensors jlora's Llama has no place for, first {extra[:3]} "
-            f"(biases, MoE experts or another architecture?)."
-        )
+    wanted = _match_tensors(directory, in_file, cfg)
     place = _Placer(mesh, partition)
     quant = _quantizer(quantize, dtype)
-    params: dict = {}
-
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-
-        def read(t: _Tensor) -> np.ndarray:
-            file = files[in_file[t.hf]]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
-            return _host(handles[file].get_slice(in_file[t.hf])[:], t, np_dtype)
-
-        def path_str(p: Sequence[str]) -> str:
-            return "/".join(("params", *p))
-
-        if not scan_layers:
-            for t in wanted:
-                x = read(t)
-                if quant is not None and _is_projection(t):
-                    _set(params, t.path, place.quantized(path_str(t.path), quant(jnp.asarray(x))))
-                else:
-                    _set(params, t.path, place(path_str(t.path), x))
-                del x
+    with _tensor_reader(files, in_file, np_dtype=np_dtype) as read:
+        if scan_layers:
+            params = _read_scanned(wanted, read, place=place, quant=quant, np_dtype=np_dtype)
         else:
-            by_kind: dict[tuple[str, ...], list[_Tensor]] = {}
-            for t in wanted:
-                if t.layer is None:
-                    _set(params, t.path, place(path_str(t.path), read(t)))
-                else:
-                    by_kind.setdefault(t.kind, []).append(t)
-            for kind, ts in by_kind.items():
-                ts = sorted(ts, key=lambda t: t.layer)
-                p = ("layers", *kind)
-                if quant is not None and _is_projection(ts[0]):
-                    nodes = [quant(jnp.asarray(read(t))) for t in ts]
-                    node = jax.tree.map(lambda *xs: jnp.stack(xs), *nodes)
-                    del nodes
-                    _set(params, p, place.quantized(path_str(p), node))
-                    continue
-                first = read(ts[0])
-                buf = np.empty((len(ts), *first.shape), np_dtype)
-                buf[0] = first
-                del first
-                for t in ts[1:]:
-                    buf[t.layer] = read(t)
-                _set(params, p, place(path_str(p), buf))
-                del buf
+            params = _read_unrolled(wanted, read, place=place, quant=quant)
 
     tok = None
     if tokenizer and (directory / "tokenizer.json").is_file():
@@ -734,6 +791,90 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+_Entry = tuple[_Tensor, tuple[int, ...], np.dtype]  # (tensor, torch shape, written dtype)
+
+
+def _check_target(target: Path, *, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder without ``overwrite``."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{target} is not empty; pass overwrite=True to replace the model files in it "
+            f"(other files are left alone)."
+        )
+
+
+def _entries(
+    inner: Mapping[str, Any], config: LlamaConfig, *, scanned: bool, np_dtype: Optional[np.dtype]
+) -> list[_Entry]:
+    """Every tensor to write with its torch shape (checked against the config) and dtype."""
+    plan = []
+    for t in tensor_plan(config):
+        x = _getter(inner, t, scanned)
+        shape = tuple(x.shape)[::-1] if t.transpose else tuple(x.shape)
+        if shape != t.torch_shape:
+            raise ValueError(f"{'/'.join(t.path)} has shape {tuple(x.shape)}, the config needs "
+                             f"{t.torch_shape[::-1] if t.transpose else t.torch_shape}.")
+        dt = np_dtype if np_dtype is not None else _leaf_dtype(x)
+        plan.append((t, shape, dt))
+    return plan
+
+
+def _as_hf_tokenizer(tokenizer: Any) -> Any:
+    """An :class:`HFTokenizer` (a GGUF Tokenizer converted) or ``None``; a TypeError otherwise."""
+    from jlora.models.tokenizer import HFTokenizer, Tokenizer
+
+    if tokenizer is not None and isinstance(tokenizer, Tokenizer):
+        tokenizer = HFTokenizer.from_tokenizer(tokenizer)
+    if tokenizer is not None and not isinstance(tokenizer, HFTokenizer):
+        raise TypeError(f"tokenizer must be a jlora HFTokenizer or GGUF Tokenizer, got {type(tokenizer).__name__}.")
+    return tokenizer
+
+
+def _shards(plan: Sequence[_Entry], *, limit: int) -> list[list[_Entry]]:
+    """``plan`` cut in order into shards of at most ``limit`` bytes (a larger tensor alone)."""
+    shards: list[list] = [[]]
+    used = 0
+    for entry in plan:
+        size = math.prod(entry[1]) * entry[2].itemsize
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += size
+    return shards
+
+
+def _write_weights(
+    folder: Path, shards: Sequence[Sequence[_Entry]], inner: Mapping[str, Any], *, scanned: bool
+) -> None:
+    """The safetensors file(s), plus ``model.safetensors.index.json`` when sharded."""
+    weight_map, total = {}, 0
+    n = len(shards)
+    for k, shard in enumerate(shards, 1):
+        name = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        entries = [
+            (t.hf, shape, dt, lambda t=t, dt=dt: _torch_array(_getter(inner, t, scanned), t, dt))
+            for t, shape, dt in shard
+        ]
+        total += write_safetensors(folder / name, entries)
+        weight_map.update({t.hf: name for t, _, _ in shard})
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_configs(folder: Path, config: LlamaConfig, *, dtype: np.dtype, tokenizer: Any) -> None:
+    """``config.json``, ``generation_config.json`` and the tokenizer's files."""
+    hf_config = config_to_hf(config, dtype=dtype, tokenizer=tokenizer)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_pretrained(
     directory: PathLike,
     params: Any,
@@ -777,69 +918,22 @@ def save_pretrained(
     Returns:
         ``directory`` as a :class:`~pathlib.Path`.
     """
-    from jlora.models.tokenizer import HFTokenizer, Tokenizer
-
     target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{target} is not empty; pass overwrite=True to replace the model files in it "
-            f"(other files are left alone)."
-        )
+    _check_target(target, overwrite=overwrite)
     check_plain(params)
     inner = _inner(params)
     scanned = "layers" in inner
     np_dtype = None if dtype is None else np.dtype(dtype)
-    tensors = tensor_plan(config)
-    plan = []
-    for t in tensors:
-        x = _getter(inner, t, scanned)
-        shape = tuple(x.shape)[::-1] if t.transpose else tuple(x.shape)
-        if shape != t.torch_shape:
-            raise ValueError(f"{'/'.join(t.path)} has shape {tuple(x.shape)}, the config needs "
-                             f"{t.torch_shape[::-1] if t.transpose else t.torch_shape}.")
-        dt = np_dtype if np_dtype is not None else _leaf_dtype(x)
-        plan.append((t, shape, dt))
-    if tokenizer is not None and isinstance(tokenizer, Tokenizer):
-        tokenizer = HFTokenizer.from_tokenizer(tokenizer)
-    if tokenizer is not None and not isinstance(tokenizer, HFTokenizer):
-        raise TypeError(f"tokenizer must be a jlora HFTokenizer or GGUF Tokenizer, got {type(tokenizer).__name__}.")
-
-    limit = size_bytes(max_shard_size)
-    shards: list[list] = [[]]
-    used = 0
-    for entry in plan:
-        size = math.prod(entry[1]) * entry[2].itemsize
-        if shards[-1] and used + size > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(entry)
-        used += size
+    plan = _entries(inner, config, scanned=scanned, np_dtype=np_dtype)
+    tokenizer = _as_hf_tokenizer(tokenizer)
+    shards = _shards(plan, limit=size_bytes(max_shard_size))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(target)
     tmp.mkdir()
     try:
-        weight_map, total = {}, 0
-        n = len(shards)
-        for k, shard in enumerate(shards, 1):
-            name = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
-            entries = [
-                (t.hf, shape, dt, lambda t=t, dt=dt: _torch_array(_getter(inner, t, scanned), t, dt))
-                for t, shape, dt in shard
-            ]
-            total += write_safetensors(tmp / name, entries)
-            weight_map.update({t.hf: name for t, _, _ in shard})
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = config_to_hf(config, dtype=plan[0][2], tokenizer=tokenizer)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _write_weights(tmp, shards, inner, scanned=scanned)
+        _write_configs(tmp, config, dtype=plan[0][2], tokenizer=tokenizer)
         _commit(tmp, target, overwrite)
     finally:
         if tmp.exists():
