@@ -33,6 +33,7 @@ ones, the data compared by its SHA-256).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -69,6 +70,7 @@ class Example(NamedTuple):
 
 
 def _check_messages(messages: Any, where: str, what: str = "messages") -> list[dict]:
+    """The ``role``/``content`` of each message, checked; a :class:`DataError` at ``where`` if one is wrong."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: {what!r} must be a non-empty list of {{'role', 'content'}} objects.")
     for k, m in enumerate(messages):
@@ -274,6 +276,7 @@ def load_model(path: Any, *, dtype: Any, qlora: bool) -> tuple[Any, dict, Any]:
 
 
 def _targets(spec: str) -> Any:
+    """``--targets``: all projections, a list of module names, or a regex."""
     if spec in ("all", ""):
         return list(PROJECTIONS)
     if re.fullmatch(r"[\w,]+", spec):
@@ -282,6 +285,7 @@ def _targets(spec: str) -> Any:
 
 
 def _dtype(name: str) -> Any:
+    """``--dtype`` as a JAX dtype (``auto``: float32 on CPU, bfloat16 elsewhere)."""
     import jax
     import jax.numpy as jnp
 
@@ -303,6 +307,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line of ``jlora-sft`` (``--alpha`` defaults to 2 x ``--rank``)."""
     ap = argparse.ArgumentParser(
         prog="jlora-sft", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -350,20 +355,88 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run.
+# The run, phase by phase: each function below is one step of ``main``.
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run a fine-tuning; returns the metrics written to ``metrics.json`` plus ``params``,
-    ``apply``, ``config`` and ``tokenizer``."""
+class _Plan:
+    """Each epoch's batches, made on first use from the seed and the epoch alone (so a resumed run
+    sees the batches an uninterrupted one would have)."""
+
+    def __init__(self, lengths: list[int], widths: list[int], *, batch: int, seed: int) -> None:
+        self.lengths, self.widths, self.batch, self.seed = lengths, widths, batch, seed
+        self._epochs: dict[int, list] = {}
+
+    def epoch(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """The batches of ``epoch``, ``(width, example indices)``."""
+        if epoch not in self._epochs:
+            self._epochs[epoch] = epoch_batches(self.lengths, self.widths, self.batch, seed=self.seed * 100003 + epoch)
+        return self._epochs[epoch]
+
+    def __call__(self, step: int) -> tuple[int, list[int]]:
+        """The batch of ``step``, ``(width, example indices)``."""
+        epoch, k = divmod(step, len(self.epoch(0)))
+        return self.epoch(epoch)[k]
+
+
+class _Data(NamedTuple):
+    """The tokenized examples, split and bucketed, and how many were cut (``too_long``) or dropped."""
+
+    train: list[tuple[np.ndarray, np.ndarray]]
+    held_out: list[tuple[np.ndarray, np.ndarray]]
+    widths: list[int]
+    plan: _Plan
+    too_long: int
+    dropped: int
+
+
+@dataclasses.dataclass
+class _Trainer:
+    """The jitted step and loss, the frozen base, and the adapters and optimizer state they update."""
+
+    apply: Any
+    base: Any
+    adapters: Any
+    opt_state: Any
+    step_fn: Any
+    eval_fn: Any
+    pad_id: int
+
+
+@dataclasses.dataclass
+class _Throughput:
+    """Tokens (padding included) and real tokens of every step, and of the timed steps with their seconds."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    real: int = 0
+    all_tokens: int = 0
+    all_real: int = 0
+    train_seconds: float = 0.0
+
+    def add(self, tokens: int, real: int, seconds: float, *, timed: bool) -> None:
+        """Count one step; its time and tokens only if ``timed``."""
+        self.all_tokens, self.all_real = self.all_tokens + tokens, self.all_real + real
+        if timed:
+            self.seconds, self.tokens, self.real = self.seconds + seconds, self.tokens + tokens, self.real + real
+
+
+@dataclasses.dataclass
+class _Run:
+    """Where the run stands: its checkpointer, first and last step, and the losses so far."""
+
+    ckpt: Any
+    start: int
+    losses: list[float]
+    end: int = 0
+    eval_before: Optional[float] = None
+    evals: list = dataclasses.field(default_factory=list)
+    speed: _Throughput = dataclasses.field(default_factory=_Throughput)
+
+
+def _start(args: argparse.Namespace) -> tuple[Path, str]:
+    """The compilation cache, the output folder and the device line; ``(out, platform)``."""
     import jax
-    import jax.numpy as jnp
-    import optax
 
-    import jlora
-    from jlora.models.llama import Llama
-
-    args = parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -372,70 +445,120 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
     print(f"JAX {jax.__version__} on {dev.platform.upper()} ({dev.device_kind})")
-    t0 = time.time()
+    return out, dev.platform
 
-    examples = read_jsonl(args.data)  # before loading a model: bad data fails fast
+
+def _load(args: argparse.Namespace, *, t0: float) -> tuple[Any, dict, Any]:
+    """``(config, params, tokenizer)`` of ``--model`` in ``--dtype``, and the model line."""
     dtype = _dtype(args.dtype)
     cfg, variables, tok = load_model(args.model, dtype=dtype, qlora=args.qlora)
     print(f"model: {cfg.num_layers} layers, d={cfg.hidden_size}, vocab={cfg.vocab_size}, "
           f"{np.dtype(dtype).name}{', NF4 base' if args.qlora else ''} ({time.time() - t0:.1f}s)")
+    return cfg, variables, tok
 
-    # Tokenize, truncate or refuse long examples.
+
+def _tokenize(examples: list[Example], tok: Any, *, data: Any, seq_len: int,
+              long: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int], int]:
+    """``(encoded, too_long lines, dropped)``: sequences over ``seq_len`` cut or refused, then
+    those with no answer token left dropped."""
     encoded, too_long, dropped = [], [], 0
     for ex in examples:
         ids, answer = encode_example(tok, ex)
-        if len(ids) > args.seq_len:
+        if len(ids) > seq_len:
             too_long.append(ex.line)
-            if args.long == "refuse":
+            if long == "refuse":
                 continue
-            ids, answer = ids[: args.seq_len], answer[: args.seq_len]
+            ids, answer = ids[:seq_len], answer[:seq_len]
         if not answer[1:].any():
             dropped += 1
             continue
         encoded.append((ids, answer))
-    if too_long and args.long == "refuse":
+    if too_long and long == "refuse":
         raise DataError(
-            f"{args.data}: {len(too_long)} sequences longer than --seq-len {args.seq_len} (lines "
+            f"{data}: {len(too_long)} sequences longer than --seq-len {seq_len} (lines "
             f"{too_long[:10]}{' ...' if len(too_long) > 10 else ''}); raise --seq-len or pass --truncate."
         )
     if too_long:
-        print(f"truncated {len(too_long)} of {len(examples)} sequences to --seq-len {args.seq_len}")
+        print(f"truncated {len(too_long)} of {len(examples)} sequences to --seq-len {seq_len}")
     if dropped:
         print(f"dropped {dropped} examples with no answer token within --seq-len")
-    rng = np.random.default_rng(args.seed)
+    return encoded, too_long, dropped
+
+
+def _split(encoded: list, *, data: Any, seed: int, eval_fraction: float) -> tuple[list, list]:
+    """``(train, held_out)``: a seeded shuffle, its first ``eval_fraction`` (at least one if any) held out."""
+    rng = np.random.default_rng(seed)
     order = rng.permutation(len(encoded))
-    n_eval = int(round(args.eval_fraction * len(encoded)))
-    if args.eval_fraction > 0:
+    n_eval = int(round(eval_fraction * len(encoded)))
+    if eval_fraction > 0:
         n_eval = max(1, n_eval)
-    eval_set = [encoded[i] for i in order[:n_eval]]
-    train_set = [encoded[i] for i in order[n_eval:]]
-    if not train_set:
-        raise DataError(f"{args.data}: no training examples left after the held-out split.")
-    lengths = [len(s) for s, _ in train_set]
-    widths = bucket_widths(lengths + [len(s) for s, _ in eval_set], args.buckets, args.seq_len)
-    plan_cache: dict[int, list] = {}
+    held_out = [encoded[i] for i in order[:n_eval]]
+    train = [encoded[i] for i in order[n_eval:]]
+    if not train:
+        raise DataError(f"{data}: no training examples left after the held-out split.")
+    return train, held_out
 
-    def batch_for(step: int) -> tuple[int, list[int]]:
-        epoch, k = divmod(step, len(epoch_batches_of(0)))
-        return epoch_batches_of(epoch)[k]
 
-    def epoch_batches_of(epoch: int) -> list:
-        if epoch not in plan_cache:
-            plan_cache[epoch] = epoch_batches(lengths, widths, args.batch, seed=args.seed * 100003 + epoch)
-        return plan_cache[epoch]
-
-    one_epoch = epoch_batches_of(0)
+def _prepare_data(examples: list[Example], tok: Any, *, args: argparse.Namespace) -> _Data:
+    """Tokenize, split and bucket the examples, and print the data line."""
+    encoded, too_long, dropped = _tokenize(examples, tok, data=args.data, seq_len=args.seq_len, long=args.long)
+    train, held_out = _split(encoded, data=args.data, seed=args.seed, eval_fraction=args.eval_fraction)
+    lengths = [len(s) for s, _ in train]
+    widths = bucket_widths(lengths + [len(s) for s, _ in held_out], args.buckets, args.seq_len)
+    plan = _Plan(lengths, widths, batch=args.batch, seed=args.seed)
+    one_epoch = plan.epoch(0)
     real_epoch = sum(lengths)
     padded_epoch = sum(w * args.batch for w, _ in one_epoch)
-    print(f"data: {len(train_set)} train / {len(eval_set)} held-out examples, "
-          f"{sum(int(a.sum()) for _, a in train_set)} answer tokens; widths {widths}, "
+    print(f"data: {len(train)} train / {len(held_out)} held-out examples, "
+          f"{sum(int(a.sum()) for _, a in train)} answer tokens; widths {widths}, "
           f"{len(one_epoch)} batches an epoch, padding {1 - real_epoch / padded_epoch:.1%}")
+    return _Data(train, held_out, widths, plan, len(too_long), dropped)
 
-    # LoRA.
+
+def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool) -> tuple[Any, Any]:
+    """``(step, loss sums)``, jitted: one optimizer step on the answer-token loss, and its sum and weight."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+
+    def loss_sums(adapters, base, ids, weights, key):
+        rng = key if dropout else None
+        logits = apply(jlora.combine(adapters, base), ids, lora_rng=rng)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+        w = weights[:, :-1]
+        return jnp.sum(nll * w), jnp.sum(w)
+
+    def loss_fn(adapters, base, ids, weights, key):
+        total, count = loss_sums(adapters, base, ids, weights, key)
+        return total / jnp.maximum(count, 1.0)
+
+    def train_step(adapters, opt_state, base, ids, weights, key):
+        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids, weights, key)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, loss
+
+    # The frozen base is an argument, not a closure (closed-over arrays become constants).
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+    eval_fn = jax.jit(lambda a, b, i, w: loss_sums(a, b, i, w, None))
+    return step_fn, eval_fn
+
+
+def _inject(cfg: Any, variables: dict, tok: Any, data: _Data, *, args: argparse.Namespace,
+            platform: str) -> _Trainer:
+    """LoRA on the chosen projections (and its summary line), AdamW with warm-up and cosine decay on the adapters."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+    from jlora.models.llama import Llama
+
     model = Llama(cfg)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    w0, ix0 = one_epoch[0]
-    ids0, _, _ = stack_batch(train_set, ix0, w0, args.batch, pad_id)
+    w0, ix0 = data.plan.epoch(0)[0]
+    ids0, _, _ = stack_batch(data.train, ix0, w0, args.batch, pad_id)
     params, apply = jlora.inject(
         variables, model.apply, rank=args.rank, alpha=args.alpha, targets=_targets(args.targets),
         dropout=args.dropout, key=jax.random.key(args.seed), example_args=(jnp.asarray(ids0),),
@@ -446,58 +569,52 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr * 0.1)
     tx = optax.adamw(schedule, weight_decay=0.0)
     opt_state = tx.init(adapters)
+    step_fn, eval_fn = _step_functions(apply, tx, dropout=args.dropout, donate=platform != "cpu")
+    return _Trainer(apply, base, adapters, opt_state, step_fn, eval_fn, pad_id)
 
-    def loss_sums(adapters, base, ids, weights, key):
-        rng = key if args.dropout else None
-        logits = apply(jlora.combine(adapters, base), ids, lora_rng=rng)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
-        w = weights[:, :-1]
-        return jnp.sum(nll * w), jnp.sum(w)
 
-    def loss_fn(adapters, base, ids, weights, key):
-        total, count = loss_sums(adapters, base, ids, weights, key)
-        return total / jnp.maximum(count, 1.0)
+def _evaluate(tr: _Trainer, data: _Data, *, batch: int) -> Optional[float]:
+    """The held-out loss on the answer tokens, in length-sorted batches (None without held-out examples)."""
+    import jax.numpy as jnp
 
-    donate = () if dev.platform == "cpu" else (0, 1)
+    if not data.held_out:
+        return None
+    total = count = 0.0
+    eval_lengths = [len(s) for s, _ in data.held_out]
+    idx = np.argsort(eval_lengths, kind="stable")
+    for k in range(0, len(idx), batch):
+        chunk = [int(i) for i in idx[k : k + batch]]
+        width = next(w for w in data.widths if max(eval_lengths[i] for i in chunk) <= w)
+        ids, weights, _ = stack_batch(data.held_out, chunk, width, batch, tr.pad_id)
+        t, c = tr.eval_fn(tr.adapters, tr.base, jnp.asarray(ids), jnp.asarray(weights))
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
 
-    def train_step(adapters, opt_state, base, ids, weights, key):
-        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids, weights, key)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
 
-    # The frozen base is an argument, not a closure (closed-over arrays become constants).
-    step_fn = jax.jit(train_step, donate_argnums=donate)
-    eval_fn = jax.jit(lambda a, b, i, w: loss_sums(a, b, i, w, None))
+def _check_settings(run_file: Path, run: dict, *, out: Path) -> None:
+    """Refuse to resume a run of other settings: anything else would not continue it."""
+    if not run_file.is_file():
+        return
+    before = json.loads(run_file.read_text())
+    changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
+    if changed:
+        raise ValueError(
+            f"--resume: these settings differ from the run in {out} (before, now): {changed}; "
+            f"resume with the same ones, or choose another --out."
+        )
 
-    def evaluate(adapters) -> Optional[float]:
-        if not eval_set:
-            return None
-        total = count = 0.0
-        eval_lengths = [len(s) for s, _ in eval_set]
-        idx = np.argsort(eval_lengths, kind="stable")
-        for k in range(0, len(idx), args.batch):
-            chunk = [int(i) for i in idx[k : k + args.batch]]
-            width = next(w for w in widths if max(eval_lengths[i] for i in chunk) <= w)
-            ids, weights, _ = stack_batch(eval_set, chunk, width, args.batch, pad_id)
-            t, c = eval_fn(adapters, base, jnp.asarray(ids), jnp.asarray(weights))
-            total, count = total + float(t), count + float(c)
-        return total / max(count, 1.0)
 
-    # Checkpoints, resume (only a run of the same settings: anything else would not continue it).
+def _resume(tr: _Trainer, variables: dict, *, out: Path, args: argparse.Namespace) -> _Run:
+    """The checkpointer, and with ``--resume`` its newest step restored into ``tr``; records ``run.json``."""
+    import jlora
+
     run_file = out / "run.json"
-    run = _run_settings(args)
-    if args.resume and run_file.is_file():
-        before = json.loads(run_file.read_text())
-        changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
-        if changed:
-            raise ValueError(
-                f"--resume: these settings differ from the run in {out} (before, now): {changed}; "
-                f"resume with the same ones, or choose another --out."
-            )
+    settings = _run_settings(args)
+    if args.resume:
+        _check_settings(run_file, settings, out=out)
     ckpt = jlora.TrainCheckpointer(out / "checkpoints", every=args.save_every, keep=2)
     losses_file = out / "losses.json"
-    losses: list[float] = []
-    start = 0
+    run = _Run(ckpt, 0, [])
     latest = ckpt.latest_step()
     if latest is not None and not args.resume:
         raise FileExistsError(
@@ -505,87 +622,105 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             f"it, or choose another --out."
         )
     if args.resume and latest is not None:
-        restored = ckpt.restore(variables, opt_state_like=opt_state)
-        adapters = jlora.split(restored.params)[0]
-        opt_state, start = restored.opt_state, restored.step
+        restored = ckpt.restore(variables, opt_state_like=tr.opt_state)
+        tr.adapters = jlora.split(restored.params)[0]
+        tr.opt_state, run.start = restored.opt_state, restored.step
         if losses_file.is_file():
-            losses = json.loads(losses_file.read_text())[:start]
-        print(f"resumed from step {start} ({out / 'checkpoints' / str(start)})")
+            run.losses = json.loads(losses_file.read_text())[: run.start]
+        print(f"resumed from step {run.start} ({out / 'checkpoints' / str(run.start)})")
     elif args.resume:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting at step 0")
+    run_file.write_text(json.dumps(settings, indent=1))
+    return run
 
-    run_file.write_text(json.dumps(run, indent=1))
-    eval_before = evaluate(adapters) if start == 0 else None
-    if eval_before is not None:
-        print(f"held-out loss before: {eval_before:.4f}")
 
+def _progress_bar(*, total: int, initial: int) -> Any:
+    """A tqdm bar on stdout, or None without tqdm."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
-        tqdm = None
-    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    bar = tqdm(total=args.steps, initial=start, desc="sft", ncols=100, file=sys.stdout) if tqdm else None
+        return None
+    return tqdm(total=total, initial=initial, desc="sft", ncols=100, file=sys.stdout)
+
+
+def _train(tr: _Trainer, data: _Data, run: _Run, *, out: Path, args: argparse.Namespace) -> None:
+    """Steps ``run.start`` to ``run.end`` under the progress bar; checkpoints and held-out losses on their schedule."""
+    import jax
+    import jax.numpy as jnp
+
+    bar = _progress_bar(total=args.steps, initial=run.start)
     seen_widths: set[int] = set()
-    timed_s, timed_tokens, timed_real, all_tokens, all_real = 0.0, 0, 0, 0, 0
+    speed = run.speed
     base_key = jax.random.key(args.seed + 1)
-    evals = []
     t_train = time.time()
-    for step in range(start, end):
-        width, indices = batch_for(step)
-        ids, weights, real = stack_batch(train_set, indices, width, args.batch, pad_id)
+    for step in range(run.start, run.end):
+        width, indices = data.plan(step)
+        ids, weights, real = stack_batch(data.train, indices, width, args.batch, tr.pad_id)
         t1 = time.perf_counter()
-        adapters, opt_state, loss = step_fn(adapters, opt_state, base, jnp.asarray(ids), jnp.asarray(weights),
-                                            jax.random.fold_in(base_key, step))
+        tr.adapters, tr.opt_state, loss = tr.step_fn(tr.adapters, tr.opt_state, tr.base, jnp.asarray(ids),
+                                                     jnp.asarray(weights), jax.random.fold_in(base_key, step))
         loss = float(loss)  # waits for the step
         dt = time.perf_counter() - t1
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower --lr.")
-        losses.append(loss)
-        all_tokens, all_real = all_tokens + ids.size, all_real + real
-        if width in seen_widths:  # the first step of each shape compiles: not timed
-            timed_s, timed_tokens, timed_real = timed_s + dt, timed_tokens + ids.size, timed_real + real
+        run.losses.append(loss)
+        speed.add(ids.size, real, dt, timed=width in seen_widths)  # the first step of each shape compiles: not timed
         seen_widths.add(width)
-        if ckpt.save(step + 1, adapters, opt_state):
-            losses_file.write_text(json.dumps(losses))
+        if run.ckpt.save(step + 1, tr.adapters, tr.opt_state):
+            (out / "losses.json").write_text(json.dumps(run.losses))
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            evals.append((step + 1, evaluate(adapters)))
+            run.evals.append((step + 1, _evaluate(tr, data, batch=args.batch)))
         if bar is not None:
-            tps = timed_tokens / timed_s if timed_s else 0.0
+            tps = speed.tokens / speed.seconds if speed.seconds else 0.0
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", width=width)
             bar.update(1)
     if bar is not None:
         bar.close()
-    train_seconds = time.time() - t_train
-    ckpt.wait()
-    losses_file.write_text(json.dumps(losses))
-    params = jlora.combine(adapters, base)
-    tokens_per_s = timed_tokens / timed_s if timed_s else None
-    metrics: dict[str, Any] = {
-        "model": str(args.model), "data": str(args.data), "steps": end, "start_step": start,
-        "losses": losses, "eval_loss_before": eval_before, "evals": evals,
-        "train_examples": len(train_set), "eval_examples": len(eval_set),
-        "truncated": len(too_long) if args.long == "truncate" else 0, "dropped": dropped,
-        "widths": widths, "padding_fraction": (1 - all_real / all_tokens) if all_tokens else None,
-        "tokens_per_second": tokens_per_s,
-        "real_tokens_per_second": timed_real / timed_s if timed_s else None,
-        "train_seconds": train_seconds,
+    speed.train_seconds = time.time() - t_train
+
+
+def _metrics(data: _Data, run: _Run, *, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``metrics.json`` records of the training (the held-out loss after and the files come later)."""
+    speed = run.speed
+    return {
+        "model": str(args.model), "data": str(args.data), "steps": run.end, "start_step": run.start,
+        "losses": run.losses, "eval_loss_before": run.eval_before, "evals": run.evals,
+        "train_examples": len(data.train), "eval_examples": len(data.held_out),
+        "truncated": data.too_long if args.long == "truncate" else 0, "dropped": data.dropped,
+        "widths": data.widths,
+        "padding_fraction": (1 - speed.all_real / speed.all_tokens) if speed.all_tokens else None,
+        "tokens_per_second": speed.tokens / speed.seconds if speed.seconds else None,
+        "real_tokens_per_second": speed.real / speed.seconds if speed.seconds else None,
+        "train_seconds": speed.train_seconds,
     }
-    result = {**metrics, "params": params, "apply": apply, "config": cfg, "tokenizer": tok}
-    if end < args.steps:
-        ckpt.close()
-        print(f"stopped after step {end} of {args.steps} (--stop-after); continue with --resume")
-        return {**result, "stopped": True}
-    if ckpt.latest_step() != end:
-        ckpt.save(end, adapters, opt_state, force=True)
-    ckpt.close()
 
-    metrics["eval_loss"] = evaluate(adapters)
-    if metrics["eval_loss"] is not None:
-        before = f"{eval_before:.4f} -> " if eval_before is not None else ""
-        print(f"held-out loss: {before}{metrics['eval_loss']:.4f}")
 
-    # Files.
-    written = {}
+def _close_checkpoints(tr: _Trainer, run: _Run, *, steps: int) -> bool:
+    """Close the checkpointer, the last step saved; False (and a line) if ``--stop-after`` ended the run early."""
+    if run.end < steps:
+        run.ckpt.close()
+        print(f"stopped after step {run.end} of {steps} (--stop-after); continue with --resume")
+        return False
+    if run.ckpt.latest_step() != run.end:
+        run.ckpt.save(run.end, tr.adapters, tr.opt_state, force=True)
+    run.ckpt.close()
+    return True
+
+
+def _held_out_after(tr: _Trainer, data: _Data, run: _Run, *, batch: int) -> Optional[float]:
+    """The held-out loss after training, printed with the one before."""
+    eval_loss = _evaluate(tr, data, batch=batch)
+    if eval_loss is not None:
+        before = f"{run.eval_before:.4f} -> " if run.eval_before is not None else ""
+        print(f"held-out loss: {before}{eval_loss:.4f}")
+    return eval_loss
+
+
+def _write_model(params: Any, cfg: Any, tok: Any, *, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``adapter/``, ``peft/`` (skipped with a line if PEFT cannot express it), ``merged/`` and the GGUF file."""
+    import jlora
+
+    written: dict[str, Any] = {}
     jlora.save_adapters(out / "adapter", params, overwrite=True)
     written["adapter"] = out / "adapter"
     try:
@@ -606,6 +741,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         written["gguf"] = save_gguf(out / f"model-{args.gguf}.gguf", merged, cfg, tok, dtype=args.gguf,
                                     overwrite=True)
     del merged
+    return written
+
+
+def _plot(run: _Run, eval_loss: Optional[float], *, path: Path, rank: int) -> bool:
+    """The loss curve (train, and the held-out points) as a PNG; False without matplotlib."""
     try:
         import matplotlib
 
@@ -613,29 +753,65 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(1, len(losses) + 1), losses, label="train (answer tokens)")
-        points = ([(0, eval_before)] if eval_before is not None else []) + evals + [(end, metrics["eval_loss"])]
-        points = [(s, v) for s, v in points if v is not None]
+        ax.plot(range(1, len(run.losses) + 1), run.losses, label="train (answer tokens)")
+        before = [(0, run.eval_before)] if run.eval_before is not None else []
+        points = [(s, v) for s, v in before + run.evals + [(run.end, eval_loss)] if v is not None]
         if points:
             ax.plot(*zip(*points), "o--", label="held-out")
-        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"jlora SFT r={args.rank}")
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"jlora SFT r={rank}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=120)
+        fig.savefig(path, dpi=120)
         plt.close(fig)
-        written["plot"] = out / "loss.png"
+        return True
     except ImportError:  # pragma: no cover
-        pass
+        return False
+
+
+def _print_summary(metrics: dict[str, Any], written: dict[str, Any], run: _Run) -> None:
+    """The closing lines: steps, seconds, tokens/s and padding, then each file written."""
+    pad, tokens_per_s = metrics["padding_fraction"], metrics["tokens_per_second"]
+    tps = "n/a (every step compiled)" if tokens_per_s is None else (
+        f"{tokens_per_s:,.0f} tokens/s incl. padding, {metrics['real_tokens_per_second']:,.0f} without")
+    print(f"\ntrain: {run.end - run.start} steps in {metrics['train_seconds']:.0f}s; {tps} "
+          f"(compiling steps excluded); padding {pad:.1%}")
+    for k, v in written.items():
+        print(f"  {k:8s} {v}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run a fine-tuning; returns the metrics written to ``metrics.json`` plus ``params``,
+    ``apply``, ``config`` and ``tokenizer`` (with ``stopped`` and no files after ``--stop-after``)."""
+    import jlora
+
+    args = parse_args(argv)
+    out, platform = _start(args)
+    t0 = time.time()
+    examples = read_jsonl(args.data)  # before loading a model: bad data fails fast
+    cfg, variables, tok = _load(args, t0=t0)
+    data = _prepare_data(examples, tok, args=args)
+    tr = _inject(cfg, variables, tok, data, args=args, platform=platform)
+    run = _resume(tr, variables, out=out, args=args)
+    run.eval_before = _evaluate(tr, data, batch=args.batch) if run.start == 0 else None
+    if run.eval_before is not None:
+        print(f"held-out loss before: {run.eval_before:.4f}")
+    run.end = args.steps if args.stop_after is None else min(args.steps, run.start + args.stop_after)
+    _train(tr, data, run, out=out, args=args)
+    run.ckpt.wait()
+    (out / "losses.json").write_text(json.dumps(run.losses))
+    params = jlora.combine(tr.adapters, tr.base)
+    metrics = _metrics(data, run, args=args)
+    result = {**metrics, "params": params, "apply": tr.apply, "config": cfg, "tokenizer": tok}
+    if not _close_checkpoints(tr, run, steps=args.steps):
+        return {**result, "stopped": True}
+    metrics["eval_loss"] = _held_out_after(tr, data, run, batch=args.batch)
+    written = _write_model(params, cfg, tok, out=out, args=args)
+    if _plot(run, metrics["eval_loss"], path=out / "loss.png", rank=args.rank):
+        written["plot"] = out / "loss.png"
     metrics["files"] = {k: str(v) for k, v in written.items()}
     metrics["total_seconds"] = time.time() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    pad = metrics["padding_fraction"]
-    tps = "n/a (every step compiled)" if tokens_per_s is None else (
-        f"{tokens_per_s:,.0f} tokens/s incl. padding, {metrics['real_tokens_per_second']:,.0f} without")
-    print(f"\ntrain: {end - start} steps in {train_seconds:.0f}s; {tps} (compiling steps excluded); "
-          f"padding {pad:.1%}")
-    for k, v in written.items():
-        print(f"  {k:8s} {v}")
+    _print_summary(metrics, written, run)
     return {**result, **metrics}
 
 
