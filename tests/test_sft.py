@@ -189,6 +189,13 @@ def test_sft_end_to_end_files_and_exact_resume(tiny, tmp_path, cache, capsys):
     a, b = jlora.split(resumed["params"])[0], jlora.split(full["params"])[0]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+    # Resuming a finished run runs no step and writes the same adapter again (it crashed in the summary).
+    capsys.readouterr()
+    again = run(tiny, tmp_path / "part", cache, "--resume", "--no-merged")
+    assert again["start_step"] == again["steps"] == resumed["steps"] and again["padding_fraction"] is None
+    assert "padding n/a (no step run)" in capsys.readouterr().out
+    for x, y in zip(jax.tree.leaves(jlora.split(again["params"])[0]), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_sft_from_gguf_with_qlora(tiny, tmp_path, cache):

@@ -773,8 +773,9 @@ def _print_summary(metrics: dict[str, Any], written: dict[str, Any], run: _Run) 
     pad, tokens_per_s = metrics["padding_fraction"], metrics["tokens_per_second"]
     tps = "n/a (every step compiled)" if tokens_per_s is None else (
         f"{tokens_per_s:,.0f} tokens/s incl. padding, {metrics['real_tokens_per_second']:,.0f} without")
+    padding = "n/a (no step run)" if pad is None else f"{pad:.1%}"
     print(f"\ntrain: {run.end - run.start} steps in {metrics['train_seconds']:.0f}s; {tps} "
-          f"(compiling steps excluded); padding {pad:.1%}")
+          f"(compiling steps excluded); padding {padding}")
     for k, v in written.items():
         print(f"  {k:8s} {v}")
 
