@@ -365,6 +365,25 @@ def test_training_several_adapters_in_one_step():
     np.testing.assert_array_equal(new["l1"]["kernel"].a[0, :, 2], 0)
 
 
+
+def test_lora_plus_over_a_bank():
+    """LoRA+ (lr_ratio) groups a bank's factors like a kernel's: B's SGD update is λ × A-rate's,
+    computed by hand from the same gradients; the base gets none."""
+    p, pa, pb, apply = two_adapters()
+    params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p)
+    ad, base = jlora.split(params)
+    ids = np.array([0, 1, -1, 1, 0], np.int32)
+    g = jax.grad(lambda ad: jnp.sum(apply(jlora.combine(ad, base), X, adapter_ids=ids) ** 2))(ad)
+    tx = jlora.optimizer(optax.sgd(0.1), ad, lr_ratio=4)
+    upd, _ = tx.update(g, tx.init(ad), ad)
+    for k in ("l1", "l2"):
+        close(upd[k]["kernel"].a, -0.1 * g[k]["kernel"].a, 1e-6)
+        close(upd[k]["kernel"].b, -0.4 * g[k]["kernel"].b, 1e-6)
+    assert float(jnp.abs(g["l1"]["kernel"].b).max()) > 0  # the check is not vacuous
+    full = jlora.optimizer(optax.sgd(0.1), params, lr_ratio=4)
+    u, _ = full.update(jax.tree.map(jnp.ones_like, params), full.init(params), params)
+    assert float(jnp.abs(u["l1"]["kernel"].w0).max()) == 0.0 and float(u["l1"]["kernel"].b.max()) == pytest.approx(-0.4)
+
 def _with_dropout(params, rate):
     is_lk = lambda k: isinstance(k, jlora.LoraKernel)  # noqa: E731
     return jax.tree.map(lambda k: jlora.LoraKernel(k.w0, k.a, k.b, layout=k.layout, scale=k.scale, dropout=rate)
