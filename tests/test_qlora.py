@@ -13,13 +13,8 @@ from helpers import randomize
 K = jax.random.key
 
 
-@pytest.fixture(autouse=True)
-def _strict_dtype_promotion(request):
-    """apply's paths run under strict dtype promotion: jlora adds no implicit promotion (tests that
-    also run an optax optimizer, which promotes its step count, are marked ``optax_promotion``)."""
-    mode = "standard" if request.node.get_closest_marker("optax_promotion") else "strict"
-    with jax.numpy_dtype_promotion(mode):
-        yield
+# apply's paths run under strict dtype promotion (conftest's fixture; optax-using tests opt out).
+pytestmark = pytest.mark.strict_promotion
 
 
 def scan_model(p, x):
