@@ -219,7 +219,7 @@ def resolve(directory: PathLike) -> Path:
     if os.path.lexists(target):
         raise NotADirectoryError(f"{target} is not a directory.")
     backups = (
-        sorted(target.parent.glob(f".{target.name}{_OLD_TAG}*"), key=lambda p: p.stat().st_mtime)
+        sorted(target.parent.glob(glob_escape(f".{target.name}{_OLD_TAG}") + "*"), key=lambda p: p.stat().st_mtime)
         if target.parent.is_dir()
         else []
     )

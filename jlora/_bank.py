@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._node import Layout, LoraKernel, Trainable, effective_factors, is_node, kernel_shape
+from jlora._node import Layout, LoraKernel, Trainable, as_plain_lora, is_node, kernel_shape
 from jlora._paths import path_str
 from jlora._quant import is_quantized
 
@@ -211,14 +211,7 @@ def _kernel_of(what: str, name: str, path: str, x: Any) -> Optional[LoraKernel]:
                          f"adapters only.")
     if x.a is None or x.b is None:
         raise ValueError(f"{what}: adapter {name!r} has no A/B factors at '{path}'.")
-    if getattr(x, "a0", None) is not None:  # PiSSA/OLoRA: the rank-2r LoRA over the original weights
-        a, b = effective_factors(x)
-        return x.replace(a=a, b=b, a0=None, b0=None, init=None, base_sha256=None)
-    if getattr(x, "init", None):
-        raise ValueError(f"{what}: adapter {name!r} was initialised with {x.init!r} at '{path}': it was trained "
-                         f"over LoftQ's quantized weights, not the shared base, so a bank cannot serve it. "
-                         f"Serve it on its own, over the base it was made with.")
-    return x
+    return as_plain_lora(x, f"{what}: adapter {name!r} at '{path}'")  # PiSSA/OLoRA: rank 2r; LoftQ refused
 
 
 def _fit(slot: Optional[LoraKernel], r: int, ns: int, a_shape, b_shape, dtype_a, dtype_b):

@@ -59,10 +59,9 @@ def weight_norm(w0: Any, a: jax.Array, b: jax.Array, scale: float, layout: Layou
     ns = len(layout.stack)
     out_l = s.b[ns + 1:]
     so = s.stack + out_l
-    # ‖w0_o‖²: a reduction XLA fuses with the square (no kernel-sized temporary)
-    kept = [c for c in s.view if c in so]
-    n0 = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(layout.in_))
-    n0 = jnp.transpose(n0, [kept.index(c) for c in so]) if kept != list(so) else n0
+    # ‖w0_o‖² as a contraction of W0 with itself over the input axes: no kernel-sized temporary
+    # (a square-then-sum may be left unfused, writing W0² out, as XLA's CPU backend does)
+    n0 = jnp.einsum(f"{s.view},{s.view}->{so}", w, w, preferred_element_type=jnp.float32, precision=_HI)
     p = jnp.einsum(f"{s.a},{s.view}->{s.stack}{s.rank}{out_l}", a.astype(w.dtype), w,
                    preferred_element_type=jnp.float32, precision=_HI)
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)

@@ -353,7 +353,14 @@ def _adapter(key: jax.Array, path: str, w0: Any, lay: Layout, r: int, scale: flo
                       init=init.name if init.modifies_base else None, base_sha256=sha)
     if opts.dora:
         ea, eb = effective_factors(node)
-        node = node.replace(m=_dora.magnitude(w0, ea, eb, scale, lay, dt))
+        m = _dora.magnitude(w0, ea, eb, scale, lay, dt)
+        zero = np.flatnonzero(~(np.asarray(m, np.float32) > 0))
+        if zero.size:
+            raise ValueError(
+                f"inject: dora=True divides each output unit of '{path}' by its weight norm, and {zero.size} of its "
+                f"units (flat indices {zero[:5].tolist()}{', ...' if zero.size > 5 else ''}) are all zero (or not "
+                f"finite), which would make that output NaN. Leave this kernel out of targets, or use plain LoRA.")
+        node = node.replace(m=m)
     return node
 
 

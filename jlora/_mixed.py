@@ -192,14 +192,15 @@ def check_ids(adapter_ids: Any, names: tuple[str, ...], bank: Any = None) -> jax
 
 
 def _bank_value(path: str, bank: LoraBank, i: jax.Array) -> LoraValue:
-    """The kernel for one example: bank slot ``i`` (zeros for -1, NaN for an id out of range)."""
+    """The kernel for one example: bank slot ``i`` (zeros for -1 or an id out of range, whose
+    outputs :func:`mixed_apply` replaces with NaN, so no gradient reaches another slot)."""
     n = bank.n
     present = [s for s, q in zip(bank.scales, bank.ranks) if q]
     common = present[0] if all(s == present[0] for s in present) else 1.0
     rel = jnp.asarray([s / common if q else 0.0 for s, q in zip(bank.scales, bank.ranks)], jnp.float32)
     idc = jnp.clip(i, 0, n - 1)
     valid = (i >= 0) & (i < n)
-    mult = jnp.where(valid, rel[idc], jnp.where(i == -1, 0.0, jnp.nan))
+    mult = jnp.where(valid, rel[idc], 0.0)
     a = lax.dynamic_index_in_dim(bank.a, idc, 0, keepdims=False)
     b = lax.dynamic_index_in_dim(bank.b, idc, 0, keepdims=False) * mult.astype(bank.b.dtype)
     dropout = max(d for d, q in zip(bank.dropouts, bank.ranks) if q)
@@ -241,6 +242,7 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
     """
     ids = _checked_ids(flat, adapter_ids, rng)
     n = int(ids.shape[0])
+    n_adapters = next(x.n for x in flat.leaves if isinstance(x, LoraBank))
 
     a_leaves, a_def = jax.tree.flatten((args, kwargs), is_leaf=_none_leaf)
     axes, labels = _in_axes(args, kwargs, batch_axes, n)
@@ -264,6 +266,8 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
             leaf, path = flat.leaves[j], flat.paths[j]
             inputs.append(_bank_value(path, leaf, i) if isinstance(leaf, LoraBank) else _entry_value(path, leaf))
         outs, _ = interpret(traced.jaxpr, inputs + vals, fallback=apply.fallback, rng=key, matmul=matmul)
+        bad = (i < -1) | (i >= n_adapters)  # only possible under jit: NaN, never another adapter's output
+        outs = [jnp.where(bad, jnp.nan, o) if jnp.issubdtype(o.dtype, jnp.inexact) else o for o in outs]
         return [o if ax is None else jnp.squeeze(o, ax) for o, ax in zip(outs, out_ax)]
 
     keys = None if rng is None else jax.random.split(rng, n)

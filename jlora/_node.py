@@ -357,6 +357,21 @@ def effective_factors(k: "LoraKernel") -> tuple[Any, Any]:
     return jnp.concatenate([k.a, a0], axis=-1), jnp.concatenate([k.b, -b0], axis=ns)
 
 
+
+def as_plain_lora(k: "LoraKernel", where: str) -> "LoraKernel":
+    """``k`` as a standard LoRA over the original weights: a PiSSA/OLoRA adapter becomes its rank-2r
+    pair (:func:`effective_factors`), trainable as a whole; a LoftQ adapter is refused (its base is
+    LoftQ's quantized weights, and ``W_orig − Q`` is not low-rank). ``where`` starts the message."""
+    if k.init is None:
+        return k
+    if k.a0 is None:
+        raise ValueError(
+            f"{where} was initialised with {k.init!r}, whose base is LoftQ's quantized weights: W_orig − Q is "
+            f"not low-rank, so no LoRA over the original weights computes this model. Keep (or re-create) the "
+            f"quantized base instead.")
+    a, b = effective_factors(k)
+    return k.replace(a=a, b=b, a0=None, b0=None, init=None, base_sha256=None)
+
 def is_node(x: Any) -> bool:
     """True for jlora's own nodes (used as ``is_leaf`` when walking injected params)."""
     return isinstance(x, (LoraKernel, Trainable))

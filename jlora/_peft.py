@@ -45,7 +45,7 @@ from jlora._atomic import write_files
 from jlora._discover import gather_layout, layout_from_uses
 from jlora._trace import trace_uses
 from jlora._bank import refuse_banks
-from jlora._node import Layout, LoraKernel, Trainable, effective_factors, is_node
+from jlora._node import Layout, LoraKernel, Trainable, as_plain_lora, is_node
 from jlora._paths import leaf_name, nearest, path_str
 from jlora._sharding import place_factors, place_like
 from jlora._tree import Flat, host_array, is_jlora_leaf, plain
@@ -252,12 +252,6 @@ def _check_exportable(path: str, x: LoraKernel) -> None:
             f"output head); PEFT's LoRA on an Embedding adapts its lookups only, so no PEFT adapter computes "
             f"this model."
         )
-    if x.init is not None and x.a0 is None:
-        raise ValueError(
-            f"export_peft: {path!r} was initialised with {x.init!r}: its base is LoftQ's NF4-quantized weights, "
-            f"not the original ones PEFT loads the adapter onto, and the difference is not low-rank. PEFT can "
-            f"only use it over that quantized base (PEFT's own LoftQ flow saves the modified base model)."
-        )
     if x.layout.conv == ():
         raise ValueError(
             f"export_peft: {path!r} (layout {x.layout}) is used by a convolution whose kernel is "
@@ -305,8 +299,9 @@ def _export_lora(adapted, resolve, prefix: str, cast) -> tuple[dict, dict, dict]
     for path, x in adapted:
         if not isinstance(x, LoraKernel):
             continue
+        x = as_plain_lora(x, f"export_peft: {path!r}")  # PiSSA/OLoRA converted; LoftQ refused
         _check_exportable(path, x)
-        ea, eb = effective_factors(x)
+        ea, eb = x.a, x.b
         ns = len(x.layout.stack)
         template = _template(resolve, path, ns)
         a, b = host_array(ea), host_array(eb)

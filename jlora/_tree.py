@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from jlora._bank import LoraBank, bank_problem, is_bank
-from jlora._node import LoraKernel, Trainable, effective_factors, factor_problem, is_node
+from jlora._node import LoraKernel, Trainable, as_plain_lora, effective_factors, factor_problem, is_node
 from jlora._paths import leaf_name, path_str
 from jlora._quant import dequantized, is_quantized
 from jlora._value import delta
@@ -242,15 +242,7 @@ def convert_to_lora(params: Any) -> Any:
     """
 
     def one(path, x):
-        if not isinstance(x, LoraKernel) or x.init is None:
-            return x
-        if x.a0 is None:
-            raise ValueError(
-                f"convert_to_lora: '{path_str(path)}' was initialised with {x.init!r}, whose base is LoftQ's "
-                f"quantized weights: W_orig − Q is not low-rank, so no LoRA over the original weights computes "
-                f"this model. Keep (or re-create) the quantized base instead.")
-        a, b = effective_factors(x)
-        return x.replace(a=a, b=b, a0=None, b0=None, init=None, base_sha256=None)
+        return as_plain_lora(x, f"convert_to_lora: '{path_str(path)}'") if isinstance(x, LoraKernel) else x
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)
 
@@ -264,9 +256,7 @@ def _label_tree(params: Any, plus: bool = False) -> Any:
     def one(path, x):
         if isinstance(x, LoraKernel):
             w0 = jax.tree.map(lambda _: "frozen", x.w0)  # a quantized base has several children
-            la, lb = ("lora_a", "lora_b") if plus else ("lora", "lora")
-            if plus and x.layout.gather:
-                la = lb = "embedding"
+            la, lb = _factor_labels(x.layout, plus)
             frozen = None if x.a0 is None else "frozen"
             return x.replace(w0=w0, a=la, b=lb, m=None if x.m is None else lb, a0=frozen, b0=frozen)
         if isinstance(x, Trainable):
@@ -276,11 +266,18 @@ def _label_tree(params: Any, plus: bool = False) -> Any:
                 return Trainable("lora_b_no_decay" if leaf_name(path_str(path)) in ("bias", "b") else "lora_b")
             return Trainable("lora_a")
         if isinstance(x, LoraBank):
-            la, lb = ("lora_a", "lora_b") if plus else ("lora", "lora")
+            la, lb = _factor_labels(x.layout, plus)
             return x.replace(w0=jax.tree.map(lambda _: "frozen", x.w0), a=la, b=lb)
         return jax.tree.map(lambda _: "frozen", x)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_unit)
+
+
+def _factor_labels(layout: Any, plus: bool) -> tuple[str, str]:
+    """A's and B's labels: one group without LoRA+; with it, A and B apart, an embedding's together."""
+    if not plus:
+        return "lora", "lora"
+    return ("embedding", "embedding") if layout.gather else ("lora_a", "lora_b")
 
 
 def labels(params: Any) -> Any:

@@ -383,6 +383,18 @@ def test_lora_plus_over_a_bank():
     full = jlora.optimizer(optax.sgd(0.1), params, lr_ratio=4)
     u, _ = full.update(jax.tree.map(jnp.ones_like, params), full.init(params), params)
     assert float(jnp.abs(u["l1"]["kernel"].w0).max()) == 0.0 and float(u["l1"]["kernel"].b.max()) == pytest.approx(-0.4)
+    # an embedding table's factors are their own group (lr_embedding), banked or not
+    q = {"emb": normal(80, (20, 8)), "w": normal(81, (8, 4))}
+    emb_fn = lambda p, t: p["emb"][t] @ p["w"]  # noqa: E731
+    tok = np.array([[1, 5, 7]], np.int32)
+    pe, _ = jlora.inject(q, emb_fn, rank=2, targets=["emb", "w"], example_args=(tok,), key=K(9))
+    bank = jlora.split(jlora.combine(jlora.stack_adapters({"e": randomize(pe, 11)}), q))[0]
+    ones = jax.tree.map(jnp.ones_like, bank)
+    tx = jlora.loraplus(optax.sgd, bank, lr=0.1, lr_ratio=4, lr_embedding=0.01)
+    u, _ = tx.update(ones, tx.init(bank))
+    np.testing.assert_allclose(np.asarray(u["emb"].a), -0.01, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["emb"].b), -0.01, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["w"].b), -0.4, rtol=1e-6)
 
 def _with_dropout(params, rate):
     is_lk = lambda k: isinstance(k, jlora.LoraKernel)  # noqa: E731
@@ -428,6 +440,18 @@ def test_bad_ids_are_refused():
     # under jit an out-of-range id cannot raise: that example (only) comes out NaN
     y = jax.jit(lambda prm, x, i: apply(prm, x, adapter_ids=i))(params, X, np.array([0, 7, -1, 1, 0], np.int32))
     assert np.isnan(np.asarray(y[1])).all() and np.isfinite(np.asarray(y)[[0, 2, 3, 4]]).all()
+    # ... and no NaN reaches any adapter's gradient through the other rows (it reached the last slot's)
+    ad, base = jlora.split(params)
+    good = np.array([0, 2, 3, 4])
+
+    def loss(ad, ids):
+        return jnp.sum(apply(jlora.combine(ad, base), X, adapter_ids=ids)[good] ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    g_bad, g_ref = grad(ad, np.array([0, 7, -1, 1, 0], np.int32)), grad(ad, np.array([0, -1, -1, 1, 0], np.int32))
+    for x, r in zip(jax.tree.leaves(g_bad), jax.tree.leaves(g_ref)):
+        np.testing.assert_array_equal(x, r)
+    assert float(jnp.abs(g_ref["l1"]["kernel"].b[1]).max()) > 0  # the last slot does get gradients
 
 
 def test_pissa_adapter_in_a_bank_and_dora_refused():

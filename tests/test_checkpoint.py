@@ -494,6 +494,20 @@ def test_sigkill_between_fallback_renames_recovers_old(tmp_path):
     assert os.listdir(work) == ["ckpt"]
 
 
+
+def test_recovery_never_reads_another_checkpoints_backup(tmp_path):
+    """A missing checkpoint whose name has glob characters is not "recovered" from another one's
+    moved-aside backup (``run[1]`` matched ``.run1.jlora-old-*`` before)."""
+    from jlora import _atomic as A
+
+    backup = tmp_path / ".run1.jlora-old-abc"
+    backup.mkdir()
+    (backup / "f").write_text("run1")
+    with pytest.raises(FileNotFoundError, match=r"run\[1\]"):
+        A.resolve(tmp_path / "run[1]")
+    with pytest.warns(UserWarning, match="interrupted overwrite"):
+        assert A.resolve(tmp_path / "run1") == backup
+
 def test_overwrite_uses_atomic_exchange_on_linux(tmp_path, monkeypatch):
     if sys.platform != "linux":
         pytest.skip("renameat2 is Linux-only")

@@ -5,6 +5,8 @@ materialised (an independent computation), with the norm a constant for gradient
 §4.3 (and PEFT). PEFT itself is the reference in tests/test_peft_family.py.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,7 +121,7 @@ def test_dora_dropout_has_peft_form():
     out = apply(lp, x, lora_rng=K(7))
     keep = jax.random.bernoulli(jax.random.fold_in(K(7), 1), 0.5, x.shape)
     d = jnp.where(keep, x / 0.5, 0.0)
-    g = k.m / weight_norm(k.w0, k.a, k.b, k.scale, k.layout)
+    g = k.m / jnp.linalg.norm(k.w0 + k.scale * k.a @ k.b, axis=0)  # the materialised kernel's column norms
     want = x @ k.w0 + (g - 1) * (d @ k.w0) + g * (k.scale * (d @ k.a) @ k.b)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(apply(lp, x), g * (x @ k.w0 + k.scale * ((x @ k.a) @ k.b)), rtol=1e-5, atol=1e-5)
@@ -146,32 +148,50 @@ def test_no_kernel_sized_array_in_the_dora_training_step():
     mlp = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]  # noqa: E731
     lp, apply = jlora.inject(p, mlp, rank=3, dora=True)
     ad, base = jlora.split(lp)
-    loss = lambda ad: jnp.mean((apply(jlora.combine(ad, base), x) - y) ** 2)  # noqa: E731
+    full_loss = lambda ad, base: jnp.mean((apply(jlora.combine(ad, base), x) - y) ** 2)  # noqa: E731
+    loss = lambda ad: full_loss(ad, base)  # noqa: E731
     tx = jlora.optimizer(optax.sgd(1e-2), ad)
 
-    def step(ad, st):
-        g = jax.grad(loss)(ad)
+    def step(ad, st, base):  # the base an argument, as in training (a closed-over one is folded away)
+        g = jax.grad(full_loss)(ad, base)
         u, st = tx.update(g, st, ad)
         return optax.apply_updates(ad, u), st
 
-    shapes = set(_dot_output_shapes(jax.make_jaxpr(step)(ad, tx.init(ad)).jaxpr, []))
+    shapes = set(_dot_output_shapes(jax.make_jaxpr(step)(ad, tx.init(ad), base).jaxpr, []))
     assert shapes
     kernel_shapes = [(24, 40), (40, 24), (40, 17), (17, 40)]
     assert not set(kernel_shapes) & shapes, shapes
-    hlo = jax.jit(step).lower(ad, tx.init(ad)).compile().as_text()
+    hlo = jax.jit(step).lower(ad, tx.init(ad), base).compile().as_text()
+    fused = False  # inside a fusion's body nothing is written to memory: check what computations produce
     for line in hlo.splitlines():  # every kernel-sized value is W0 itself (a parameter or constant)
-        if "=" not in line:
+        if line and not line[0].isspace() and "{" in line:  # a computation's header
+            fused = line.lstrip("%").startswith(("fused", "wrapped")) or "_computation" in line.split("(")[0]
+        if fused or "=" not in line:
             continue
         result, op = line.split("=", 1)[1].split("(", 1)[0], line.split("=", 1)[1]
         if any(f"[{a},{b}]" in result for a, b in kernel_shapes):
-            assert " parameter(" in op or " constant(" in op or "get-tuple-element(" in op, line
+            # W0 itself, or a copy/transpose of it alone (the base's own dx layout): never built from A or B
+            operands = re.findall(r"%[\w.\-]+", op.split("(", 1)[1].split(")", 1)[0]) if "(" in op else []
+            only_w0 = bool(operands) and all(o.startswith("%base") for o in operands)
+            assert " parameter(" in op or " constant(" in op or "get-tuple-element(" in op or only_w0, line
     # trained: the loss goes down, m moves
     st = tx.init(ad)
     l0 = loss(ad)
     for _ in range(20):
-        ad, st = jax.jit(step)(ad, st)
+        ad, st = jax.jit(step)(ad, st, base)
     assert loss(ad) < l0 and not np.allclose(ad["l1"]["kernel"].m, lp["l1"]["kernel"].m)
 
+
+
+def test_dora_refuses_a_kernel_with_a_zero_output_unit():
+    """DoRA divides by each output unit's norm: a zero-initialised unit would turn its outputs,
+    the merged kernel and every gradient into NaN, so inject names the kernel instead."""
+    w = np.ones((6, 5), np.float32)
+    w[:, 2] = 0.0
+    f = lambda p, x: x @ p["w"]  # noqa: E731
+    with pytest.raises(ValueError, match=r"'w' by its weight norm, and 1 of its units \(flat indices \[2\]\)"):
+        jlora.inject({"w": jnp.asarray(w)}, f, rank=2, dora=True)
+    jlora.inject({"w": jnp.asarray(w)}, f, rank=2)  # plain LoRA is fine
 
 def test_dora_split_labels_optimizer_merge():
     p = {"w": jax.random.normal(K(0), (6, 5))}

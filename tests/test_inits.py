@@ -127,6 +127,9 @@ def test_weight_modifying_adapter_refuses_the_wrong_base(tmp_path):
     jlora.load_adapters(tmp_path / "q", jlora.split(again)[1])
     with pytest.raises(ValueError, match="LoftQ"):
         jlora.convert_to_lora(lq)
+    with pytest.raises(ValueError, match=r"export_peft: 'w1' was initialised with 'loftq_iter_3'.*LoftQ"):
+        jlora.export_peft(tmp_path / "peft", lq, module_map={"w1": "w1"})
+    assert not (tmp_path / "peft").exists()
 
 
 def test_init_errors():
