@@ -14,8 +14,8 @@ Part 1 — the step, at the reference shape of ``benchmarks/lora_step.py`` (its 
 
 Part 2 — the inits' one-off cost (``inject(..., init=...)``) for the kernels of an 8B Llama
 (d 4096, GQA k/v 1024, ffn 14336, 32 layers): one kernel of each distinct shape is initialised twice
-(the first call compiles that shape; a first call over 2 s is not repeated, its compile being a small
-part of it), a layer's cost is the second call's times summed over its 7 kernels, and the model's
+(the first call compiles that shape), a layer's cost is the second call's times summed over its 7
+kernels, and the model's
 that times the layer count. Each init also hashes its kernel (sha256, the
 base fingerprint checkpoints check); DoRA's magnitude (one weight norm) is timed alongside.
 
@@ -236,11 +236,8 @@ def _inits(a) -> dict:
             first, steady = {}, {}
             for s, w in weights.items():
                 t0 = time.perf_counter()
-                run(name, w)
+                run(name, w)  # compiles this shape (always repeated below: compiling can dominate)
                 first[s] = time.perf_counter() - t0
-                if first[s] > 2.0:  # an SVD of a big kernel: compiling is a small part; skip the repeat
-                    steady[s] = first[s]
-                    continue
                 t0 = time.perf_counter()
                 run(name, w)
                 steady[s] = time.perf_counter() - t0

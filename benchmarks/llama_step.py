@@ -17,7 +17,7 @@ Every variant is ``KIND-LAYOUT-REMAT-LOSS``:
 
 Shapes (``--shape``), random bf16 weights, seq 2048:
 
-  design  DESIGN.md's 0.9 B model: d 2048, 16 layers, 16 heads (MHA), ffn 5632, vocab 32000, batch 8
+  design  the reference 0.9 B model (docs/architecture.md §7): d 2048, 16 layers, 16 heads (MHA), ffn 5632, vocab 32000, batch 8
   8b      Llama-3-8B: d 4096, 32 layers, 32 heads / 8 KV heads, ffn 14336, vocab 128256,
           rope theta 500000, batch 8 (``--batch``; ``--find-batch`` tries several in subprocesses)
   70b     Llama-2-70B: d 8192, 80 layers, 64 heads / 8 KV heads, ffn 28672, vocab 32000, batch 1,

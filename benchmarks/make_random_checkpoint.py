@@ -93,6 +93,9 @@ def main(argv=None) -> pathlib.Path:
     from jlora.models.hf import size_bytes, tensor_plan, config_from_hf, write_safetensors
 
     out = pathlib.Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # a second run's shards beside the first's would be read back mixed with them
+        raise SystemExit(f"make_random_checkpoint: {out} exists and is not an empty folder; pick a new --out.")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     n_tok = write_tokenizer(out)

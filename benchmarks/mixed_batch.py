@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -138,7 +139,7 @@ def jax_side(a) -> dict:
     is_lk = lambda x: isinstance(x, jlora.LoraKernel)  # noqa: E731
 
     def adapter(i):
-        keys = iter(jax.random.split(jax.random.key(100 + i), 64))
+        keys = (jax.random.fold_in(jax.random.key(100 + i), j) for j in itertools.count())  # any kernel count
 
         def one(x):
             if not is_lk(x):

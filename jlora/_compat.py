@@ -7,6 +7,7 @@ only uses the small surface below; when JAX moves, this is the one file to fix.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -170,3 +171,16 @@ def where(eqn) -> str:
 
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+@functools.lru_cache(maxsize=None)
+def shardy_rule_takes_options() -> bool:
+    """Whether this JAX's ``custom_partitioning`` Shardy rules accept ``need_replication_factors``
+    (newer than 0.7; JAX 0.7 takes an einsum string only)."""
+    import inspect
+
+    try:
+        from jax._src.custom_partitioning_sharding_rule import str_to_sdy_sharding_rule
+    except ImportError:  # pragma: no cover - a JAX that moved it: assume the current API
+        return True
+    return "need_replication_factors" in inspect.signature(str_to_sdy_sharding_rule).parameters

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 
+from jlora import _compat as jax_compat
+
 __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 
 #: Environment switch: ``JLORA_FUSED_IN_LOOPS=1`` lets ``matmul="pallas"`` take the kernel inside
@@ -312,22 +314,9 @@ def _rule(scale, impl, tiles, w_t, mesh, operand_types, result_types):
     partition callback still keeps a K split that x already has."""
     w = "n k" if w_t else "k n"
     rule = f"m k, {w}, m r, r n -> m n"
-    if not _rule_takes_options():  # JAX < 0.8: a plain einsum string; the partition callback copes
+    if not jax_compat.shardy_rule_takes_options():  # JAX < 0.8: a plain einsum string; the partition callback copes
         return rule
     return rule, {"need_replication_factors": ("k", "r")}
-
-
-@functools.lru_cache(maxsize=None)
-def _rule_takes_options() -> bool:
-    """Whether this JAX's Shardy rules accept ``need_replication_factors`` (newer than 0.7)."""
-    import inspect
-
-    try:
-        from jax._src.custom_partitioning_sharding_rule import str_to_sdy_sharding_rule
-    except ImportError:  # pragma: no cover - a JAX that moved it: assume the current API
-        return True
-    return "need_replication_factors" in inspect.signature(str_to_sdy_sharding_rule).parameters
-
 
 
 def _plus_low_rank_whole(x, w, u, v, scale, impl, tiles, w_t):
