@@ -6,7 +6,12 @@
   (:func:`resolve` then finds the complete old one if a crash falls between the two renames).
   A killed writer leaves only a hidden sibling, removed by the next write (:func:`cleanup_stale`).
 * :func:`write_files` — several files beside whatever a directory already holds (PEFT's layout):
-  each written to a temporary file and renamed onto its name, all or none.
+  each written to a temporary file and renamed onto its name, all or none (optionally removing
+  files the new set replaces in the same commit).
+* :func:`write_file` — one file: a temporary file beside it, fsynced, renamed onto it.
+
+Every temporary entry is named ``.<name>.jlora-tmp-<pid>-...``: one left by a killed writer is
+never read and is removed by the next write of ``<name>`` (:func:`cleanup_stale`).
 * :func:`disk_full_is_clear` — a full disk or quota, whichever layer reports it, becomes a short
   ``OSError(ENOSPC)`` naming the directory.
 """
@@ -24,10 +29,10 @@ import uuid
 import warnings
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 __all__ = ["atomic_directory", "cleanup_stale", "commit", "disk_full_is_clear", "exchange", "fsync", "replace_all",
-           "resolve", "write_files"]
+           "resolve", "write_file", "write_files"]
 
 PathLike = Union[str, os.PathLike]
 _TMP_TAG = ".jlora-tmp-"
@@ -54,9 +59,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cleanup_stale(target: Path, *, backups: bool = False) -> None:
-    """Remove temporary siblings of ``target`` left by writers that died (killed mid-save), and
-    with ``backups`` the old checkpoints moved aside by an interrupted overwrite (only once a
-    complete ``target`` exists again)."""
+    """Remove temporary siblings of ``target`` (directories or files) left by writers that died
+    (killed mid-save), and with ``backups`` the old checkpoints moved aside by an interrupted
+    overwrite (only once a complete ``target`` exists again)."""
     parent = target.parent
     if not parent.is_dir():
         return
@@ -70,7 +75,11 @@ def cleanup_stale(target: Path, *, backups: bool = False) -> None:
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 _RENAME_EXCHANGE = 2
@@ -233,9 +242,14 @@ def resolve(directory: PathLike) -> Path:
     raise FileNotFoundError(f"No checkpoint at {target}.")
 
 
+def _temp_name(name: str, suffix: str) -> str:
+    """A hidden name beside ``name`` that :func:`cleanup_stale` recognizes once its writer is dead."""
+    return f".{name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+
+
 def _write_temp(directory: Path, name: str, write: Callable[[Path], Any]) -> Path:
     """``write`` a new hidden file beside ``directory / name``, flushed; removed if writing fails."""
-    tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    tmp = directory / _temp_name(name, ".tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode from the umask
     try:
         write(tmp)
@@ -246,20 +260,33 @@ def _write_temp(directory: Path, name: str, write: Callable[[Path], Any]) -> Pat
     return tmp
 
 
-def replace_all(directory: Path, tmps: Mapping[str, Path]) -> None:
-    """Rename each temporary file onto its name; if one rename fails, put back what was there."""
+def replace_all(directory: Path, tmps: Mapping[str, Path], remove: Iterable[str] = ()) -> None:
+    """Rename each temporary file onto its name, then delete the files named in ``remove`` (those
+    the new set makes stale); if one step fails, put back what was there."""
     backups: dict[str, Path] = {}
     done: list[str] = []
+
+    def back_up(name: str) -> None:
+        final = directory / name
+        backups[name] = directory / _temp_name(name, ".bak")
+        try:
+            os.link(final, backups[name])
+        except OSError:  # no hard links here: copy
+            shutil.copy2(final, backups[name])
+
     try:
         for name, tmp in tmps.items():
             final = directory / name
             if final.exists():
-                backups[name] = directory / f".{name}.{secrets.token_hex(6)}.bak"
-                try:
-                    os.link(final, backups[name])
-                except OSError:  # no hard links here: copy
-                    shutil.copy2(final, backups[name])
+                back_up(name)
             os.replace(tmp, final)
+            done.append(name)
+        for name in remove:
+            final = directory / name
+            if name in tmps or not final.is_file():
+                continue
+            back_up(name)
+            final.unlink()
             done.append(name)
     except BaseException:
         for name in done:
@@ -275,9 +302,12 @@ def replace_all(directory: Path, tmps: Mapping[str, Path]) -> None:
 
 
 def write_files(directory: Path, writers: Mapping[str, Callable[[Path], Any]], *, overwrite: bool,
-                what: str) -> None:
-    """Write each file of ``writers`` (name -> write(path)) into ``directory``, all or none, leaving
-    the directory's other files alone; ``what`` names the caller in errors."""
+                what: str, remove: Iterable[str] = ()) -> None:
+    """Write each file of ``writers`` (name -> write(path)) into ``directory``, all or none, and
+    delete the files named in ``remove`` in the same commit (files an earlier write made that this
+    one supersedes), leaving the directory's other files alone; ``what`` names the caller in
+    errors. Temporary files a killed writer left for these names are removed first."""
+    remove = [n for n in remove if n not in writers]
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{what}: {directory} exists and is not a directory.")
     there = [n for n in writers if (directory / n).exists()]
@@ -288,12 +318,14 @@ def write_files(directory: Path, writers: Mapping[str, Callable[[Path], Any]], *
         )
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    for name in [*writers, *remove]:
+        cleanup_stale(directory / name)
     tmps: dict[str, Path] = {}
     try:
         try:
             for name, write in writers.items():
                 tmps[name] = _write_temp(directory, name, write)
-            replace_all(directory, tmps)
+            replace_all(directory, tmps, remove)
         finally:
             for tmp in tmps.values():
                 tmp.unlink(missing_ok=True)
@@ -302,3 +334,37 @@ def write_files(directory: Path, writers: Mapping[str, Callable[[Path], Any]], *
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only if still empty
         raise
+
+
+def write_file(path: PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write one file crash-safely: ``write(tmp)`` into a hidden temporary file beside ``path``,
+    fsync it, rename it onto ``path`` and fsync the directory. If ``write`` raises, the temporary
+    file is removed and ``path`` (if it existed) is untouched; a killed writer leaves only a
+    hidden ``.<name>.jlora-tmp-<pid>-...`` file, removed by the next write of ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "a.txt"
+        >>> _ = write_file(f, lambda p: p.write_text("one"))
+        >>> def broken(p):
+        ...     p.write_text("half")
+        ...     raise RuntimeError("killed")
+        >>> write_file(f, broken)
+        Traceback (most recent call last):
+        RuntimeError: killed
+        >>> f.read_text(), sorted(q.name for q in f.parent.iterdir())
+        ('one', ['a.txt'])
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory, not a file.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cleanup_stale(target)
+    tmp = _write_temp(target.parent, target.name, write)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(target.parent)
+    return target

@@ -340,6 +340,74 @@ def test_save_pretrained_merges_refuses_lora_and_writes_atomically(tmp_path, tok
     assert not [p for p in tmp_path.iterdir() if "jlora-tmp" in p.name]
 
 
+def _listing(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_save_pretrained_overwrite_replaces_an_old_chat_template_jinja(tmp_path, tok_dir):
+    """transformers 5 writes the template to chat_template.jinja, which it and jlora prefer to
+    tokenizer_config.json's: overwriting must not leave the old one in charge."""
+    from jlora.models.tokenizer import HFTokenizer
+
+    folder, _ = make_hf(tmp_path, tok_dir, "llama")
+    cfg, params, tok = from_pretrained(folder, dtype=jnp.float32)
+    old, new = "OLD {{ messages[0]['content'] }}", "NEW {{ messages[0]['content'] }}"
+    out = save_pretrained(tmp_path / "out", params, cfg, HFTokenizer(tok.backend, tok.config, chat_template=old))
+    transformers.AutoTokenizer.from_pretrained(out).save_pretrained(out)  # as transformers 5 saves it
+    assert (out / "chat_template.jinja").read_text() == old
+    # a killed earlier save's temporary file (its process is gone) is cleaned up
+    (out / ".model.safetensors.jlora-tmp-999999999-abc.tmp").write_bytes(b"junk")
+
+    save_pretrained(out, params, cfg, HFTokenizer(tok.backend, tok.config, chat_template=new), overwrite=True)
+    assert not (out / "chat_template.jinja").exists()
+    assert not [p.name for p in out.iterdir() if "jlora-tmp" in p.name]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert HFTokenizer.from_pretrained(out).apply_chat_template(msgs) == "NEW hi"
+    assert from_pretrained(out, dtype=jnp.float32)[2].chat_template == new
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == new
+
+    # The tokenizer's own save supersedes an old chat_template.jinja the same way.
+    (out / "chat_template.jinja").write_text(old)
+    HFTokenizer(tok.backend, tok.config, chat_template=new).save_pretrained(out)
+    assert HFTokenizer.from_pretrained(out).chat_template == new
+
+
+def test_save_pretrained_failed_overwrite_leaves_the_old_save(tmp_path, tok_dir, monkeypatch):
+    from jlora.models import hf
+
+    folder, _ = make_hf(tmp_path, tok_dir, "llama")
+    cfg, params, tok = from_pretrained(folder, dtype=jnp.float32)
+    out = save_pretrained(tmp_path / "out", params, cfg, tok, max_shard_size="20KB")
+    before = _listing(out)
+    assert "model.safetensors.index.json" in before
+    siblings = sorted(p.name for p in tmp_path.iterdir())
+
+    real, calls = hf._torch_array, []
+
+    def second_raises(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom on the second tensor")
+        return real(*args)
+
+    monkeypatch.setattr(hf, "_torch_array", second_raises)
+    scaled = jax.tree.map(lambda x: x * 2, params)
+    with pytest.raises(RuntimeError, match="second tensor"):
+        save_pretrained(out, scaled, cfg, tok, overwrite=True)  # one file: the old shards would go
+    assert len(calls) == 2
+    assert _listing(out) == before  # same names, same bytes: nothing replaced, nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == siblings
+
+    # write_safetensors alone: a make() that raises leaves the existing file as it was.
+    shard = next(n for n in before if n.endswith(".safetensors"))
+    with pytest.raises(RuntimeError, match="second"):
+        hf.write_safetensors(out / shard, [
+            ("a", (2,), np.float32, lambda: np.ones(2, np.float32)),
+            ("b", (2,), np.float32, lambda: (_ for _ in ()).throw(RuntimeError("second"))),
+        ])
+    assert _listing(out) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # GGUF files.
 
@@ -428,6 +496,9 @@ def test_save_gguf_rope_scaling_and_refusals(tmp_path, tiny_gguf_model):
         np.testing.assert_allclose(jlora_logits(cfg2, params2, tokens), jlora_logits(scfg, params, tokens), atol=0.05)
     with pytest.raises(FileExistsError):
         save_gguf(tmp_path / "r.gguf", params, cfg, tok)
+    with pytest.raises(ValueError, match="is a directory"):
+        save_gguf(tmp_path, params, cfg, tok, overwrite=True)
+    assert not [p.name for p in tmp_path.iterdir() if "jlora-tmp" in p.name]
     with pytest.raises(NotImplementedError, match="qwen2"):
         save_gguf(tmp_path / "b.gguf", params, cfg.replace(qkv_bias=True), tok)
 

@@ -8,7 +8,9 @@ layout, the ``llama.*`` metadata, and the tokenizer (``tokenizer.ggml.*``: token
 merges, special ids, pre-tokenizer name) with its chat template.
 
 Tensors are converted and written one at a time (the writer is told every tensor's shape and
-type first, then receives the data in order), into a temporary file renamed into place.
+type first, then receives the data in order), into a hidden temporary file beside the target,
+fsynced and renamed onto it (:func:`jlora._atomic.write_file`): a failure leaves an existing file
+as it was, and a killed run only a hidden temporary file that the next write removes.
 
 Dtypes: ``'f16'`` and ``'bf16'`` store every matrix in that type, ``'q8_0'`` stores every matrix
 whose rows are a multiple of 32 values in Q8_0 (others in F16); norms (1-D) are always F32, as
@@ -23,13 +25,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Union
 
 import jax
 import numpy as np
 
+from jlora._atomic import write_file
 from jlora.models.llama import LlamaConfig
 
 __all__ = ["save_gguf", "gguf_vocab", "llama3_rope_factors"]
@@ -412,6 +414,8 @@ def save_gguf(
 
     _check_options(config, dtype=dtype)
     target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"save_gguf: {target} is a directory; pass the path of the .gguf file to write.")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
     vocab = gguf_vocab(tokenizer)
@@ -419,20 +423,14 @@ def save_gguf(
         raise ValueError(f"The tokenizer has {len(vocab['tokens'])} tokens, the model {config.vocab_size}.")
     plan = _plan(params, config)
 
-    tmp = target.parent / f".{target.name}.jlora-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    writer = GGUFWriter(str(tmp), "llama")
-    try:
-        _add_model_keys(writer, config, dtype=dtype, name=name)
-        _add_tokenizer_keys(writer, vocab, vocab_size=config.vocab_size)
-        _write_tensors(writer, plan, dtype=dtype)
-        writer.flush()
-        for fout in writer.fout or []:
-            os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, target)
-    finally:
-        writer.close()
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    def write(tmp: Path) -> None:
+        writer = GGUFWriter(str(tmp), "llama")
+        try:
+            _add_model_keys(writer, config, dtype=dtype, name=name)
+            _add_tokenizer_keys(writer, vocab, vocab_size=config.vocab_size)
+            _write_tensors(writer, plan, dtype=dtype)
+            writer.flush()
+        finally:
+            writer.close()
+
+    return write_file(target, write)  # fsynced, renamed onto `target`; an error leaves it as it was

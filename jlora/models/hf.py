@@ -43,9 +43,7 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -53,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._atomic import replace_all
+from jlora._atomic import atomic_directory, disk_full_is_clear, write_file, write_files
 from jlora.models.llama import LlamaConfig
 
 __all__ = [
@@ -656,11 +654,13 @@ def write_safetensors(
     entries: Sequence[tuple[str, tuple[int, ...], Any, Callable[[], np.ndarray]]],
     metadata: Optional[Mapping[str, str]] = None,
 ) -> int:
-    """Write a safetensors file one tensor at a time.
+    """Write a safetensors file one tensor at a time, crash-safely.
 
     The header (names, dtypes, shapes, offsets) is computed from ``entries`` first, then each
     ``make()`` is called and its bytes written before the next is made, so only one tensor is in
-    memory at a time (``safetensors.numpy.save_file`` needs all of them at once).
+    memory at a time (``safetensors.numpy.save_file`` needs all of them at once). The bytes go to
+    a hidden temporary file beside ``file``, renamed onto it once complete: if a ``make()`` raises
+    (or the process is killed), an existing ``file`` is left as it was.
 
     Args:
         file: The file to write.
@@ -692,17 +692,19 @@ def write_safetensors(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dtype, make in entries:
-            x = make()
-            if tuple(x.shape) != tuple(shape) or x.dtype != np.dtype(dtype):
-                raise ValueError(f"{name}: made {x.shape} {x.dtype}, announced {tuple(shape)} {np.dtype(dtype)}.")
-            f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
-            del x
-        f.flush()
-        os.fsync(f.fileno())
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, shape, dtype, make in entries:
+                x = make()
+                if tuple(x.shape) != tuple(shape) or x.dtype != np.dtype(dtype):
+                    raise ValueError(f"{name}: made {x.shape} {x.dtype}, announced {tuple(shape)} {np.dtype(dtype)}.")
+                f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+                del x
+
+    write_file(file, write)  # flushed and fsynced there
     return offset
 
 
@@ -767,42 +769,10 @@ def _leaf_dtype(x: Any) -> np.dtype:
     return np.dtype(x.dtype)
 
 
-def _tmp_sibling(target: Path) -> Path:
-    return target.parent / f".{target.name}.jlora-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
-def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move the complete ``tmp`` folder into place: a rename when ``target`` is absent or empty,
-    else (``overwrite``) each file is renamed over its old version and the weight files of an
-    earlier save that this one does not write are removed (they would be read instead)."""
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        os.replace(tmp, target)
-        return
-    new = {p.name: p for p in tmp.iterdir()}
-    # all or none: every file is renamed over its old version, and put back if one rename fails
-    replace_all(target, dict(sorted(new.items(), key=lambda kv: kv[0] == "config.json")))
-    for old in target.iterdir():  # an earlier save's shards that this one does not write
-        stale = _WEIGHT_FILE.match(old.name) or old.name == "model.safetensors.index.json"
-        if stale and old.name not in new and old.is_file():
-            old.unlink()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 _Entry = tuple[_Tensor, tuple[int, ...], np.dtype]  # (tensor, torch shape, written dtype)
-
-
-def _check_target(target: Path, *, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder without ``overwrite``."""
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{target} is not empty; pass overwrite=True to replace the model files in it "
-            f"(other files are left alone)."
-        )
 
 
 def _entries(
@@ -846,10 +816,14 @@ def _shards(plan: Sequence[_Entry], *, limit: int) -> list[list[_Entry]]:
     return shards
 
 
-def _write_weights(
-    folder: Path, shards: Sequence[Sequence[_Entry]], inner: Mapping[str, Any], *, scanned: bool
-) -> None:
+Writer = Callable[[Path], Any]
+
+
+def _weight_writers(
+    shards: Sequence[Sequence[_Entry]], inner: Mapping[str, Any], *, scanned: bool
+) -> dict[str, Writer]:
     """The safetensors file(s), plus ``model.safetensors.index.json`` when sharded."""
+    out: dict[str, Writer] = {}
     weight_map, total = {}, 0
     n = len(shards)
     for k, shard in enumerate(shards, 1):
@@ -858,21 +832,40 @@ def _write_weights(
             (t.hf, shape, dt, lambda t=t, dt=dt: _torch_array(_getter(inner, t, scanned), t, dt))
             for t, shape, dt in shard
         ]
-        total += write_safetensors(folder / name, entries)
+        out[name] = lambda path, entries=entries: write_safetensors(path, entries)
         weight_map.update({t.hf: name for t, _, _ in shard})
+        total += sum(math.prod(shape) * dt.itemsize for _, shape, dt in shard)
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        out["model.safetensors.index.json"] = _text(json.dumps(index, indent=2) + "\n")
+    return out
 
 
-def _write_configs(folder: Path, config: LlamaConfig, *, dtype: np.dtype, tokenizer: Any) -> None:
+def _text(text: str) -> Writer:
+    return lambda path: path.write_text(text, encoding="utf-8")
+
+
+def _config_writers(config: LlamaConfig, *, dtype: np.dtype, tokenizer: Any) -> dict[str, Writer]:
     """``config.json``, ``generation_config.json`` and the tokenizer's files."""
     hf_config = config_to_hf(config, dtype=dtype, tokenizer=tokenizer)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    out = {"generation_config.json": _text(json.dumps(generation, indent=2) + "\n")}
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        out.update({name: _text(text) for name, text in tokenizer.files().items()})
+    out["config.json"] = _text(json.dumps(hf_config, indent=2) + "\n")  # last: replaced after the rest
+    return out
+
+
+def _stale(target: Path, writers: Mapping[str, Writer], tokenizer: Any) -> list[str]:
+    """Files of an earlier save in ``target`` that this one supersedes without writing them: weight
+    files and index (transformers would read them), and with a tokenizer its superseded files (an
+    old ``chat_template.jinja`` is preferred to ``tokenizer_config.json``'s template)."""
+    owned = set(tokenizer.replaces) if tokenizer is not None else set()
+    return sorted(
+        p.name for p in target.iterdir()
+        if p.name not in writers and p.is_file()
+        and (_WEIGHT_FILE.match(p.name) or p.name == "model.safetensors.index.json" or p.name in owned)
+    )
 
 
 def save_pretrained(
@@ -899,9 +892,13 @@ def save_pretrained(
     Tensors are converted and written one at a time (a quantized kernel is dequantized when its
     turn comes). Everything is written into a hidden sibling folder first; that folder is renamed
     into place when ``directory`` does not exist or is empty. A non-empty ``directory`` is
-    refused unless ``overwrite=True``; then each file written replaces its old version (one
-    ``rename`` each), weight files of an earlier save that this one does not write are deleted
-    (transformers would read them), and every other file is left alone.
+    refused unless ``overwrite=True``; then each file is written to a hidden temporary file beside
+    its old version and, once all are complete, renamed over it, in the same commit as the
+    deletion of the files of an earlier save that this one supersedes without writing them (weight
+    files and index, which transformers would read, and with a ``tokenizer`` an old
+    ``chat_template.jinja`` or ``special_tokens_map.json``, which would override the new
+    tokenizer's); if anything fails, every old file is put back. Every other file is left alone.
+    A killed save leaves only hidden ``.*.jlora-tmp-<pid>-*`` entries, removed by the next save.
 
     Args:
         directory: The folder to write.
@@ -919,7 +916,13 @@ def save_pretrained(
         ``directory`` as a :class:`~pathlib.Path`.
     """
     target = Path(directory)
-    _check_target(target, overwrite=overwrite)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{target} is not empty; pass overwrite=True to replace the model files in it "
+            f"(other files are left alone)."
+        )
     check_plain(params)
     inner = _inner(params)
     scanned = "layers" in inner
@@ -928,14 +931,19 @@ def save_pretrained(
     tokenizer = _as_hf_tokenizer(tokenizer)
     shards = _shards(plan, limit=size_bytes(max_shard_size))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(target)
-    tmp.mkdir()
-    try:
-        _write_weights(tmp, shards, inner, scanned=scanned)
-        _write_configs(tmp, config, dtype=plan[0][2], tokenizer=tokenizer)
-        _commit(tmp, target, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    writers = {
+        **_weight_writers(shards, inner, scanned=scanned),
+        **_config_writers(config, dtype=plan[0][2], tokenizer=tokenizer),
+    }
+    if target.is_dir() and any(target.iterdir()):
+        with disk_full_is_clear(target, "the files there are unchanged."):
+            write_files(target, writers, overwrite=True, what="save_pretrained",
+                        remove=_stale(target, writers, tokenizer))
+        return target
+    # Absent or empty: the whole folder is written beside it and renamed into place.
+    with atomic_directory(target, overwrite=False, replaceable=lambda _: False,
+                          kind="Hugging Face model folder") as tmp:
+        tmp.mkdir()
+        for name, write in writers.items():
+            write(tmp / name)
     return target

@@ -562,22 +562,45 @@ class HFTokenizer:
             **{**self.special_tokens(), **kwargs},
         )
 
-    def save_pretrained(self, directory: Any) -> list[str]:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (chat template inside) into
-        ``directory``, which must exist; returns the file names written."""
-        import json
-        from pathlib import Path
+    #: Files of another tokenizer save that :meth:`save_pretrained` supersedes, and so removes
+    #: when it writes into a folder holding them: transformers and :meth:`from_pretrained` prefer
+    #: an old ``chat_template.jinja`` to ``tokenizer_config.json``'s template, and transformers
+    #: lets an old ``special_tokens_map.json`` override its special tokens.
+    replaces = ("chat_template.jinja", "special_tokens_map.json")
 
-        directory = Path(directory)
-        (directory / "tokenizer.json").write_text(self.backend.to_str(), encoding="utf-8")
+    def files(self) -> dict[str, str]:
+        """File name -> text of what :meth:`save_pretrained` writes: ``tokenizer.json`` and
+        ``tokenizer_config.json`` (chat template inside)."""
+        import json
+
         config = dict(self.config)
         if self.chat_template:
             config["chat_template"] = self.chat_template
         config.pop("auto_map", None)  # remote code is never referenced from what jlora writes
-        (directory / "tokenizer_config.json").write_text(
-            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        return {
+            "tokenizer.json": self.backend.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        }
+
+    def save_pretrained(self, directory: Any) -> list[str]:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (chat template inside) into
+        ``directory``; returns the file names written. Both files are replaced together (each
+        written to a temporary file first: a failure leaves the old ones as they were), and an old
+        ``chat_template.jinja`` or ``special_tokens_map.json`` there is removed in the same
+        commit (see :attr:`replaces`)."""
+        from pathlib import Path
+
+        from jlora._atomic import write_files
+
+        files = self.files()
+        write_files(
+            Path(directory),
+            {name: (lambda path, text=text: path.write_text(text, encoding="utf-8")) for name, text in files.items()},
+            overwrite=True,
+            what="HFTokenizer.save_pretrained",
+            remove=self.replaces,
         )
-        return ["tokenizer.json", "tokenizer_config.json"]
+        return list(files)
 
     def __repr__(self) -> str:
         return (
