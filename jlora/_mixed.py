@@ -267,7 +267,8 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
             inputs.append(_bank_value(path, leaf, i) if isinstance(leaf, LoraBank) else _entry_value(path, leaf))
         outs, _ = interpret(traced.jaxpr, inputs + vals, fallback=apply.fallback, rng=key, matmul=matmul)
         bad = (i < -1) | (i >= n_adapters)  # only possible under jit: NaN, never another adapter's output
-        outs = [jnp.where(bad, jnp.nan, o) if jnp.issubdtype(o.dtype, jnp.inexact) else o for o in outs]
+        outs = [jnp.where(bad, jnp.nan, o) if ax is not None and jnp.issubdtype(o.dtype, jnp.inexact) else o
+                for o, ax in zip(outs, out_ax)]  # a shared output (no batch axis) is left alone
         return [o if ax is None else jnp.squeeze(o, ax) for o, ax in zip(outs, out_ax)]
 
     keys = None if rng is None else jax.random.split(rng, n)

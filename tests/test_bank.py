@@ -510,6 +510,10 @@ def test_bad_banks_are_refused():
         jlora.save_adapters("/tmp/never-written", params)
     with pytest.raises(ValueError, match="export_peft: 'l1/kernel' holds an adapter bank"):
         jlora.export_peft("/tmp/never-written", params, module_map={".*": "m"})
+    from jlora.models.hf import check_plain  # what save_pretrained and save_gguf check first
+
+    with pytest.raises(ValueError, match="'l1/kernel' holds an adapter bank"):
+        check_plain(params)
 
 
 def test_save_and_load_each_adapter_of_a_bank(tmp_path):

@@ -726,11 +726,17 @@ def _inner(params: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def check_plain(params: Any) -> None:
-    from jlora._node import LoraKernel, Trainable, is_node
+    from jlora._bank import LoraBank
+    from jlora._node import LoraKernel, Trainable
     from jlora._paths import path_str
+    from jlora._tree import is_jlora_leaf
 
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_jlora_leaf)
     for kp, x in flat:
+        if isinstance(x, LoraBank):
+            raise ValueError(
+                f"save_pretrained takes plain params, and {path_str(kp)!r} holds an adapter bank: merge one "
+                f"adapter first: save_pretrained(dir, jlora.merge(jlora.select_adapter(params, name)), config).")
         if isinstance(x, (LoraKernel, Trainable)):
             raise ValueError(
                 f"save_pretrained takes plain params, and {path_str(kp)!r} is a "
