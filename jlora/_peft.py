@@ -39,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._quant import shape_of
+from jlora._quant import dequantized, shape_of
 from jlora._version import __version__
 from jlora._atomic import write_files
 from jlora._discover import gather_layout, layout_from_uses
 from jlora._trace import trace_uses
 from jlora._bank import refuse_banks
+from jlora._init import to_matrix
 from jlora._node import Layout, LoraKernel, Trainable, as_plain_lora, is_node
 from jlora._paths import leaf_name, nearest, path_str
 from jlora._sharding import place_factors, place_like
@@ -810,9 +811,6 @@ def _split_keys(tensors, prefix: str, mts: list, file: Path, dora: bool = False)
                 f"import_peft: keys {key('A')} / {key('B')} have shapes {ab['A'].shape} / "
                 f"{ab['B'].shape}; PEFT's are both 2-D (a Linear's or an Embedding's) or both ConvNd weights."
             )
-        if "base" in ab and not emb:
-            raise ValueError(f"import_peft: unknown key '{prefix}{name}.base_layer.weight' (a base weight saved with "
-                             f"a Linear's adapter).")
         ab["emb"] = emb
         ab.setdefault("m", None)
     return lora, saved
@@ -1030,8 +1028,8 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
         name, entry = parts[idx]
         la, lb, mag = entry["A"], entry["B"], entry["m"]
         key = _keys(prefix, name, layout)[0]
-        if entry.get("base") is not None:
-            _check_saved_table(f"{prefix}{name}.base_layer.weight", entry["base"], np.asarray(host_array(w0))[idx])
+        if entry.get("base") is not None:  # PEFT saves an adapted embed_tokens' or lm_head's own weight
+            _check_saved_table(f"{prefix}{name}.base_layer.weight", entry["base"], _torch_weight(w0, layout, idx, entry["emb"]))
         r = int(la.shape[0])
         scale = settings.rank_scale(name, r, key)
         _check_factors(key, la, lb, layout, shape, path, conventional)
@@ -1059,17 +1057,28 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
                       m=mm, rslora=settings.rslora)
 
 
+def _torch_weight(w0: Any, layout: Layout, idx: tuple, emb: bool) -> np.ndarray:
+    """Layer ``idx`` of the base kernel as torch holds it: an Embedding's table as is, a Linear's
+    weight (out, in)."""
+    w = np.asarray(host_array(dequantized(w0)))
+    if emb:
+        return w[idx]
+    mat = np.asarray(to_matrix(jnp.asarray(w), layout))  # (S, in, out)
+    return mat[int(np.ravel_multi_index(idx, w.shape[: len(layout.stack)])) if idx else 0].T
+
+
 def _check_saved_table(key: str, saved: np.ndarray, table: np.ndarray) -> None:
-    """PEFT saves an adapted Embedding's own weight too (``save_embedding_layers``, in case the
-    vocabulary was resized): it must be the base's table, or the adapter belongs to another one."""
+    """PEFT saves the weight of an adapted ``embed_tokens`` or ``lm_head`` too (its
+    ``save_embedding_layers``, in case the vocabulary was resized): it must be the base's, or the
+    adapter belongs to another model."""
     if saved.shape != table.shape:
-        raise ValueError(f"import_peft: key {key!r} (the embedding table PEFT saved with its adapter) has shape "
-                         f"{saved.shape}, the base's table {table.shape}: the vocabulary was resized; resize the base.")
+        raise ValueError(f"import_peft: key {key!r} (the base weight PEFT saved with its adapter) has shape "
+                         f"{saved.shape}, the base's {table.shape}: the vocabulary was resized; resize the base.")
     a, b = saved.astype(np.float32), table.astype(np.float32)
     if not np.allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b).max()))):
-        raise ValueError(f"import_peft: key {key!r} (the embedding table PEFT saved with its adapter) differs from "
-                         f"the base's table (max |Δ| {float(np.abs(a - b).max()):.3g}): the adapter was trained over "
-                         f"another embedding.")
+        raise ValueError(f"import_peft: key {key!r} (the base weight PEFT saved with its adapter) differs from "
+                         f"the base's (max |Δ| {float(np.abs(a - b).max()):.3g}): the adapter was trained over "
+                         f"another model.")
 
 
 def _attach_saved(base: _Base, new: list, saved: Mapping[str, dict], prefix: str) -> None:

@@ -327,7 +327,8 @@ def test_import_unknown_key(exported):
 def test_import_stray_key(exported):
     d, base = exported
     _edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": np.zeros((6, 6), np.float32)}))
-    with pytest.raises(ValueError, match=r"unknown key 'base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight'"):
+    with pytest.raises(ValueError, match=r"key 'base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight' "
+                                         r"\(the base weight PEFT saved with its adapter\) differs"):
         import_peft(d, base)
 
 
@@ -845,7 +846,7 @@ def test_tiny_export_loads_in_peft_with_same_logits(tiny, tmp_path, scan):
 def test_tiny_peft_adapter_imports_with_same_logits(tiny, tmp_path, scan, rslora):
     torch, peft = tiny["torch"], tiny["peft"]
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=PROJ, use_rslora=rslora, task_type="CAUSAL_LM",
+        r=4, lora_alpha=8, target_modules=[*PROJ, "lm_head"], use_rslora=rslora, task_type="CAUSAL_LM",
         rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 16}, modules_to_save=["model.norm"],
     )
     pm = peft.get_peft_model(copy.deepcopy(tiny["hf"]), config)
@@ -871,6 +872,11 @@ def test_tiny_peft_adapter_imports_with_same_logits(tiny, tmp_path, scan, rslora
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # The merged reference agrees too.
     np.testing.assert_allclose(np.asarray(model.apply(jlora.merge(params), ids)), want, rtol=1e-4, atol=1e-4)
+    # PEFT saved lm_head's own weight beside its adapter (lm_head.base_layer.weight): it must be this base's
+    other = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x * 1.01 if "lm_head" in jax.tree_util.keystr(kp) else x, base)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight' \(the base weight PEFT saved .*differs"):
+        import_peft(tmp_path / "peft", other)
 
 
 def test_multi_axis_kernels_against_peft(tmp_path):
