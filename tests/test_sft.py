@@ -238,3 +238,27 @@ def test_long_sequences_refused_or_truncated_and_bad_inputs(tiny, tmp_path, caps
                            str(SAMPLE), "--out", str(tmp_path / "w")], capture_output=True, text=True)
     assert proc.returncode == 1 and "jlora-sft: error:" in proc.stderr and "GPT2LMHeadModel" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_step_loss_is_the_answer_token_cross_entropy(tiny):
+    """The training/eval loss (the model's chunked loss) is optax's cross-entropy of the full
+    logits on the answer tokens, each position predicting the next token."""
+    import optax
+
+    from jlora.models.llama import Llama, from_pretrained
+
+    cfg, params, _ = from_pretrained(tiny, dtype="float32")
+    cfg = cfg.replace(loss_chunk_tokens=5)  # several chunks, one of them padded
+    lp, apply = jlora.inject(params, Llama(cfg).apply, rank=2, example_args=(jnp.zeros((1, 4), jnp.int32),))
+    lp = jax.tree.map(lambda x: x.replace(b=x.b + 0.05) if isinstance(x, jlora.LoraKernel) else x, lp,
+                      is_leaf=lambda x: isinstance(x, jlora.LoraKernel))
+    ad, base = jlora.split(lp)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    weights = jnp.asarray(rng.random((2, 9)) > 0.4, jnp.float32)
+    _, eval_fn = sft._step_functions(apply, optax.sgd(0.0), dropout=0.0, donate=False)
+    total, count = eval_fn(ad, base, ids, weights)
+    logits = Llama(cfg).apply(jlora.merge(lp), ids)  # the merged model's full logits
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    np.testing.assert_allclose(float(count), float(weights[:, :-1].sum()))
+    np.testing.assert_allclose(float(total), float(jnp.sum(nll * weights[:, :-1])), rtol=1e-5)

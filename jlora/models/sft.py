@@ -524,11 +524,15 @@ def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool) -> tup
     import jlora
 
     def loss_sums(adapters, base, ids, weights, key):
+        # The model's own loss (labels=): chunked over tokens, so the batch's float32 logits
+        # (batch × seq × vocab) never exist at once. Position t predicts token t + 1.
         rng = key if dropout else None
-        logits = apply(jlora.combine(adapters, base), ids, lora_rng=rng)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
-        w = weights[:, :-1]
-        return jnp.sum(nll * w), jnp.sum(w)
+        pad = jnp.zeros((ids.shape[0], 1), ids.dtype)
+        labels = jnp.concatenate([ids[:, 1:], pad - 1], axis=1)  # the last position predicts nothing
+        w = jnp.concatenate([weights[:, :-1], pad.astype(weights.dtype)], axis=1)
+        count = jnp.sum(w)
+        mean = apply(jlora.combine(adapters, base), ids, labels=labels, loss_mask=w, lora_rng=rng)
+        return mean * count, count
 
     def loss_fn(adapters, base, ids, weights, key):
         total, count = loss_sums(adapters, base, ids, weights, key)
