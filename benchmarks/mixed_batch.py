@@ -14,13 +14,17 @@ Variants, each compiled once and timed interleaved (A B C … C B A …), median
   one       ``apply`` with one adapter for the whole batch (``jlora.select_adapter``);
   mixed{k}  ``apply(params, ..., adapter_ids=ids)`` over a bank of ``--bank`` (64) adapters,
             the batch using k distinct ones (ids spread over the bank); every mixed{k} shares one
-            compile (the ids are an argument). k > batch is skipped (prefill has 8 sequences).
+            compile (the ids are an argument). k > batch is skipped (prefill has 8 sequences);
+  mixed{k}-gather / mixed{k}-dense  the largest mixed batch again with the low-rank form forced
+            (``JLORA_MIXED_FORM`` at trace time) to the one ``auto`` does not pick for this mode:
+            gather at decode, dense at prefill. It shows what the automatic choice saves.
 
 ``× one`` is the step time over ``one``'s (goal: mixed64 ≤ 1.15). The same variants run with
 Hugging Face PEFT in a subprocess (``--torch``; transformers' LlamaForCausalLM, SDPA attention,
 bf16, the same number of adapters; mixed batches through PEFT's ``adapter_names``, which runs the
-rank-r path once per distinct adapter per layer). jlora's model uses its own einsum attention, so
-compare the ``× one`` columns across frameworks rather than the milliseconds.
+rank-r path once per distinct adapter per layer). jlora's model attends with
+``jax.nn.dot_product_attention`` (cuDNN at prefill, XLA over the KV cache at decode), so compare
+the ``× one`` columns across frameworks rather than the milliseconds.
 
 Checks (jlora): mixed1's logits against one's (the same adapter: bf16 noise only), and for a mixed
 batch the logits of a row against ``one`` run with that row's adapter.
@@ -172,8 +176,11 @@ def jax_side(a) -> dict:
             # last-token logits and the filled cache (what serving keeps of a prefill)
             f_base = jax.jit(lambda p, t, c: _last(model.apply(p, t, cache=c)))
             f_one = jax.jit(lambda p, t, c: _last(apply(p, t, cache=c)))
-            f_mix = jax.jit(lambda p, t, c, ids: _last(apply(p, t, cache=c, adapter_ids=ids,
+            def mix(fn):
+                return jax.jit(lambda p, t, c, ids: _last(fn(p, t, cache=c, adapter_ids=ids,
                                                              batch_axes={"cache": CACHE_AXES}, out_axes=(0, CACHE_AXES))))
+
+            f_mix, f_other, other = mix(apply), mix(forced("dense", apply)), "dense"
             carry = False
         else:
             batch, ctx = a.decode_batch, a.decode_ctx
@@ -195,6 +202,7 @@ def jax_side(a) -> dict:
                 return jax.jit(f, donate_argnums=(3,))
 
             f_base, f_one, f_mix = step(model.apply), step(apply), step(apply)
+            f_other, other = step(forced("gather", apply)), "gather"
 
             def run(fn, p, *ids):  # each variant carries its own (donated) cache from step to step
                 key = (id(fn), id(p), ids[0].tobytes() if ids else b"")
@@ -208,6 +216,9 @@ def jax_side(a) -> dict:
         variants = {"base": (f_base, base, ()), "one": (f_one, single, ())}
         for k in distinct_counts(a, batch):
             variants[f"mixed{k}"] = (f_mix, banked, (np.asarray(spread_ids(k, batch, a.bank), np.int32),))
+        if distinct_counts(a, batch):
+            k = distinct_counts(a, batch)[-1]
+            variants[f"mixed{k}-{other}"] = (f_other, banked, variants[f"mixed{k}"][2])
         res, first = {}, {}
         compiled = set()
         for name, (fn, p, ids) in variants.items():
@@ -242,9 +253,31 @@ def jax_side(a) -> dict:
             other = jlora.select_adapter(banked, names[ids[row]])
             ref = np.asarray(run(f_one, other), np.float32)[row]
             res[f"mixed{k}"]["check_row_vs_one"] = float(np.abs(first[f"mixed{k}"][row] - ref).max()) / scale
+        forced_name = next((n for n in res if "-" in n), None)
+        if forced_name:  # the other low-rank form, on the same ids: the same logits up to bf16 noise
+            auto_name = forced_name.split("-")[0]
+            res[forced_name]["check_vs_auto"] = float(np.abs(first[forced_name] - first[auto_name]).max()) / scale
         results[mode] = {"batch": batch, "tokens_per_step": tokens_per_step, "variants": res}
         print_table("jlora", mode, results[mode])
     return {"setup_s": setup_s, "results": results, "config": dict(vars(a)), "env": jax_env()}
+
+
+def forced(form: str, fn):
+    """``fn`` traced with the mixed batch's low-rank form forced to ``form`` (dense or gather)."""
+    from jlora._rules.compute import MIXED_FORM_ENV
+
+    def call(*args, **kw):
+        old = os.environ.get(MIXED_FORM_ENV)
+        os.environ[MIXED_FORM_ENV] = form
+        try:
+            return fn(*args, **kw)
+        finally:
+            if old is None:
+                del os.environ[MIXED_FORM_ENV]
+            else:
+                os.environ[MIXED_FORM_ENV] = old
+
+    return call
 
 
 def _last(out):

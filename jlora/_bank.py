@@ -34,7 +34,7 @@ from jlora._paths import path_str
 from jlora._quant import is_quantized
 
 __all__ = ["LoraBank", "BASE", "adapter_ids", "adapter_names", "add_adapter", "bank_problem", "has_bank",
-           "is_bank", "refuse_banks", "remove_adapter", "select_adapter", "stack_adapters"]
+           "is_bank", "refuse_banks", "remove_adapter", "select_adapter", "slot_factors", "stack_adapters"]
 
 #: The name that means "no adapter, the base model" in :func:`adapter_ids` (as PEFT's ``adapter_names``).
 BASE = "__base__"
@@ -44,15 +44,17 @@ BASE = "__base__"
 class LoraBank:
     """The adapters of N named adapter sets at one frozen kernel ``w0``.
 
-    ``a`` is ``(N, stack..., in..., r)`` and ``b`` is ``(N, stack..., r, out...)``: slot ``i`` is
-    the i-th adapter's A and B in :class:`~jlora.LoraKernel`'s layout, padded with zeros from its
-    own rank ``ranks[i]`` to ``r`` (the largest). ``ranks[i] == 0`` where adapter ``i`` does not
+    ``a`` is ``(stack..., in..., N, r)`` and ``b`` is ``(stack..., N, r, out...)``: the adapter
+    axis sits just before the rank axis, and ``a[..., i, :]`` / ``b[..., i, :, ...]`` are the i-th
+    adapter's A and B in :class:`~jlora.LoraKernel`'s layout, padded with zeros from its own rank
+    ``ranks[i]`` to ``r`` (the largest). So the bank is also one adapter of rank ``N·r`` (A and B
+    reshaped, no copy), which is how a decode step's mixed batch reads it in one matmul. ``ranks[i] == 0`` where adapter ``i`` does not
     adapt this kernel (its slot is all zeros). Static fields: ``layout`` (shared by every adapter),
     ``names``, ``ranks``, ``scales``, ``dropouts`` (one entry per adapter).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> bank = LoraBank(None, jnp.zeros((2, 4, 3)), jnp.zeros((2, 3, 5)), layout=Layout((), (0,), (1,)),
+        >>> bank = LoraBank(None, jnp.zeros((4, 2, 3)), jnp.zeros((2, 3, 5)), layout=Layout((), (0,), (1,)),
         ...                 names=("x", "y"), ranks=(3, 1), scales=(1.0, 2.0))
         >>> bank.shape, bank.rank, bank.n
         ((4, 5), 3, 2)
@@ -95,7 +97,8 @@ class LoraBank:
     def shape(self) -> tuple[int, ...]:
         """The kernel's shape (from A and B when ``w0`` is absent)."""
         if self.w0 is None:
-            return kernel_shape(self.layout, tuple(np.shape(self.a))[1:], tuple(np.shape(self.b))[1:])
+            a, b, ns = tuple(np.shape(self.a)), tuple(np.shape(self.b)), len(self.layout.stack)
+            return kernel_shape(self.layout, a[:-2] + a[-1:], b[:ns] + b[ns + 1:])
         return tuple(self.w0.shape)
 
     def replace(self, **kw) -> "LoraBank":
@@ -150,12 +153,13 @@ def bank_problem(node: LoraBank) -> str | None:
             return f"{name} has dtype {dt}; adapters must be floating point"
     a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
     ns = len(lay.stack)
-    if len(a_shape) != 1 + ns + len(lay.in_) + 1 or len(b_shape) != 1 + ns + 1 + len(lay.out):
-        return f"A {list(a_shape)} / B {list(b_shape)} do not have the axes its layout ({lay}) needs after the " \
-               f"adapter axis"
+    if len(a_shape) != ns + len(lay.in_) + 2 or len(b_shape) != ns + 2 + len(lay.out):
+        return f"A {list(a_shape)} / B {list(b_shape)} do not have the axes its layout ({lay}) needs with an " \
+               f"adapter axis before the rank axis"
     r = a_shape[-1]
     shape = node.shape
-    want_a, want_b = (n, *lay.a_shape(shape, r)), (n, *lay.b_shape(shape, r))
+    one_a, one_b = tuple(lay.a_shape(shape, r)), tuple(lay.b_shape(shape, r))
+    want_a, want_b = one_a[:-1] + (n, r), one_b[:ns] + (n,) + one_b[ns:]
     if a_shape != want_a or b_shape != want_b:
         return (f"A {list(a_shape)} / B {list(b_shape)} do not fit kernel {list(shape)} with layout ({lay}) "
                 f"and {n} adapters: expected A {list(want_a)} and B {list(want_b)}")
@@ -252,7 +256,8 @@ def _bank_of(what: str, path: str, w0: Any, entries: list[tuple[str, Optional[Lo
     dt_b = jnp.result_type(*[k.b.dtype for _, k in present])
     a_shape, b_shape = tuple(np.shape(k0.a)), tuple(np.shape(k0.b))
     slots = [_fit(k, r, ns, a_shape, b_shape, dt_a, dt_b) for _, k in entries]
-    return LoraBank(w0, jnp.stack([s[0] for s in slots]), jnp.stack([s[1] for s in slots]), layout=k0.layout,
+    a_all, b_all = jnp.stack([s[0] for s in slots], axis=-2), jnp.stack([s[1] for s in slots], axis=ns)
+    return LoraBank(w0, a_all, b_all, layout=k0.layout,
                     names=[nm for nm, _ in entries], ranks=[0 if k is None else k.rank for _, k in entries],
                     scales=[0.0 if k is None else k.scale for _, k in entries],
                     dropouts=[0.0 if k is None else k.dropout for _, k in entries])
@@ -263,10 +268,24 @@ def _slot(bank: LoraBank, i: int) -> Optional[LoraKernel]:
     q = bank.ranks[i]
     if q == 0:
         return None
-    ns = len(bank.layout.stack)
-    a = bank.a[i][..., :q]
-    b = jax.lax.slice_in_dim(bank.b[i], 0, q, axis=ns)
+    a, b = slot_factors(bank, i)
     return LoraKernel(bank.w0, a, b, layout=bank.layout, scale=bank.scales[i], dropout=bank.dropouts[i])
+
+
+def slot_factors(bank: LoraBank, i: int) -> tuple[jax.Array, jax.Array]:
+    """Adapter ``i``'s A and B at this kernel, in LoraKernel's layout, without the rank padding.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> bank = LoraBank(None, jnp.zeros((4, 2, 3)), jnp.zeros((2, 3, 5)), layout=Layout((), (0,), (1,)),
+        ...                 names=("x", "y"), ranks=(3, 1), scales=(1.0, 2.0))
+        >>> [f.shape for f in slot_factors(bank, 1)]
+        [(4, 1), (1, 5)]
+    """
+    q, ns = bank.ranks[i], len(bank.layout.stack)
+    a = bank.a[..., i, :q]
+    b = jax.lax.slice_in_dim(jax.lax.index_in_dim(bank.b, i, axis=ns, keepdims=False), 0, q, axis=ns)
+    return a, b
 
 
 def names_of(tree: Any, what: str) -> tuple[str, ...]:
@@ -320,8 +339,8 @@ def stack_adapters(adapters: Mapping[str, Any]) -> Any:
         >>> b = {"w": jlora.LoraKernel(None, jnp.ones((4, 1)), jnp.ones((1, 3)), layout=lay, scale=0.5),
         ...      "v": jlora.LoraKernel(None, jnp.ones((3, 1)), jnp.ones((1, 3)), layout=lay, scale=2.0)}
         >>> bank = jlora.stack_adapters({"a": a, "b": b})
-        >>> bank["w"].a.shape, bank["w"].ranks, bank["v"].ranks   # padded to rank 2; "a" leaves v alone
-        ((2, 4, 2), (2, 1), (0, 1))
+        >>> bank["w"].a.shape, bank["w"].ranks, bank["v"].ranks   # (in, N, r): padded to rank 2; "a" leaves v alone
+        ((4, 2, 2), (2, 1), (0, 1))
         >>> jlora.select_adapter(bank, "b")["w"].a.shape
         (4, 1)
     """
@@ -422,7 +441,7 @@ def add_adapter(bank: Any, name: str, adapters: Any) -> Any:
         >>> k = lambda r: jlora.LoraKernel(None, jnp.ones((4, r)), jnp.ones((r, 3)), layout=lay, scale=1.0)
         >>> bank = jlora.add_adapter(jlora.stack_adapters({"x": {"w": k(1)}}), "y", {"w": k(3)})
         >>> jlora.adapter_names(bank), bank["w"].ranks, bank["w"].a.shape
-        (('x', 'y'), (1, 3), (2, 4, 3))
+        (('x', 'y'), (1, 3), (4, 2, 3))
     """
     what = "add_adapter"
     names = names_of(bank, what)
@@ -463,7 +482,7 @@ def remove_adapter(bank: Any, name: str) -> Any:
         >>> bank = jlora.stack_adapters({"x": {"w": k(1)}, "y": {"w": k(3)}})
         >>> small = jlora.remove_adapter(bank, "y")
         >>> jlora.adapter_names(small), small["w"].a.shape
-        (('x',), (1, 4, 1))
+        (('x',), (4, 1, 1))
     """
     what = "remove_adapter"
     names = names_of(bank, what)

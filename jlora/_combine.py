@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora._bank import LoraBank, absent_leaf, bank_leaves, is_bank, names_of, params_form
+from jlora._bank import LoraBank, absent_leaf, bank_leaves, is_bank, names_of, params_form, slot_factors
 from jlora._node import LoraKernel
 
 __all__ = ["combine_adapters", "METHODS"]
@@ -62,10 +62,8 @@ def _weights(names: tuple[str, ...], weights: Union[Mapping[str, float], Sequenc
 
 def _factors(node: LoraBank, i: int) -> tuple[jax.Array, jax.Array]:
     """Adapter ``i``'s own A and B at this kernel, float32, without the rank padding."""
-    q, ns = node.ranks[i], len(node.layout.stack)
-    a = node.a[i][..., :q].astype(jnp.float32)
-    b = lax.slice_in_dim(node.b[i], 0, q, axis=ns).astype(jnp.float32)
-    return a, b
+    a, b = slot_factors(node, i)
+    return a.astype(jnp.float32), b.astype(jnp.float32)
 
 
 def _as_matrices(a: jax.Array, b: jax.Array, ns: int) -> tuple[jax.Array, jax.Array]:

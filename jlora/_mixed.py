@@ -14,8 +14,12 @@ rules then turn
 
 * ``x·W0`` (W0 unbatched) into **one** ``dot_general`` over the whole batch, the batch axis joining
   x's free axes: the base model's matmul, done once, as without adapters;
-* ``x·A[id]`` and ``(x·A)·B[id]`` into a gather of the slots and one batched ``dot_general`` each
-  (the BGMV form of multi-adapter serving): never one pass per adapter, never ``B·A``;
+* the low-rank part into one of two forms, chosen per matmul (:func:`jlora._rules.compute.mixed_form`):
+  where an example brings few rows (a decode step), ``x·[A_1 … A_N]`` for the whole batch in one
+  plain matmul, the other adapters' columns zeroed per example, then one plain matmul with
+  ``[B_1; …; B_N]``; where it brings many (a prefill), a gather of each example's A and B and one
+  batched ``dot_general`` each (the BGMV form of multi-adapter serving). Never one pass per
+  adapter, never ``B·A``;
 * everything else (attention, norms, a scan over layers, the KV-cache update) into the same op
   over the batch.
 
@@ -31,6 +35,7 @@ averaged over the batch inside ``apply_fn``) sees one example at a time.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -43,7 +48,7 @@ from jlora._apply import _entry_value
 from jlora._bank import LoraBank, adapter_ids as _ids_from_names
 from jlora._interpret import interpret
 from jlora._trace import is_input, trace
-from jlora._value import LoraValue, layout_tags
+from jlora._value import BankSlot, LoraValue, layout_tags
 
 __all__ = ["mixed_apply"]
 
@@ -192,20 +197,26 @@ def check_ids(adapter_ids: Any, names: tuple[str, ...], bank: Any = None) -> jax
 
 
 def _bank_value(path: str, bank: LoraBank, i: jax.Array) -> LoraValue:
-    """The kernel for one example: bank slot ``i`` (zeros for -1 or an id out of range, whose
-    outputs :func:`mixed_apply` replaces with NaN, so no gradient reaches another slot)."""
-    n = bank.n
+    """The kernel for one example: every adapter of the bank side by side on the rank axis, and the
+    example's slot ``i`` (:class:`~jlora._value.BankSlot`); the matmul rule then either masks the
+    other adapters' columns or gathers slot ``i`` (:func:`jlora._rules.compute.mixed_form`). Slot
+    -1 or an id out of range weighs 0 (:func:`mixed_apply` makes such an example's outputs NaN, so
+    no gradient reaches any slot)."""
+    n, r, ns = bank.n, bank.rank, len(bank.layout.stack)
     present = [s for s, q in zip(bank.scales, bank.ranks) if q]
     common = present[0] if all(s == present[0] for s in present) else 1.0
     rel = jnp.asarray([s / common if q else 0.0 for s, q in zip(bank.scales, bank.ranks)], jnp.float32)
     idc = jnp.clip(i, 0, n - 1)
     valid = (i >= 0) & (i < n)
-    mult = jnp.where(valid, rel[idc], 0.0)
-    a = lax.dynamic_index_in_dim(bank.a, idc, 0, keepdims=False)
-    b = lax.dynamic_index_in_dim(bank.b, idc, 0, keepdims=False) * mult.astype(bank.b.dtype)
+    weight = jnp.where(valid, rel[idc], 0.0)
+    # a (stack..., in..., N, r) -> (stack..., in..., N·r); b (stack..., N, r, out...) -> (stack..., N·r, out...):
+    # reshapes of adjacent axes, no copy (a copy of the whole bank per call cost more than the adapters' math)
+    a = bank.a.reshape(bank.a.shape[:-2] + (n * r,))
+    b = bank.b.reshape(bank.b.shape[:ns] + (n * r,) + bank.b.shape[ns + 2:])
     dropout = max(d for d, q in zip(bank.dropouts, bank.ranks) if q)
     w0 = jax.tree.map(lax.stop_gradient, bank.w0)
-    return LoraValue(w0=w0, a=a, b=b, tags=layout_tags(bank.layout), scale=common, dropout=dropout, path=path)
+    return LoraValue(w0=w0, a=a, b=b, tags=layout_tags(bank.layout), scale=common, dropout=dropout, path=path,
+                     slot=BankSlot(idc, weight, n, r))
 
 
 def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: Any, *, batch_axes: Any = None,
@@ -266,9 +277,6 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
             leaf, path = flat.leaves[j], flat.paths[j]
             inputs.append(_bank_value(path, leaf, i) if isinstance(leaf, LoraBank) else _entry_value(path, leaf))
         outs, _ = interpret(traced.jaxpr, inputs + vals, fallback=apply.fallback, rng=key, matmul=matmul)
-        bad = (i < -1) | (i >= n_adapters)  # only possible under jit: NaN, never another adapter's output
-        outs = [jnp.where(bad, jnp.nan, o) if ax is not None and jnp.issubdtype(o.dtype, jnp.inexact) else o
-                for o, ax in zip(outs, out_ax)]  # a shared output (no batch axis) is left alone
         return [o if ax is None else jnp.squeeze(o, ax) for o, ax in zip(outs, out_ax)]
 
     keys = None if rng is None else jax.random.split(rng, n)
@@ -282,7 +290,42 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
         raise ValueError(
             f"apply: an output without a batch axis (output leaves {shared}: scalars, or None in out_axes) "
             f"differs between examples; give it a batch axis in out_axes. ({e})") from None
+    if jax_compat.is_tracer(adapter_ids):  # only then can an id be out of range (check_ids refused it otherwise)
+        bad = (ids < -1) | (ids >= n_adapters)
+        outs = [_poison(o, bad, ax) if ax is not None and jnp.issubdtype(o.dtype, jnp.inexact) else o
+                for o, ax in zip(outs, out_ax)]  # a shared output (no batch axis) is left alone
     return jax.tree.unflatten(traced.out_tree, outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _poison(o: jax.Array, bad: jax.Array, ax: int) -> jax.Array:
+    """``o`` with NaN in the examples ``bad`` marks (along its batch axis ``ax``): an id out of range,
+    under ``jit``, makes that example's outputs NaN, never another adapter's.
+
+    Written row by row in a loop that runs once per bad example (none, normally), so an output that
+    is a step's state (a KV cache updated in place, donated) is not read and rewritten whole; a
+    ``jnp.where`` over it cost a decode step more than all the adapters' arithmetic. The gradient
+    is ``g`` with the bad examples' rows zeroed (``where``: no NaN flows back into any adapter).
+    """
+    return _poison_fwd(o, bad, ax)[0]
+
+
+def _poison_fwd(o, bad, ax):
+    order = jnp.argsort(~bad, stable=True)  # the bad examples first
+    row = jnp.full(o.shape[:ax] + (1,) + o.shape[ax + 1:], jnp.nan, o.dtype)
+
+    def one(j, acc):
+        return lax.dynamic_update_slice_in_dim(acc, row, order[j], ax)
+
+    return lax.fori_loop(0, jnp.sum(bad), one, o), bad
+
+
+def _poison_bwd(ax, bad, g):
+    keep = jnp.reshape(~bad, (1,) * ax + (-1,) + (1,) * (g.ndim - ax - 1))
+    return jnp.where(keep, g, jnp.zeros((), g.dtype)), None
+
+
+_poison.defvjp(_poison_fwd, _poison_bwd)
 
 
 def _checked_ids(flat: Any, adapter_ids: Any, rng: Any) -> Any:

@@ -22,7 +22,7 @@ from jax import lax
 from jlora._node import Layout
 from jlora._quant import dequantized
 
-__all__ = ["Role", "Tag", "Subscripts", "LoraValue", "UnsupportedOpError", "delta", "factor_positions",
+__all__ = ["Role", "Tag", "Subscripts", "BankSlot", "LoraValue", "UnsupportedOpError", "delta", "factor_positions",
            "layout_tags", "subscripts"]
 
 
@@ -122,6 +122,34 @@ def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype: Any = jnp.float32) 
     return jnp.einsum(f"{s.a},{s.b}->{s.view}", a.astype(dtype), b.astype(dtype), precision=lax.Precision.HIGHEST)
 
 
+@dataclasses.dataclass(frozen=True)
+class BankSlot:
+    """One example of a mixed batch (inside ``jax.vmap``): which adapter of a bank it uses.
+
+    The kernel's A and B then hold *all* ``n`` adapters of the bank side by side on their rank
+    axis (``n·r`` wide, adapter ``i`` in columns ``i·r … i·r + r − 1``), and the example's
+    adapter is either picked out of them (:meth:`LoraValue.gathered`) or kept by masking the
+    rank-``n·r`` product (:meth:`mask`), whichever the matmul rule finds cheaper.
+
+    Attributes:
+      index: the example's slot, an int32 scalar already clipped to ``0 … n−1``.
+      weight: the slot's scale relative to the kernel's ``scale`` (0 for the base model or an
+        id out of range), a float32 scalar.
+      n: the number of adapters in the bank.
+      r: the bank's (padded) rank.
+    """
+
+    index: Any
+    weight: Any
+    n: int
+    r: int
+
+    def mask(self, dtype: Any) -> jax.Array:
+        """``(n·r,)``: ``weight`` on the example's own adapter's columns, 0 elsewhere."""
+        own = (jnp.arange(self.n * self.r) // self.r) == self.index
+        return jnp.where(own, self.weight, 0.0).astype(dtype)
+
+
 @dataclasses.dataclass
 class LoraValue:
     """One adapted kernel, as seen at some point of the program (internal, per call)."""
@@ -134,6 +162,7 @@ class LoraValue:
     dropout: float
     path: str
     gain: Any = None  # DoRA: m / ‖W0 + s·ΔW‖, shaped (stack..., out...) like B without its rank axis
+    slot: Any = None  # a mixed batch's example: a BankSlot, and A/B hold the whole bank on their rank axis
 
     @property
     def n_stack(self) -> int:
@@ -156,8 +185,20 @@ class LoraValue:
     def count(self, role: Role) -> int:
         return sum(t.role is role for t in self.tags)
 
+    def gathered(self) -> "LoraValue":
+        """A mixed-batch kernel (``slot`` set) as an ordinary one: the example's own adapter's
+        columns of A and rows of B (times its relative weight); any other value unchanged."""
+        if self.slot is None:
+            return self
+        s = self.slot
+        a = lax.dynamic_slice_in_dim(self.a, s.index * s.r, s.r, axis=self.a.ndim - 1)
+        b = lax.dynamic_slice_in_dim(self.b, s.index * s.r, s.r, axis=self.n_stack)
+        return self.with_(a=a, b=b * s.weight.astype(b.dtype), slot=None)
+
     def materialize(self) -> jax.Array:
         """``w0 + s·ΔW`` in the view's layout (only for the opt-in merge fallback and outputs)."""
+        if self.slot is not None:
+            return self.gathered().materialize()
         s = subscripts(self.tags)
         out = "".join(c for t, c in zip(self.tags, s.view) if t.role is not Role.UNIT)
         d = jnp.einsum(f"{s.a},{s.b}->{out}", self.a.astype(jnp.float32), self.b.astype(jnp.float32),

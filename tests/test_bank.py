@@ -16,6 +16,7 @@ import pytest
 from jax import lax
 
 import jlora
+from jlora._rules import compute
 K = jax.random.key
 
 
@@ -78,16 +79,30 @@ def per_example(apply, fn, base, singles, x, ids):
     return jnp.concatenate(rows)
 
 
+@pytest.fixture(params=["dense", "gather"])
+def form(request, monkeypatch):
+    """Both ways a mixed batch computes each example's adapter (chosen per matmul by its size,
+    :func:`jlora._rules.compute.mixed_form`): all adapters masked, or the example's gathered."""
+    monkeypatch.setenv(compute.MIXED_FORM_ENV, request.param)
+    return request.param
+
+
+def test_mixed_form_choice():
+    assert compute.mixed_form(1, 64) == "dense"  # a decode step: one row per example
+    assert compute.mixed_form(2048, 8) == "gather"  # a prefill
+    assert compute.mixed_form(1, compute.MIXED_DENSE_MAX + 1) == "gather"  # a huge bank
+
+
 def test_stack_select_round_trip_with_different_ranks_and_targets():
     p, pa, pb, _ = two_adapters()
     bank = jlora.stack_adapters({"a": pa, "b": jlora.split(pb)[0]})  # injected params or split's adapters
     l1, l2 = bank["l1"]["kernel"], bank["l2"]["kernel"]
     assert isinstance(l1, jlora.LoraBank) and l1.w0 is None and bank["l1"]["bias"] is None
-    assert l1.ranks == (2, 3) and l1.a.shape == (2, 6, 3) and l1.b.shape == (2, 3, 10)
-    assert l2.ranks == (2, 0) and l2.a.shape == (2, 10, 2)
-    np.testing.assert_array_equal(l1.a[0, :, 2], 0)  # rank-2 adapter padded with zeros to rank 3
+    assert l1.ranks == (2, 3) and l1.a.shape == (6, 2, 3) and l1.b.shape == (2, 3, 10)  # (in, N, r), (N, r, out)
+    assert l2.ranks == (2, 0) and l2.a.shape == (10, 2, 2)
+    np.testing.assert_array_equal(l1.a[:, 0, 2], 0)  # rank-2 adapter padded with zeros to rank 3
     np.testing.assert_array_equal(l1.b[0, 2], 0)
-    np.testing.assert_array_equal(l2.a[1], 0) and np.testing.assert_array_equal(l2.b[1], 0)  # "b" leaves l2 alone
+    np.testing.assert_array_equal(l2.a[:, 1], 0) and np.testing.assert_array_equal(l2.b[1], 0)  # "b" leaves l2 alone
     assert l1.scales == (1.0, pytest.approx(1 / 3))
     assert jlora.adapter_names(bank) == ("a", "b")
     # select gives back exactly what was stacked: adapters form, then params form
@@ -121,14 +136,14 @@ def test_add_and_remove_adapters_are_pure():
     bank2 = jlora.add_adapter(bank, "b", pb)
     assert jlora.adapter_names(bank) == ("a",) and jlora.adapter_names(bank2) == ("a", "b")  # input unchanged
     bank3 = jlora.add_adapter(bank2, "c", pc)
-    assert bank3["l2"]["kernel"].ranks == (2, 0, 5) and bank3["l2"]["kernel"].a.shape == (3, 10, 5)
-    np.testing.assert_array_equal(bank3["l1"]["kernel"].a[2], 0)  # "c" leaves l1 alone
+    assert bank3["l2"]["kernel"].ranks == (2, 0, 5) and bank3["l2"]["kernel"].a.shape == (10, 3, 5)
+    np.testing.assert_array_equal(bank3["l1"]["kernel"].a[:, 2], 0)  # "c" leaves l1 alone
     # the same bank, stacked at once
     want = jlora.stack_adapters({"a": pa, "b": pb, "c": pc})
     for g, w in zip(jax.tree.leaves(bank3), jax.tree.leaves(want)):
         np.testing.assert_array_equal(g, w)
     small = jlora.remove_adapter(bank3, "c")  # rank padding shrinks back
-    assert small["l2"]["kernel"].a.shape == (2, 10, 2)
+    assert small["l2"]["kernel"].a.shape == (10, 2, 2)
     only_b = jlora.remove_adapter(small, "a")
     assert only_b["l2"]["kernel"] is None and only_b["l1"]["kernel"].ranks == (3,)
     # params form keeps the base where no adapter is left
@@ -150,7 +165,7 @@ def test_add_and_remove_adapters_are_pure():
 # -- mixed batches ------------------------------------------------------------------------------------------
 
 
-def test_mixed_batch_equals_each_example_alone():
+def test_mixed_batch_equals_each_example_alone(form):
     p, pa, pb, apply = two_adapters()
     params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p)
     got = jax.jit(lambda prm, x, ids: apply(prm, x, adapter_ids=ids))(params, X, IDS)
@@ -181,11 +196,14 @@ def _all_eqns(jaxpr):
                     yield from _all_eqns(j)
 
 
-def test_base_matmul_once_for_the_batch_and_nothing_kernel_sized():
-    """The jaxpr has one dot_general per base kernel, over the whole batch; the rank-r parts are
-    batched dot_generals (batch dimension = the examples); no (in, out)-sized product per example."""
+def test_base_matmul_once_for_the_batch_and_nothing_kernel_sized(form):
+    """The jaxpr has one dot_general per base kernel, over the whole batch. The rank-r parts are,
+    in the dense form (few rows per example), two plain dot_generals per kernel over the whole
+    batch against all adapters side by side; in the gather form, batched dot_generals (batch
+    dimension = the examples). Never an (in, out)-sized product per example."""
     p, pa, pb, apply = two_adapters()
-    params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p)
+    # three adapters (N·r = 9 at l1, 3 × rank 2 = 6 at l2): no factor shape is a kernel's (6, 10) or (10, 7)
+    params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb, "c": randomize(pa, 9)}), p)
     f = lambda prm, x, ids: apply(prm, x, adapter_ids=ids)  # noqa: E731
     jaxpr = jax.make_jaxpr(f)(params, X, IDS)
     eqns = list(_all_eqns(jaxpr.jaxpr))
@@ -199,7 +217,13 @@ def test_base_matmul_once_for_the_batch_and_nothing_kernel_sized():
         (lb, rb) = base_dots[0].params["dimension_numbers"][1]
         assert lb == () and rb == ()
     rank_dots = [e for e in dots if tuple(e.invars[1].aval.shape) not in [(6, 10), (10, 7)]]
-    assert len(rank_dots) == 4 and all(e.params["dimension_numbers"][1] == ((0,), (0,)) for e in rank_dots)
+    assert len(rank_dots) == 4
+    if form == "dense":  # x·[A_1 A_2 A_3] and t·[B_1; B_2; B_3]: plain matmuls over the whole batch
+        assert {tuple(e.invars[1].aval.shape) for e in rank_dots} == {(6, 9), (9, 10), (10, 6), (6, 7)}
+        assert all(e.params["dimension_numbers"][1] == ((), ()) and e.invars[0].aval.shape[0] == n
+                   for e in rank_dots)
+    else:
+        assert all(e.params["dimension_numbers"][1] == ((0,), (0,)) for e in rank_dots)
     sizes = {tuple(v.aval.shape) for e in eqns for v in e.outvars}
     for bad in [(n, 6, 10), (n, 10, 7), (n, 10, 6), (n, 7, 10)]:
         assert bad not in sizes, bad
@@ -209,7 +233,7 @@ def test_base_matmul_once_for_the_batch_and_nothing_kernel_sized():
         assert bad not in hlo, bad
 
 
-def test_mixed_batch_flax_linen_embed_conv_attention():
+def test_mixed_batch_flax_linen_embed_conv_attention(form):
     """Embedding (gather), 1-D convolution, multi-axis DenseGeneral attention kernels, all adapted."""
     nn = pytest.importorskip("flax.linen")
 
@@ -235,7 +259,7 @@ def test_mixed_batch_flax_linen_embed_conv_attention():
     close(got, per_example(apply, m.apply, v, [pa, pb], tok, ids), 1e-4)
 
 
-def test_mixed_batch_flax_nnx_functional():
+def test_mixed_batch_flax_nnx_functional(form):
     nnx = pytest.importorskip("flax.nnx")
 
     class Model(nnx.Module):
@@ -259,7 +283,7 @@ def test_mixed_batch_flax_nnx_functional():
     close(got, per_example(apply, fn, state, [pa, pb], x, ids), 1e-5)
 
 
-def test_mixed_batch_over_a_quantized_base():
+def test_mixed_batch_over_a_quantized_base(form):
     """QLoRA serving: the base stays NF4 (dequantized where used), the bank's adapters per example."""
     p = {"l1": {"kernel": normal(110, (64, 32), 0.2), "bias": normal(111, (32,))}, "l2": {"kernel": normal(112, (32, 64), 0.2)}}
     q = jlora.quantize(p, method="nf4", min_size=0)
@@ -282,7 +306,7 @@ def scan_model(p, x):
     return h
 
 
-def test_mixed_batch_scanned_stack():
+def test_mixed_batch_scanned_stack(form):
     L, d, f = 3, 6, 10
     p = {"embed_in": normal(30, (5, d)), "layers": {"up": normal(31, (L, d, f), 1 / 3), "down": normal(32, (L, f, d), 1 / 3)}}
     x = normal(33, (4, 5))
@@ -290,7 +314,7 @@ def test_mixed_batch_scanned_stack():
     pb, _ = jlora.inject(p, scan_model, rank=4, targets="layers/up", example_args=(x,), key=K(33))
     pa, pb = randomize(pa, 34, 0.3), randomize(pb, 35, 0.3)
     params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p)
-    assert params["layers"]["up"].a.shape == (2, L, d, 4)  # (adapters, layers, in, r)
+    assert params["layers"]["up"].a.shape == (L, d, 2, 4)  # (layers, in, adapters, r)
     ids = np.array([0, 1, 1, -1], np.int32)
     got = jax.jit(lambda prm, x, i: apply(prm, x, adapter_ids=i))(params, x, ids)
     close(got, per_example(apply, scan_model, p, [pa, pb], x, ids), 1e-4)
@@ -325,7 +349,7 @@ def test_batch_axes_and_out_axes():
         apply2(params, X.T, shift, scale=2.0, adapter_ids=IDS, batch_axes={"shfit": None})
 
 
-def test_training_several_adapters_in_one_step():
+def test_training_several_adapters_in_one_step(form):
     """Each adapter gets exactly its own examples' gradients; padding and unused slots get none."""
     p, pa, pb, apply = two_adapters()
     ad, base = jlora.split(jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p))
@@ -347,8 +371,8 @@ def test_training_several_adapters_in_one_step():
         got = jlora.select_adapter(g, name)
         for gw, ww in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             close(gw, ww, 1e-4)
-    np.testing.assert_array_equal(g["l1"]["kernel"].a[0, :, 2], 0)  # rank padding gets no gradient
-    np.testing.assert_array_equal(g["l2"]["kernel"].a[1], 0)  # nor does "b"'s empty slot at l2
+    np.testing.assert_array_equal(g["l1"]["kernel"].a[:, 0, 2], 0)  # rank padding gets no gradient
+    np.testing.assert_array_equal(g["l2"]["kernel"].a[:, 1], 0)  # nor does "b"'s empty slot at l2
     # one optimizer step over the bank: an adapter with no example in the batch does not move
     tx = jlora.optimizer(optax.adam(1e-2), ad)
     st = tx.init(ad)
@@ -360,9 +384,9 @@ def test_training_several_adapters_in_one_step():
 
     new, st = step(ad, st, np.array([1, 1, -1, 1, 1], np.int32))
     np.testing.assert_array_equal(new["l2"]["kernel"].a, ad["l2"]["kernel"].a)  # "a" unused, "b" absent
-    np.testing.assert_array_equal(new["l1"]["kernel"].a[0], ad["l1"]["kernel"].a[0])
-    assert not np.allclose(new["l1"]["kernel"].a[1, :, :3], ad["l1"]["kernel"].a[1, :, :3])
-    np.testing.assert_array_equal(new["l1"]["kernel"].a[0, :, 2], 0)
+    np.testing.assert_array_equal(new["l1"]["kernel"].a[:, 0], ad["l1"]["kernel"].a[:, 0])
+    assert not np.allclose(new["l1"]["kernel"].a[:, 1, :3], ad["l1"]["kernel"].a[:, 1, :3])
+    np.testing.assert_array_equal(new["l1"]["kernel"].a[:, 0, 2], 0)
 
 
 
@@ -402,7 +426,7 @@ def _with_dropout(params, rate):
                         if is_lk(k) else k, params, is_leaf=is_lk)
 
 
-def test_dropout_in_a_mixed_batch():
+def test_dropout_in_a_mixed_batch(form):
     p, pa, pb, apply = two_adapters()
     params = jlora.combine(jlora.stack_adapters({"a": _with_dropout(pa, 0.5), "b": _with_dropout(pb, 0.5)}), p)
     f = jax.jit(lambda prm, x, i, key: apply(prm, x, adapter_ids=i, lora_rng=key))
@@ -452,6 +476,31 @@ def test_bad_ids_are_refused():
     for x, r in zip(jax.tree.leaves(g_bad), jax.tree.leaves(g_ref)):
         np.testing.assert_array_equal(x, r)
     assert float(jnp.abs(g_ref["l1"]["kernel"].b[1]).max()) > 0  # the last slot does get gradients
+
+
+def test_bad_id_nan_is_written_per_row_not_over_whole_outputs():
+    """A step's state (a KV cache: an output of the size of an input, updated in place) must not be
+    read and rewritten whole to mark bad ids: no select over any whole output, and no marking at all
+    where the ids are known (out-of-range ones are refused there). The bad example's rows are NaN in
+    every output, the others exact."""
+    p, pa, pb, _ = two_adapters()
+    params = jlora.combine(jlora.stack_adapters({"a": pa, "b": pb}), p)
+    step = lambda prm, x, state: (mlp(prm, x), state * 2.0 + 1.0)  # noqa: E731
+    _, apply = jlora.inject(p, step, rank=2, example_args=(X, jnp.zeros((5, 100))))
+    state = normal(9, (5, 100))
+    f = lambda prm, x, st, i: apply(prm, x, st, adapter_ids=i)  # noqa: E731
+    jaxpr = jax.make_jaxpr(f)(params, X, state, IDS)
+    selects = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "select_n"]
+    assert not any(tuple(e.outvars[0].aval.shape) in [(5, 100), (5, 7)] for e in selects), selects
+    bad = np.array([0, 2, -1, 1, 0], np.int32)
+    y, st = jax.jit(f)(params, X, state, bad)
+    assert np.isnan(np.asarray(y[1])).all() and np.isnan(np.asarray(st[1])).all()
+    rows = [0, 2, 3, 4]
+    np.testing.assert_array_equal(np.asarray(st)[rows], np.asarray(state * 2.0 + 1.0)[rows])
+    want, _ = jax.jit(f)(params, X, state, np.where(bad == 2, -1, bad).astype(np.int32))  # checked per example above
+    np.testing.assert_array_equal(np.asarray(y)[rows], np.asarray(want)[rows])
+    assert not any(e.primitive.name == "while" for e in _all_eqns(jax.make_jaxpr(
+        lambda prm, x, st: apply(prm, x, st, adapter_ids=IDS))(params, X, state).jaxpr))  # known ids: nothing to mark
 
 
 def test_pissa_adapter_in_a_bank_and_dora_refused():

@@ -33,9 +33,12 @@ def test_mixed_batch_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, log
     res = json.loads(out.read_text())
     want = {"prefill": ["base", "one", "mixed1", "mixed2"], "decode": ["base", "one", "mixed1", "mixed2", "mixed4"]}
+    forced = {"prefill": "mixed2-dense", "decode": "mixed4-gather"}  # jlora only: the other low-rank form
     for who in ("jlora", "peft"):
         for mode, variants in want.items():
             got = res[who]["results"][mode]["variants"]
+            if who == "jlora":
+                variants = variants + [forced[mode]]
             assert list(got) == variants, (who, mode, list(got))
             for v in variants:
                 assert got[v]["ms"] > 0 and got[v]["x_one"] > 0, (who, mode, v)
@@ -46,4 +49,6 @@ def test_mixed_batch_benchmark_smoke(tmp_path):
     assert jl["decode"]["variants"]["mixed1"]["check_vs_one"] < 1e-2
     assert jl["prefill"]["variants"]["mixed2"]["check_row_vs_one"] < 1e-2  # a row with its own adapter
     assert jl["decode"]["variants"]["mixed4"]["distinct"] == 4
+    for mode, name in forced.items():  # both forms give the same logits
+        assert jl[mode]["variants"][name]["check_vs_auto"] < 1e-2, (mode, name)
     assert res["jlora"]["env"]["jax"] and res["peft"]["env"]["peft"]

@@ -9,6 +9,9 @@ and multiplies by B. Discovery records which kernel axes each op contracts, batc
 
 from __future__ import annotations
 
+import math
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +25,40 @@ from jlora._rules.table import NoRule, OpRule, Probe, Use, expand, union
 from jlora._sharding import explicit_entries, product_spec
 from jlora._value import LoraValue, Role, subscripts
 
-__all__ = ["RULES", "XA_NAME", "gather_form", "shared_input_groups", "fuse_shared_input"]
+__all__ = ["RULES", "XA_NAME", "MIXED_DENSE_MAX", "MIXED_FORM_ENV", "gather_form", "mixed_form", "shared_input_groups",
+           "fuse_shared_input"]
 
 XA_NAME = "jlora_xa"  # jax.ad_checkpoint name of every adapter's rank-r product x·A
+
+#: Mixed batches: a matmul over a bank keeps all N adapters and masks the rank product when
+#: (rows of x per example) × N is at most this, else it gathers each example's own A and B.
+MIXED_DENSE_MAX = 1024
+#: Environment switch for benchmarks and tests: ``auto`` (default), ``dense`` or ``gather``.
+MIXED_FORM_ENV = "JLORA_MIXED_FORM"
+
+
+def mixed_form(rows: int, n: int) -> str:
+    """How a mixed batch's matmul computes an example's adapter: ``"dense"`` or ``"gather"``.
+
+    ``rows`` is the number of rows of x one example brings to the matmul (1 for a decode step),
+    ``n`` the bank's size. Gathering copies the example's A and B (``r·(in + out)`` values per
+    example) and runs one small batched matmul per example; the dense form reads the bank once and
+    multiplies x by every adapter's A (``n`` times the rank-r FLOPs) in one plain matmul per
+    kernel, then zeroes the other adapters' columns. On an H200 (bf16: ~1 PFLOP/s, 4.8 TB/s) the
+    extra FLOPs cost less than the copy while ``rows × n`` stays below ~600, and the dense form
+    also launches fewer, larger kernels; ``MIXED_DENSE_MAX`` sits a little above that
+    (``benchmarks/mixed_batch.py`` measures both).
+
+    Example:
+        >>> mixed_form(1, 64), mixed_form(2048, 8)
+        ('dense', 'gather')
+    """
+    forced = os.environ.get(MIXED_FORM_ENV, "auto")
+    if forced not in ("auto", "dense", "gather"):
+        raise ValueError(f"{MIXED_FORM_ENV}={forced!r}: use auto, dense or gather.")
+    if forced != "auto":
+        return forced
+    return "dense" if rows * n <= MIXED_DENSE_MAX else "gather"
 
 
 def base_product(k: LoraValue, f):
@@ -72,6 +106,10 @@ def _dot_evaluate(eqn, invals, ctx):
         op = lambda xx, w: jax_compat.bind(eqn, [w, xx])[0]  # noqa: E731
     pre = ctx.shared.pop(id(eqn), None) if x_is_lhs else None
     dims = (kc, kb, xc, xb)
+    if k.slot is not None:  # a mixed batch's example: its own adapter, or all of them masked
+        rows = math.prod(x.shape) // max(1, math.prod(x.shape[a] for a in xc))
+        if mixed_form(rows, k.slot.n) == "gather":
+            k = k.gathered()
     if k.gain is not None:
         return [_dora_dot(x, k, dims, x_is_lhs, ctx, p.get("precision"), op, pre)]
     base = base_product(k, lambda w: op(x, w))
@@ -171,6 +209,8 @@ def _low_rank_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, base, p
         f"{''.join(x_l)},{first_l}->{''.join(t_l)}", x, first.astype(dtype), precision=precision,
         preferred_element_type=dtype, **t_kw)
     t = checkpoint_name(t, XA_NAME)  # the rank-r product: a remat policy can keep it by this name
+    if k.slot is not None:  # every adapter of a bank: keep the example's own columns (its rank axis is last)
+        t = t * k.slot.mask(t.dtype)
     if k.scale != 1.0:
         t = t * jnp.asarray(k.scale, dtype)
     y = jnp.einsum(f"{''.join(t_l)},{second_l}->{''.join(y_l)}", t, second.astype(dtype), precision=precision,
@@ -237,6 +277,7 @@ def _pallas_refusal(x, k: LoraValue, p, ctx) -> str | None:
          "not a plain x @ W of a 2-D kernel"),
         (k.dropout > 0 and ctx.rng is not None, "adapter dropout is on"),
         (k.gain is not None, "DoRA"),
+        (k.slot is not None, "a mixed batch (adapter_ids)"),
         (is_quantized(k.w0), "quantized base"),
         (x.dtype != k.dtype or (pet is not None and jnp.dtype(pet) != x.dtype),
          f"mixed dtypes (x {x.dtype}, kernel {k.dtype}, result {pet})"),
@@ -275,7 +316,7 @@ def fuse_shared_input(group, env, ctx) -> None:
     if lb or rb or len(rc) != 1 or isinstance(x, LoraValue) or explicit_entries(x) is not None:
         return
     members = [(e, k) for e in group for k in [env.get(e.invars[1])]
-               if is_matrix_on_input(k, rc) and not (k.dropout > 0 and ctx.rng is not None)]
+               if is_matrix_on_input(k, rc) and k.slot is None and not (k.dropout > 0 and ctx.rng is not None)]
     dtypes = {k.dtype for _, k in members}
     if len(members) < 2 or len(dtypes) != 1:
         return
@@ -323,6 +364,7 @@ def _conv_discover(analysis, eqn, ins):
 def _conv_evaluate(eqn, invals, ctx):
     x, k = invals
     _conv_form(eqn, isinstance(x, LoraValue), isinstance(k, LoraValue))
+    k = k.gathered()  # a mixed batch: the example's own adapter
     p, dn = eqn.params, eqn.params["dimension_numbers"]
     o_ax = dn.rhs_spec[0]
     if k.tags[o_ax].role is not Role.OUT or k.count(Role.OUT) != 1 or k.n_stack:
@@ -396,6 +438,7 @@ def _gather_evaluate(eqn, invals, ctx):
     g, why = gather_form(dn, p["slice_sizes"], tuple(k.w0.shape))
     if g is None:
         raise NoRule(why)
+    k = k.gathered()  # a mixed batch: the example's own adapter
     base = base_product(k, lambda w: jax_compat.bind(eqn, [w, idx])[0])
     # f1: the factor holding the gathered axis, laid out like the view with the other axis as r.
     f1, f2 = (k.b.T, k.a.T) if k.tags[g].role is Role.OUT else (k.a, k.b)  # (gathered, r), (r, other)
