@@ -29,9 +29,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.custom_partitioning import custom_partitioning
 
 from jlora import _compat as jax_compat
+
+#: The checkpoint name of x·A (as :data:`jlora._rules.compute.XA_NAME`; not imported: that module imports this one).
+XA_NAME = "jlora_xa"
 
 __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 
@@ -369,27 +373,33 @@ def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, 
 # The custom VJP takes x with its leading axes (reshaped to 2-D inside): its residual is then the very
 # array the rest of the model keeps for its own backward, not a reshaped twin (under lax.scan a twin
 # was stacked per layer as a second copy of the adapted inputs, seen in the H200's optimized HLO).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _lora_matmul(x, w0, a, b, scale, impl, tiles):
-    return _fwd(x, w0, a, b, scale, impl, tiles)[0]
+#
+# x·A is computed *outside* it and passed in (named "jlora_xa", like the general rule's), so that a
+# remat policy can keep it: a custom VJP's own residuals are invisible to jax.checkpoint's policies,
+# and under a policy the backward re-ran x·A for every adapted matmul. The VJP gives x and A their
+# whole gradients (through x·A too) and xa none, so the outer x·A adds nothing to them (a symbolic
+# zero: its transpose is never computed).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _lora_matmul(x, xa, w0, a, b, scale, impl, tiles):
+    return _fwd(x, xa, w0, a, b, scale, impl, tiles)[0]
 
 
-def _fwd(x, w0, a, b, scale, impl, tiles):
-    x2 = x.reshape(-1, x.shape[-1])
-    xa = jnp.dot(x2, a, preferred_element_type=jnp.float32).astype(x.dtype)
-    y = _matmul_plus_low_rank(x2, w0, xa, b, scale=scale, impl=impl, tiles=tiles)
+def _fwd(x, xa, w0, a, b, scale, impl, tiles):
+    x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
+    y = _matmul_plus_low_rank(x2, w0, xa2, b, scale=scale, impl=impl, tiles=tiles)
     return y.reshape(*x.shape[:-1], y.shape[-1]), (x, w0, a, b, xa)
 
 
 def _bwd(scale, impl, tiles, res, g):
     x, w0, a, b, xa = res
     f32 = jnp.float32
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    x2, g2, xa2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), xa.reshape(-1, xa.shape[-1])
     gb = jnp.dot(g2, b.T, preferred_element_type=f32).astype(g.dtype)  # dy·Bᵀ  (M, r)
     dx = _matmul_plus_low_rank(g2, w0, gb, a.T, scale=scale, impl=impl, tiles=tiles, w_t=True)
     da = (scale * jnp.dot(x2.T, gb, preferred_element_type=f32)).astype(a.dtype)
-    db = (scale * jnp.dot(xa.T, g2, preferred_element_type=f32)).astype(b.dtype)
-    return dx.reshape(x.shape), None, da, db  # W0 is frozen: no gradient, not even one XLA drops
+    db = (scale * jnp.dot(xa2.T, g2, preferred_element_type=f32)).astype(b.dtype)
+    # W0 is frozen: no gradient, not even one XLA drops; xa: none (x and A got its share above)
+    return dx.reshape(x.shape), None, None, da, db
 
 
 _lora_matmul.defvjp(_fwd, _bwd)
@@ -398,7 +408,7 @@ _lora_matmul.defvjp(_fwd, _bwd)
 # then share one traced jaxpr, and JAX's differentiation of it (the forward rule, the split into
 # known and residual parts, the transpose) is traced once per shape and cached, not once per call site
 # (224 in the 16-layer unrolled model, 3 shapes). XLA inlines the call: the compiled step is the same.
-_lora_matmul_jit = jax.jit(_lora_matmul, static_argnums=(4, 5, 6))
+_lora_matmul_jit = jax.jit(_lora_matmul, static_argnums=(5, 6, 7))
 
 
 def clear_caches() -> None:
@@ -438,5 +448,6 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
     if impl not in ("mosaic", "xla"):
         raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
     dt = x.dtype
-    return _lora_matmul_jit(x, w0.astype(dt), a.astype(dt), b.astype(dt), float(scale), impl,
-                            tiles or DEFAULT_TILES)
+    a = a.astype(dt)
+    xa = checkpoint_name(jnp.dot(x, a, preferred_element_type=jnp.float32).astype(dt), XA_NAME)
+    return _lora_matmul_jit(x, xa, w0.astype(dt), a, b.astype(dt), float(scale), impl, tiles or DEFAULT_TILES)
