@@ -124,6 +124,14 @@ def test_answer_tokens_match_transformers_assistant_mask(tiny):
         ids, answer = sft.encode_example(tok, sft.Example(1, None, 0, prompt, completion))
         assert tok.decode(ids) == prompt + completion + "<|im_end|>"
         assert tok.decode(ids[answer]).strip() == "5<|im_end|>"
+    # A tokenizer whose post-processor appends EOS itself: that EOS is trained, and not doubled.
+    from tokenizers.processors import TemplateProcessing
+
+    eos = tok.backend.id_to_token(tok.eos_id)
+    tok.backend.post_processor = TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.eos_id)])
+    ids, answer = sft.encode_example(tok, sft.Example(1, None, 0, "Question: 2+3?\nAnswer:", " 5"))
+    assert ids[-1] == tok.eos_id and ids[-2] != tok.eos_id and answer[-1]
+    assert tok.decode(ids[answer]).strip() == "5<|im_end|>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +220,19 @@ def test_sft_from_gguf_with_qlora(tiny, tmp_path, cache):
     assert not isinstance(result["params"]["params"]["layers"]["mlp"]["up_proj"]["kernel"], jlora.LoraKernel)
     assert all(np.isfinite(result["losses"]))
     assert (tmp_path / "q" / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--steps", "0", "--steps must be positive"), ("--batch", "-1", "--batch must be positive"),
+    ("--lr", "nan", "--lr must be positive"), ("--rank", "0", "--rank must be positive"),
+    ("--seq-len", "0", "--seq-len must be positive"), ("--warmup", "-2", "--warmup must be 0 or more"),
+    ("--warmup", "500", "--warmup 500 is longer than --steps 100"), ("--dropout", "1", "--dropout must be in"),
+    ("--save-every", "0", "--save-every must be positive"), ("--eval-fraction", "1", "--eval-fraction must be in"),
+])
+def test_bad_arguments_are_refused_before_loading_anything(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--model", "nowhere", "--data", "nothing.jsonl", flag, value])
+    assert message in capsys.readouterr().err
 
 
 def test_long_sequences_refused_or_truncated_and_bad_inputs(tiny, tmp_path, capsys):

@@ -169,7 +169,9 @@ def encode_example(tok: Any, ex: Example) -> tuple[np.ndarray, np.ndarray]:
     if ex.messages is None:
         text = ex.prompt + ex.completion
         ids, mask = _encode_spans(tok, text, [(len(ex.prompt), len(text))], True)
-        if tok.eos_id is not None and (not ids or ids[-1] != tok.eos_id):
+        if tok.eos_id is not None and ids and ids[-1] == tok.eos_id:
+            mask[-1] = True  # an EOS the tokenizer's post-processor appended: the model must learn to stop
+        elif tok.eos_id is not None:
             ids, mask = ids + [tok.eos_id], mask + [True]
         return np.asarray(ids, np.int32), np.asarray(mask, bool)
     msgs = ex.messages
@@ -351,6 +353,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.alpha = 2.0 * args.rank
     if not 0 <= args.eval_fraction < 1:
         ap.error("--eval-fraction must be in [0, 1).")
+    positive = {"--rank": args.rank, "--steps": args.steps, "--batch": args.batch, "--seq-len": args.seq_len,
+                "--buckets": args.buckets, "--save-every": args.save_every, "--lr": args.lr, "--alpha": args.alpha}
+    for flag, value in positive.items():
+        if not value > 0 or value != value:  # NaN too
+            ap.error(f"{flag} must be positive, got {value}.")
+    at_least_zero = {"--warmup": args.warmup, "--eval-every": args.eval_every, "--stop-after": args.stop_after}
+    for flag, value in at_least_zero.items():
+        if value is not None and value < 0:
+            ap.error(f"{flag} must be 0 or more, got {value}.")
+    if args.warmup is not None and args.warmup > args.steps:
+        ap.error(f"--warmup {args.warmup} is longer than --steps {args.steps}.")
+    if not 0 <= args.dropout < 1:
+        ap.error(f"--dropout must be in [0, 1), got {args.dropout}.")
     return args
 
 
