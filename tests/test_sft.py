@@ -144,7 +144,7 @@ def run(tiny, out, cache, *extra):
                      "--eval-fraction", "0.05", "--compile-cache", cache, *extra])
 
 
-def test_sft_end_to_end_files_and_exact_resume(tiny, tmp_path, cache, capsys):
+def test_sft_end_to_end_files_and_exact_resume(tiny, tmp_path, cache, capsys, monkeypatch):
     import torch
     import transformers
     from peft import PeftModel
@@ -189,8 +189,12 @@ def test_sft_end_to_end_files_and_exact_resume(tiny, tmp_path, cache, capsys):
     assert part["stopped"] and not (tmp_path / "part" / "adapter").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         run(tiny, tmp_path / "part", cache)
-    with pytest.raises(ValueError, match=r"settings differ.*'lr': \(0.01, 0.02\)"):
-        run(tiny, tmp_path / "part", cache, "--resume", "--lr", "2e-2")
+    with monkeypatch.context() as m:  # refused before the model is loaded
+        m.setattr(sft, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking the settings"))
+        with pytest.raises(ValueError, match=r"settings differ.*'lr': \(0.01, 0.02\)"):
+            run(tiny, tmp_path / "part", cache, "--resume", "--lr", "2e-2")
+        with pytest.raises(ValueError, match=r"settings differ.*'dtype': \('float32', 'bfloat16'\)"):
+            run(tiny, tmp_path / "part", cache, "--resume", "--dtype", "bfloat16")  # "auto" was float32 here
     resumed = run(tiny, tmp_path / "part", cache, "--resume", "--no-merged")
     assert resumed["start_step"] == 2
     assert resumed["losses"] == full["losses"]

@@ -303,6 +303,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
     keys = ("model", "seed", "batch", "seq_len", "long", "buckets", "eval_fraction", "rank", "alpha",
             "targets", "dropout", "qlora", "dtype", "steps", "lr", "warmup")
     out = {k: getattr(args, k) for k in keys}
+    out["dtype"] = np.dtype(_dtype(args.dtype)).name  # what "auto" meant on this machine
     out["model"] = str(Path(args.model).resolve())
     out["data_sha256"] = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
     return out
@@ -628,9 +629,7 @@ def _resume(tr: _Trainer, variables: dict, *, out: Path, args: argparse.Namespac
     import jlora
 
     run_file = out / "run.json"
-    settings = _run_settings(args)
-    if args.resume:
-        _check_settings(run_file, settings, out=out)
+    settings = _run_settings(args)  # checked against run_file before the model was loaded (main)
     ckpt = jlora.TrainCheckpointer(out / "checkpoints", every=args.save_every, keep=2)
     losses_file = out / "losses.json"
     run = _Run(ckpt, 0, [])
@@ -808,6 +807,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out, platform = _start(args)
     t0 = time.time()
     examples = read_jsonl(args.data)  # before loading a model: bad data fails fast
+    if args.resume:  # and so do settings that differ from the run being resumed
+        _check_settings(out / "run.json", _run_settings(args), out=out)
     cfg, variables, tok = _load(args, t0=t0)
     data = _prepare_data(examples, tok, args=args)
     tr = _inject(cfg, variables, tok, data, args=args, platform=platform)
