@@ -233,6 +233,24 @@ def test_base_matmul_once_for_the_batch_and_nothing_kernel_sized(form):
         assert bad not in hlo, bad
 
 
+def test_dense_form_keeps_kernels_that_share_an_input_apart():
+    """Two kernels reading the same x: in the dense form their x·[A_1 … A_N] products take x through
+    separate optimization barriers, so XLA does not merge them into one matmul against the two banks
+    concatenated (a copy of both every step); the result is still each example's own."""
+    w = {"q": normal(20, (6, 5)), "k": normal(21, (6, 5))}
+    fn = lambda p, x: jnp.tanh(x @ p["q"]) * (x @ p["k"])  # noqa: E731
+    p1, apply = jlora.inject(w, fn, rank=2, example_args=(X,), key=K(1))
+    p2, _ = jlora.inject(w, fn, rank=2, example_args=(X,), key=K(2))
+    p1, p2 = randomize(p1, 11), randomize(p2, 12)
+    params = jlora.combine(jlora.stack_adapters({"a": p1, "b": p2}), w)
+    jaxpr = jax.make_jaxpr(lambda prm, x, i: apply(prm, x, adapter_ids=i))(params, X, IDS)
+    eqns = list(_all_eqns(jaxpr.jaxpr))
+    x_a = [e for e in eqns if e.primitive.name == "dot_general" and tuple(e.invars[1].aval.shape) == (6, 4)]
+    assert len(x_a) == 2 and x_a[0].invars[0] is not x_a[1].invars[0]
+    assert sum(e.primitive.name == "optimization_barrier" for e in eqns) == 2
+    close(apply(params, X, adapter_ids=IDS), per_example(apply, fn, w, [p1, p2], X, IDS), 1e-5)
+
+
 def test_mixed_batch_flax_linen_embed_conv_attention(form):
     """Embedding (gather), 1-D convolution, multi-axis DenseGeneral attention kernels, all adapted."""
     nn = pytest.importorskip("flax.linen")
