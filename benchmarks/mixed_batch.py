@@ -26,8 +26,9 @@ rank-r path once per distinct adapter per layer). jlora's model attends with
 ``jax.nn.dot_product_attention`` (cuDNN at prefill, XLA over the KV cache at decode), so compare
 the ``× one`` columns across frameworks rather than the milliseconds.
 
-Checks (jlora): mixed1's logits against one's (the same adapter: bf16 noise only), and for a mixed
-batch the logits of a row against ``one`` run with that row's adapter.
+Checks (jlora): mixed1's logits against one's (the same adapter: bf16 noise only), for a mixed
+batch the logits of a row against ``one`` run with that row's adapter, and the forced form's logits
+against the automatic one's. A check over ``CHECK_TOL`` (relative) fails the run (exit status 1).
 
     python benchmarks/mixed_batch.py --json out/mixed_batch.json          # H200, reference shape
     python benchmarks/mixed_batch.py --d 64 --layers 2 --heads 4 --ffn 128 --vocab 256 --prefill-seq 16 \\
@@ -53,6 +54,7 @@ if _REPO not in sys.path:
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = ("prefill", "decode")
+CHECK_TOL = 0.1  # largest relative logit difference the built-in checks accept (bf16 noise: ~3e-2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -446,7 +448,12 @@ def main(argv=None) -> int:
         write_json(a.json_path, out)
         print(f"wrote {a.json_path}")
     failed = "peft" in out and str(out["peft"].get("status", "ok")).startswith("FAILED")
-    return 1 if failed else 0
+    bad = [f"{mode} {name} {key} {val:.1e}" for mode, r in out["jlora"]["results"].items()
+           for name, v in r["variants"].items() for key, val in v.items()
+           if key.startswith("check_") and not val <= CHECK_TOL]
+    if bad:  # a wrong adapter's logits differ by O(1); bf16 noise stays near 1e-2
+        print(f"CHECK FAILED (relative difference over {CHECK_TOL}): {'; '.join(bad)}", flush=True)
+    return 1 if failed or bad else 0
 
 
 if __name__ == "__main__":
