@@ -297,35 +297,32 @@ def mixed_apply(apply: Any, flat: Any, args: tuple, kwargs: dict, adapter_ids: A
     return jax.tree.unflatten(traced.out_tree, outs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _poison(o: jax.Array, bad: jax.Array, ax: int) -> jax.Array:
     """``o`` with NaN in the examples ``bad`` marks (along its batch axis ``ax``): an id out of range,
     under ``jit``, makes that example's outputs NaN, never another adapter's.
 
     Written row by row in a loop that runs once per bad example (none, normally), so an output that
     is a step's state (a KV cache updated in place, donated) is not read and rewritten whole; a
-    ``jnp.where`` over it cost a decode step more than all the adapters' arithmetic. The gradient
-    is ``g`` with the bad examples' rows zeroed (``where``: no NaN flows back into any adapter).
+    ``jnp.where`` over it cost a decode step more than all the adapters' arithmetic. Its derivative
+    is the tangent with the bad examples' rows zeroed (``where``: in reverse mode too, no NaN flows
+    back into any adapter).
     """
-    return _poison_fwd(o, bad, ax)[0]
-
-
-def _poison_fwd(o, bad, ax):
     order = jnp.argsort(~bad, stable=True)  # the bad examples first
     row = jnp.full(o.shape[:ax] + (1,) + o.shape[ax + 1:], jnp.nan, o.dtype)
 
     def one(j, acc):
         return lax.dynamic_update_slice_in_dim(acc, row, order[j], ax)
 
-    return lax.fori_loop(0, jnp.sum(bad), one, o), bad
+    return lax.fori_loop(0, jnp.sum(bad), one, o)
 
 
-def _poison_bwd(ax, bad, g):
-    keep = jnp.reshape(~bad, (1,) * ax + (-1,) + (1,) * (g.ndim - ax - 1))
-    return jnp.where(keep, g, jnp.zeros((), g.dtype)), None
-
-
-_poison.defvjp(_poison_fwd, _poison_bwd)
+@_poison.defjvp
+def _poison_jvp(ax, primals, tangents):
+    o, bad = primals
+    t = tangents[0]
+    keep = jnp.reshape(~bad, (1,) * ax + (-1,) + (1,) * (o.ndim - ax - 1))
+    return _poison(o, bad, ax), jnp.where(keep, t, jnp.zeros((), t.dtype))
 
 
 def _checked_ids(flat: Any, adapter_ids: Any, rng: Any) -> Any:

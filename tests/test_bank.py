@@ -517,6 +517,9 @@ def test_bad_id_nan_is_written_per_row_not_over_whole_outputs():
     np.testing.assert_array_equal(np.asarray(st)[rows], np.asarray(state * 2.0 + 1.0)[rows])
     want, _ = jax.jit(f)(params, X, state, np.where(bad == 2, -1, bad).astype(np.int32))  # checked per example above
     np.testing.assert_array_equal(np.asarray(y)[rows], np.asarray(want)[rows])
+    # forward mode too (jvp), the bad row's tangent zero
+    _, (ty, _) = jax.jvp(lambda x: jax.jit(f)(params, x, state, bad), (X,), (jnp.ones_like(X),))
+    assert np.all(np.asarray(ty[1]) == 0) and np.abs(np.asarray(ty)[rows]).max() > 0
     assert not any(e.primitive.name == "while" for e in _all_eqns(jax.make_jaxpr(
         lambda prm, x, st: apply(prm, x, st, adapter_ids=IDS))(params, X, state).jaxpr))  # known ids: nothing to mark
 
