@@ -15,8 +15,7 @@ Part 1 — the step, at the reference shape of ``benchmarks/lora_step.py`` (its 
 Part 2 — the inits' one-off cost (``inject(..., init=...)``) for the kernels of an 8B Llama
 (d 4096, GQA k/v 1024, ffn 14336, 32 layers): one kernel of each distinct shape is initialised twice
 (the first call compiles that shape), a layer's cost is the second call's times summed over its 7
-kernels, and the model's
-that times the layer count. Each init also hashes its kernel (sha256, the
+kernels, and the model's that times the layer count. Each init also hashes its kernel (sha256, the
 base fingerprint checkpoints check); DoRA's magnitude (one weight norm) is timed alongside.
 
     python benchmarks/dora_step.py --json out/dora_step.json            # GPU: the reference shapes

@@ -16,8 +16,9 @@ Variants, each compiled once and timed interleaved (A B C … C B A …), median
             the batch using k distinct ones (ids spread over the bank); every mixed{k} shares one
             compile (the ids are an argument). k > batch is skipped (prefill has 8 sequences);
   mixed{k}-gather / mixed{k}-dense  the largest mixed batch again with the low-rank form forced
-            (``JLORA_MIXED_FORM`` at trace time) to the one ``auto`` does not pick for this mode:
-            gather at decode, dense at prefill. It shows what the automatic choice saves.
+            (``JLORA_MIXED_FORM`` at trace time) to the one ``auto`` does not pick for this mode
+            (at the reference shape: gather at decode, dense at prefill). It shows what the
+            automatic choice saves.
 
 ``× one`` is the step time over ``one``'s (goal: mixed64 ≤ 1.15). The same variants run with
 Hugging Face PEFT in a subprocess (``--torch``; transformers' LlamaForCausalLM, SDPA attention,
@@ -124,6 +125,7 @@ def jax_side(a) -> dict:
 
     import jlora
     from jlora.models.llama import CACHE_AXES, Llama, LlamaConfig, init_cache
+    from jlora._rules.compute import mixed_form
 
     bf16 = jnp.bfloat16
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.d, intermediate_size=a.ffn, num_layers=a.layers,
@@ -182,7 +184,9 @@ def jax_side(a) -> dict:
                 return jax.jit(lambda p, t, c, ids: _last(fn(p, t, cache=c, adapter_ids=ids,
                                                              batch_axes={"cache": CACHE_AXES}, out_axes=(0, CACHE_AXES))))
 
-            f_mix, f_other, other = mix(apply), mix(forced("dense", apply)), "dense"
+            f_mix = mix(apply)
+            other = "gather" if mixed_form(seq, a.bank) == "dense" else "dense"  # the form auto does not pick
+            f_other = mix(forced(other, apply))
             carry = False
         else:
             batch, ctx = a.decode_batch, a.decode_ctx
@@ -204,7 +208,8 @@ def jax_side(a) -> dict:
                 return jax.jit(f, donate_argnums=(3,))
 
             f_base, f_one, f_mix = step(model.apply), step(apply), step(apply)
-            f_other, other = step(forced("gather", apply)), "gather"
+            other = "gather" if mixed_form(1, a.bank) == "dense" else "dense"  # the form auto does not pick
+            f_other = step(forced(other, apply))
 
             def run(fn, p, *ids):  # each variant carries its own (donated) cache from step to step
                 key = (id(fn), id(p), ids[0].tobytes() if ids else b"")
@@ -220,7 +225,8 @@ def jax_side(a) -> dict:
             variants[f"mixed{k}"] = (f_mix, banked, (np.asarray(spread_ids(k, batch, a.bank), np.int32),))
         if distinct_counts(a, batch):
             k = distinct_counts(a, batch)[-1]
-            variants[f"mixed{k}-{other}"] = (f_other, banked, variants[f"mixed{k}"][2])
+            forced_name, auto_name = f"mixed{k}-{other}", f"mixed{k}"
+            variants[forced_name] = (f_other, banked, variants[auto_name][2])
         res, first = {}, {}
         compiled = set()
         for name, (fn, p, ids) in variants.items():
@@ -252,12 +258,10 @@ def jax_side(a) -> dict:
             k = ks[-1]
             ids = spread_ids(k, batch, a.bank)
             row = next(e for e in range(batch) if ids[e] != 0)
-            other = jlora.select_adapter(banked, names[ids[row]])
-            ref = np.asarray(run(f_one, other), np.float32)[row]
+            theirs = jlora.select_adapter(banked, names[ids[row]])
+            ref = np.asarray(run(f_one, theirs), np.float32)[row]
             res[f"mixed{k}"]["check_row_vs_one"] = float(np.abs(first[f"mixed{k}"][row] - ref).max()) / scale
-        forced_name = next((n for n in res if "-" in n), None)
-        if forced_name:  # the other low-rank form, on the same ids: the same logits up to bf16 noise
-            auto_name = forced_name.split("-")[0]
+        if distinct_counts(a, batch):  # the other low-rank form, on the same ids: the same logits up to bf16 noise
             res[forced_name]["check_vs_auto"] = float(np.abs(first[forced_name] - first[auto_name]).max()) / scale
         results[mode] = {"batch": batch, "tokens_per_step": tokens_per_step, "variants": res}
         print_table("jlora", mode, results[mode])

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 __all__ = ["atomic_directory", "cleanup_stale", "commit", "disk_full_is_clear", "exchange", "fsync", "replace_all",
-           "resolve", "write_file", "write_files"]
+           "resolve", "text_writer", "write_file", "write_files"]
 
 PathLike = Union[str, os.PathLike]
 _TMP_TAG = ".jlora-tmp-"
@@ -184,7 +184,7 @@ def atomic_directory(
     check()
     target.parent.mkdir(parents=True, exist_ok=True)
     cleanup_stale(target)
-    tmp = target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / _temp_name(target.name, "")
     try:
         with disk_full_is_clear(target, "what was there is unchanged and nothing was left behind."):
             yield tmp
@@ -240,6 +240,11 @@ def resolve(directory: PathLike) -> Path:
         )
         return backups[-1]
     raise FileNotFoundError(f"No checkpoint at {target}.")
+
+
+def text_writer(text: str) -> Callable[[Path], Any]:
+    """A writer for :func:`write_file` / :func:`write_files` that writes ``text`` as UTF-8."""
+    return lambda path: path.write_text(text, encoding="utf-8")
 
 
 def _temp_name(name: str, suffix: str) -> str:

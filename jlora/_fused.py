@@ -34,9 +34,6 @@ from jax.experimental.custom_partitioning import custom_partitioning
 
 from jlora import _compat as jax_compat
 
-#: The checkpoint name of x·A (as :data:`jlora._rules.compute.XA_NAME`; not imported: that module imports this one).
-XA_NAME = "jlora_xa"
-
 __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 
 #: Environment switch: ``JLORA_FUSED_IN_LOOPS=1`` lets ``matmul="pallas"`` take the kernel inside
@@ -447,6 +444,8 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
     """
     if impl not in ("mosaic", "xla"):
         raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
+    from jlora._rules.compute import XA_NAME  # the general rule's name for x·A (that module imports this one lazily)
+
     dt = x.dtype
     a = a.astype(dt)
     xa = checkpoint_name(jnp.dot(x, a, preferred_element_type=jnp.float32).astype(dt), XA_NAME)

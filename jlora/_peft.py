@@ -45,7 +45,6 @@ from jlora._atomic import write_files
 from jlora._discover import gather_layout, layout_from_uses
 from jlora._trace import trace_uses
 from jlora._bank import refuse_banks
-from jlora._init import to_matrix
 from jlora._node import Layout, LoraKernel, Trainable, as_plain_lora, is_node
 from jlora._paths import leaf_name, nearest, path_str
 from jlora._sharding import place_factors, place_like
@@ -302,10 +301,9 @@ def _export_lora(adapted, resolve, prefix: str, cast) -> tuple[dict, dict, dict]
             continue
         x = as_plain_lora(x, f"export_peft: {path!r}")  # PiSSA/OLoRA converted; LoftQ refused
         _check_exportable(path, x)
-        ea, eb = x.a, x.b
         ns = len(x.layout.stack)
         template = _template(resolve, path, ns)
-        a, b = host_array(ea), host_array(eb)
+        a, b = host_array(x.a), host_array(x.b)
         _check_finite(a, f"export_peft: the A of {path!r}")
         _check_finite(b, f"export_peft: the B of {path!r}")
         m = None if x.m is None else host_array(x.m)
@@ -1017,7 +1015,7 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
     path, m = base.paths[i], base.mapped[i]
     w0 = plain(base.leaves[i])
     shape = shape_of(w0)
-    a_full = b_full = m_full = first = None
+    a_full = b_full = m_full = first = w_host = None
     for idx in np.ndindex(*m.stack_shape):
         if idx not in parts:
             raise ValueError(
@@ -1029,7 +1027,9 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
         la, lb, mag = entry["A"], entry["B"], entry["m"]
         key = _keys(prefix, name, layout)[0]
         if entry.get("base") is not None:  # PEFT saves an adapted embed_tokens' or lm_head's own weight
-            _check_saved_table(f"{prefix}{name}.base_layer.weight", entry["base"], _torch_weight(w0, layout, idx, entry["emb"]))
+            if w_host is None:  # once per kernel, not per layer
+                w_host = np.asarray(host_array(dequantized(w0)))
+            _check_saved_table(f"{prefix}{name}.base_layer.weight", entry["base"], _torch_weight(w_host, layout, idx, entry["emb"]))
         r = int(la.shape[0])
         scale = settings.rank_scale(name, r, key)
         _check_factors(key, la, lb, layout, shape, path, conventional)
@@ -1057,14 +1057,21 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
                       m=mm, rslora=settings.rslora)
 
 
-def _torch_weight(w0: Any, layout: Layout, idx: tuple, emb: bool) -> np.ndarray:
-    """Layer ``idx`` of the base kernel as torch holds it: an Embedding's table as is, a Linear's
-    weight (out, in)."""
-    w = np.asarray(host_array(dequantized(w0)))
+def _torch_weight(w: np.ndarray, layout: Layout, idx: tuple, emb: bool) -> np.ndarray:
+    """Layer ``idx`` (one index per stack axis, wherever those sit) of the base kernel ``w`` (on the
+    host) as torch holds it: an Embedding's table as is, a Linear's weight ``(out, in)`` with the
+    input and output axes each flattened in the kernel's order, as :func:`_to_torch` lays out
+    lora_A and lora_B."""
+    take: list[Any] = [slice(None)] * w.ndim
+    for ax, i in zip(layout.stack, idx):
+        take[ax] = i
+    layer = w[tuple(take)]
     if emb:
-        return w[idx]
-    mat = np.asarray(to_matrix(jnp.asarray(w), layout))  # (S, in, out)
-    return mat[int(np.ravel_multi_index(idx, w.shape[: len(layout.stack)])) if idx else 0].T
+        return layer
+    pos = lambda ax: ax - sum(s < ax for s in layout.stack)  # noqa: E731  (its axis once the stack axes are gone)
+    ins, outs = sorted(pos(ax) for ax in layout.in_), sorted(pos(ax) for ax in layout.out)
+    n_out = math.prod(layer.shape[ax] for ax in outs)
+    return layer.transpose(outs + ins).reshape(n_out, -1)
 
 
 def _check_saved_table(key: str, saved: np.ndarray, table: np.ndarray) -> None:

@@ -1206,3 +1206,17 @@ def test_smollm2_peft_adapter_imports_with_same_logits(smol, tmp_path):
     err = _report("import (PEFT -> jlora)", got, want, smol["base_logits"])
     assert np.abs(want - smol["base_logits"]).max() > 0.5
     assert err < 2e-3 * max(1.0, float(np.abs(want).max()))
+
+
+def test_torch_weight_of_any_layout():
+    """The base weight PEFT saves beside an adapter is compared in torch's (out, in) orientation:
+    for a stacked multi-axis kernel and for a stack axis that is not the first one too."""
+    from jlora._peft import _torch_weight
+
+    w = np.arange(3 * 4 * 2 * 5, dtype=np.float32).reshape(3, 4, 2, 5)  # (layers, in, heads, head_dim)
+    lay = jlora.Layout((0,), (1,), (2, 3))
+    np.testing.assert_array_equal(_torch_weight(w, lay, (1,), False), w[1].reshape(4, 10).T)
+    v = np.arange(4 * 3 * 6, dtype=np.float32).reshape(4, 3, 6)  # (in, layers, out)
+    np.testing.assert_array_equal(_torch_weight(v, jlora.Layout((1,), (0,), (2,)), (2,), False), v[:, 2, :].T)
+    e = np.arange(2 * 7 * 3, dtype=np.float32).reshape(2, 7, 3)  # stacked embedding tables: as they are
+    np.testing.assert_array_equal(_torch_weight(e, jlora.Layout((0,), (1,), (2,)), (1,), True), e[1])

@@ -195,6 +195,8 @@ def test_sft_end_to_end_files_and_exact_resume(tiny, tmp_path, cache, capsys, mo
             run(tiny, tmp_path / "part", cache, "--resume", "--lr", "2e-2")
         with pytest.raises(ValueError, match=r"settings differ.*'dtype': \('float32', 'bfloat16'\)"):
             run(tiny, tmp_path / "part", cache, "--resume", "--dtype", "bfloat16")  # "auto" was float32 here
+    run_json = tmp_path / "part" / "run.json"  # a run recorded before "auto" was resolved still resumes
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "dtype": "auto"}))
     resumed = run(tiny, tmp_path / "part", cache, "--resume", "--no-merged")
     assert resumed["start_step"] == 2
     assert resumed["losses"] == full["losses"]
@@ -228,7 +230,7 @@ def test_sft_from_gguf_with_qlora(tiny, tmp_path, cache):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--steps", "0", "--steps must be positive"), ("--batch", "-1", "--batch must be positive"),
-    ("--lr", "nan", "--lr must be positive"), ("--rank", "0", "--rank must be positive"),
+    ("--lr", "nan", "--lr must be positive"), ("--lr", "inf", "--lr must be positive"), ("--rank", "0", "--rank must be positive"),
     ("--seq-len", "0", "--seq-len must be positive"), ("--warmup", "-2", "--warmup must be 0 or more"),
     ("--warmup", "500", "--warmup 500 is longer than --steps 100"), ("--dropout", "1", "--dropout must be in"),
     ("--save-every", "0", "--save-every must be positive"), ("--eval-fraction", "1", "--eval-fraction must be in"),

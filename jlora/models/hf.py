@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._atomic import atomic_directory, disk_full_is_clear, write_file, write_files
+from jlora._atomic import atomic_directory, disk_full_is_clear, text_writer, write_file, write_files
 from jlora.models.llama import LlamaConfig
 
 __all__ = [
@@ -681,6 +681,14 @@ def write_safetensors(
         >>> load_file(f)["a"].sum()
         np.float32(6.0)
     """
+    write, nbytes = _safetensors_writer(entries, metadata)
+    write_file(file, write)  # flushed and fsynced there
+    return nbytes
+
+
+def _safetensors_writer(entries, metadata=None) -> tuple[Writer, int]:
+    """The function that writes a safetensors file of ``entries`` to a path (plainly: the caller
+    makes it crash-safe), and its tensor bytes, known before anything is made."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, shape, dtype, _ in entries:
@@ -704,8 +712,7 @@ def write_safetensors(
                 f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
                 del x
 
-    write_file(file, write)  # flushed and fsynced there
-    return offset
+    return write, offset
 
 
 def size_bytes(size: Union[int, str]) -> int:
@@ -838,17 +845,17 @@ def _weight_writers(
             (t.hf, shape, dt, lambda t=t, dt=dt: _torch_array(_getter(inner, t, scanned), t, dt))
             for t, shape, dt in shard
         ]
-        out[name] = lambda path, entries=entries: write_safetensors(path, entries)
+        # a plain writer: the folder's own transaction (atomic_directory / write_files) makes it crash-safe
+        out[name], nbytes = _safetensors_writer(entries)
         weight_map.update({t.hf: name for t, _, _ in shard})
-        total += sum(math.prod(shape) * dt.itemsize for _, shape, dt in shard)
+        total += nbytes
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         out["model.safetensors.index.json"] = _text(json.dumps(index, indent=2) + "\n")
     return out
 
 
-def _text(text: str) -> Writer:
-    return lambda path: path.write_text(text, encoding="utf-8")
+_text = text_writer
 
 
 def _config_writers(config: LlamaConfig, *, dtype: np.dtype, tokenizer: Any) -> dict[str, Writer]:
@@ -924,7 +931,8 @@ def save_pretrained(
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    nonempty = target.is_dir() and any(target.iterdir())
+    if nonempty and not overwrite:
         raise FileExistsError(
             f"{target} is not empty; pass overwrite=True to replace the model files in it "
             f"(other files are left alone)."
@@ -941,7 +949,7 @@ def save_pretrained(
         **_weight_writers(shards, inner, scanned=scanned),
         **_config_writers(config, dtype=plan[0][2], tokenizer=tokenizer),
     }
-    if target.is_dir() and any(target.iterdir()):
+    if nonempty:
         with disk_full_is_clear(target, "the files there are unchanged."):
             write_files(target, writers, overwrite=True, what="save_pretrained",
                         remove=_stale(target, writers, tokenizer))

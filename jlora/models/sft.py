@@ -357,7 +357,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     positive = {"--rank": args.rank, "--steps": args.steps, "--batch": args.batch, "--seq-len": args.seq_len,
                 "--buckets": args.buckets, "--save-every": args.save_every, "--lr": args.lr, "--alpha": args.alpha}
     for flag, value in positive.items():
-        if not value > 0 or value != value:  # NaN too
+        if not (math.isfinite(value) and value > 0):  # NaN and inf too
             ap.error(f"{flag} must be positive, got {value}.")
     at_least_zero = {"--warmup": args.warmup, "--eval-every": args.eval_every, "--stop-after": args.stop_after}
     for flag, value in at_least_zero.items():
@@ -616,6 +616,8 @@ def _check_settings(run_file: Path, run: dict, *, out: Path) -> None:
     if not run_file.is_file():
         return
     before = json.loads(run_file.read_text())
+    if before.get("dtype") == "auto":  # recorded before "auto" was resolved: what it means here
+        before["dtype"] = np.dtype(_dtype("auto")).name
     changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
     if changed:
         raise ValueError(
@@ -624,12 +626,12 @@ def _check_settings(run_file: Path, run: dict, *, out: Path) -> None:
         )
 
 
-def _resume(tr: _Trainer, variables: dict, *, out: Path, args: argparse.Namespace) -> _Run:
-    """The checkpointer, and with ``--resume`` its newest step restored into ``tr``; records ``run.json``."""
+def _resume(tr: _Trainer, variables: dict, *, out: Path, args: argparse.Namespace, settings: dict) -> _Run:
+    """The checkpointer, and with ``--resume`` its newest step restored into ``tr``; records
+    ``settings`` (checked against the run's ``run.json`` before the model was loaded) as ``run.json``."""
     import jlora
 
     run_file = out / "run.json"
-    settings = _run_settings(args)  # checked against run_file before the model was loaded (main)
     ckpt = jlora.TrainCheckpointer(out / "checkpoints", every=args.save_every, keep=2)
     losses_file = out / "losses.json"
     run = _Run(ckpt, 0, [])
@@ -807,12 +809,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out, platform = _start(args)
     t0 = time.time()
     examples = read_jsonl(args.data)  # before loading a model: bad data fails fast
+    settings = _run_settings(args)
     if args.resume:  # and so do settings that differ from the run being resumed
-        _check_settings(out / "run.json", _run_settings(args), out=out)
+        _check_settings(out / "run.json", settings, out=out)
     cfg, variables, tok = _load(args, t0=t0)
     data = _prepare_data(examples, tok, args=args)
     tr = _inject(cfg, variables, tok, data, args=args, platform=platform)
-    run = _resume(tr, variables, out=out, args=args)
+    run = _resume(tr, variables, out=out, args=args, settings=settings)
     run.eval_before = _evaluate(tr, data, batch=args.batch) if run.start == 0 else None
     if run.eval_before is not None:
         print(f"held-out loss before: {run.eval_before:.4f}")

@@ -590,12 +590,12 @@ class HFTokenizer:
         commit (see :attr:`replaces`)."""
         from pathlib import Path
 
-        from jlora._atomic import write_files
+        from jlora._atomic import text_writer, write_files
 
         files = self.files()
         write_files(
             Path(directory),
-            {name: (lambda path, text=text: path.write_text(text, encoding="utf-8")) for name, text in files.items()},
+            {name: text_writer(text) for name, text in files.items()},
             overwrite=True,
             what="HFTokenizer.save_pretrained",
             remove=self.replaces,
