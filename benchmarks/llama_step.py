@@ -13,7 +13,11 @@ Every variant is ``KIND-LAYOUT-REMAT-LOSS``:
   LAYOUT  unroll | scan                      LlamaConfig.scan_layers
   REMAT   none | auto | full | lora | dots   LlamaConfig.remat (auto: dots when scanned, else none)
   LOSS    plain   the model returns float32 logits, the step takes their cross-entropy
-          chunk   model.apply(..., labels=, loss_mask=): causal_lm_loss over token chunks
+          chunk   model.apply(..., labels=, loss_mask=): causal_lm_loss over token chunks, each
+                  chunk's gradient computed in the forward pass (LlamaConfig's default; results
+                  files before llama_*_fwdgrad.* call the re-computing form 'chunk')
+          rechunk the same with LlamaConfig.loss_grad_in_forward=False: the backward pass
+                  re-computes each chunk's logits
 
 Shapes (``--shape``), random bf16 weights, seq 2048:
 
@@ -105,7 +109,7 @@ SHAPES = {
         "floor-unroll-none-plain", "lora-unroll-none-plain", "lora-unroll-none-chunk", "floor-scan-auto-chunk",
         "lora-scan-none-plain", "lora-scan-auto-chunk", "lora-scan-full-chunk", "qlora-scan-full-chunk")),
 }
-KINDS, LAYOUTS, REMATS, LOSSES = ("floor", "lora", "qlora"), ("unroll", "scan"), ("none", "auto", "full", "lora", "dots"), ("plain", "chunk")
+KINDS, LAYOUTS, REMATS, LOSSES = ("floor", "lora", "qlora"), ("unroll", "scan"), ("none", "auto", "full", "lora", "dots"), ("plain", "chunk", "rechunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,7 @@ class Variant:
     scan: bool
     remat: str | None  # LlamaConfig.remat
     chunk: bool
+    recompute: bool = False  # the chunked loss re-computes its logits (LOSS 'rechunk')
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -125,7 +130,8 @@ class Variant:
                              f"{LAYOUTS}, REMAT in {REMATS}, LOSS in {LOSSES}")
         if parts[0] == "qlora" and parts[1] != "scan":
             raise ValueError(f"{name}: qlora runs the scanned layout only (NF4 nodes stacked per layer)")
-        return cls(name, parts[0], parts[1] == "scan", None if parts[2] == "none" else parts[2], parts[3] == "chunk")
+        return cls(name, parts[0], parts[1] == "scan", None if parts[2] == "none" else parts[2],
+                   parts[3] != "plain", parts[3] == "rechunk")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -178,7 +184,8 @@ def model_config(s: Shape, a: argparse.Namespace, v: Variant | None = None) -> L
     )
     if v is not None:
         chunk = a.chunk_tokens if a.chunk_tokens is not None else s.chunk_tokens
-        cfg = cfg.replace(scan_layers=v.scan, remat=v.remat, loss_chunk_tokens=chunk if v.chunk else 0)
+        cfg = cfg.replace(scan_layers=v.scan, remat=v.remat, loss_chunk_tokens=chunk if v.chunk else 0,
+                          loss_grad_in_forward=not v.recompute)
     return cfg
 
 
@@ -258,7 +265,7 @@ def step_flops(cfg: LlamaConfig, v: Variant, tokens: int, seq: int) -> float:
 
     layers' matmuls 2·N forward + 2·N input gradient (frozen weights: no weight gradient), plus
     2·N when remat re-runs the forward ('full', 'lora'; 'dots' re-runs no matmul); the LM head the
-    same, plus 2·N_head when the chunked loss re-computes its logits; causal attention (half the
+    same, plus 2·N_head when the chunked loss re-computes its logits ('rechunk'); causal attention (half the
     keys) 2·seq·heads·head_dim a layer forward, its backward twice that, plus one forward again
     under 'full'/'lora' remat (and under 'dots' with XLA's attention, whose softmax is re-computed).
     """
@@ -267,7 +274,7 @@ def step_flops(cfg: LlamaConfig, v: Variant, tokens: int, seq: int) -> float:
     rerun = policy in ("full", "lora")
     attn_fwd = 2 * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers
     attn_rerun = rerun or (policy == "dots" and attention_implementation(cfg) != "cudnn")
-    per_token = (6 if rerun else 4) * n_layers + (6 if v.chunk else 4) * n_head + (4 if attn_rerun else 3) * attn_fwd
+    per_token = (6 if rerun else 4) * n_layers + (6 if v.recompute else 4) * n_head + (4 if attn_rerun else 3) * attn_fwd
     return float(per_token) * tokens
 
 

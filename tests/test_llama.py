@@ -138,9 +138,11 @@ def test_scan_layers_matches_unrolled():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back, params))
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_cached_decoding_matches_full_forward(scan):
-    cfg = TINY.replace(scan_layers=scan)
+@pytest.mark.parametrize("scan,unroll", [(False, None), (True, 1), (True, 2)])
+def test_cached_decoding_matches_full_forward(scan, unroll):
+    """Prefill then one token at a time equals one full forward; scanned, with the layer scan
+    rolled (what a CPU gets by default) and unrolled (what an NVIDIA GPU gets)."""
+    cfg = TINY.replace(scan_layers=scan, decode_unroll=unroll)
     params = tiny_params(cfg)
     if scan:
         params = stack_layer_params(params)
@@ -406,6 +408,92 @@ def test_chunked_loss_equals_plain_cross_entropy(tie):
         if chunk:  # the full float32 logits (18 x 101) never appear, only chunks of 5
             jaxpr = str(jax.make_jaxpr(jax.grad(loss))(adapters))
             assert "f32[18,101]" not in jaxpr and "f32[2,9,101]" not in jaxpr and "f32[5,101]" in jaxpr
+
+
+def _head_dots(jaxpr, vocab: int) -> int:
+    """dot_generals in ``jaxpr`` (and its sub-jaxprs) with an operand or result of width ``vocab``."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
+            count += any(vocab in shape for shape in shapes)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _head_dots(inner, vocab)
+    return count
+
+
+def test_chunked_loss_computes_gradient_in_forward_pass():
+    """A frozen head (only the projections adapted): the chunked loss's gradient is computed in
+    the forward pass (two head matmuls a chunk: logits and d/dh; no kernel gradient, no logits
+    re-computed) and equals both the re-computing form and the plain cross-entropy."""
+    optax = pytest.importorskip("optax")
+    tokens = random_tokens((2, 9))
+    labels = jnp.roll(tokens, -1, axis=1).at[0, 6].set(-100)
+    mask = jnp.ones((2, 9)).at[:, -1].set(0.0).at[1, 2].set(0.5)
+    adapters, base, apply = _lora(TINY, PROJ)
+
+    def plain(a):
+        logits = apply(jlora.combine(a, base), tokens)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        w = mask * (labels >= 0)
+        return jnp.sum(nll * w) / jnp.sum(w)
+
+    want_loss, want = jax.jit(jax.value_and_grad(plain))(adapters)
+    dots = {}
+    for forward in (True, False):
+        cfg = TINY.replace(loss_chunk_tokens=5, loss_grad_in_forward=forward)
+        _, _, apply_c = _lora(cfg, PROJ)
+        loss = lambda a: apply_c(jlora.combine(a, base), tokens, labels=labels, loss_mask=mask)  # noqa: E731
+        got_loss, got = jax.jit(jax.value_and_grad(loss))(adapters)
+        assert abs(float(got_loss) - float(want_loss)) < 1e-5, forward
+        assert _max_err(got, want) < 1e-5, forward
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(adapters)
+        assert "f32[18,101]" not in str(jaxpr) and "f32[2,9,101]" not in str(jaxpr)
+        dots[forward] = _head_dots(jaxpr.jaxpr, 101)
+    assert dots == {True: 2, False: 3}, dots
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_causal_lm_loss_gradients(transposed):
+    """Gradients w.r.t. the hidden states and the kernel (each alone and both), every chunking
+    and both backward forms, against the plain cross-entropy's (float32)."""
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+    w = jnp.asarray(0.3 * rng.standard_normal((16, 50)), jnp.float32)
+    w = w.T if transposed else w
+    y = jnp.asarray(rng.integers(-1, 50, (3, 7)), jnp.int32)
+    m = jnp.asarray(rng.uniform(size=(3, 7)), jnp.float32)
+
+    def loss(h, w, chunk, forward):
+        return causal_lm_loss(h, w, y, m, transposed=transposed, chunk_tokens=chunk, grad_in_forward=forward)
+
+    want = jax.grad(loss, argnums=(0, 1))(h, w, 0, True)
+    for chunk, forward in ((4, True), (5, True), (21, True), (4, False)):
+        run = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=(2, 3))
+        got = run(h, w, chunk, forward)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
+        got_h = jax.grad(loss)(h, w, chunk, forward)  # the kernel frozen
+        np.testing.assert_allclose(got_h, want[0], atol=1e-6, rtol=1e-5)
+        got_w = jax.grad(loss, argnums=1)(h, w, chunk, forward)  # the hidden states frozen
+        np.testing.assert_allclose(got_w, want[1], atol=1e-6, rtol=1e-5)
+    # Scaled from outside: the backward pass multiplies by the loss's cotangent.
+    got = jax.grad(lambda h: 3.0 * loss(h, w, 4, True))(h)
+    np.testing.assert_allclose(got, 3.0 * want[0], atol=1e-6, rtol=1e-5)
+    # Forward mode works through the re-computing form.
+    tangent = jnp.ones_like(h)
+    _, jvp = jax.jvp(lambda h: loss(h, w, 4, False), (h,), (tangent,))
+    np.testing.assert_allclose(jvp, jnp.sum(want[0] * tangent), rtol=1e-4)
+
+
+def test_llama_config_checks_new_fields():
+    with pytest.raises(ValueError, match="decode_unroll"):
+        TINY.replace(decode_unroll=0)
+    with pytest.raises(ValueError, match="decode_unroll"):
+        TINY.replace(decode_unroll=True)
 
 
 def test_causal_lm_loss_function():

@@ -52,6 +52,7 @@ __all__ = [
     "attention_implementation",
     "REMAT_POLICIES",
     "remat_policy",
+    "decode_unroll",
     "LOSS_CHUNK_BYTES",
     "PROJECTIONS",
     "init_cache",
@@ -129,6 +130,20 @@ class LlamaConfig:
             :data:`LOSS_CHUNK_BYTES` (256 MiB), and not at all when the whole batch fits (so a
             small batch, like the CPU demo's, computes exactly the plain cross-entropy);
             ``0`` never splits; ``n`` splits into chunks of about ``n`` tokens.
+        loss_grad_in_forward: When the chunked loss is differentiated, compute each chunk's
+            gradient in the forward pass, from the logits it has just made (``True``, default:
+            the backward pass only scales it; the head's kernel gets a gradient only when it is
+            being differentiated, as a frozen LoRA base is not), or re-compute each chunk's
+            logits in the backward pass (``False``). Same result; ``True`` runs one head matmul
+            fewer. ``True`` rules out forward-mode differentiation (``jax.jvp``) through the
+            chunked loss. See :func:`causal_lm_loss`.
+        decode_unroll: With ``scan_layers``, how many layers one iteration of the layer scan
+            runs in calls with a cache (generation): ``None`` (default) is every layer on an
+            NVIDIA GPU (the scan is unrolled, so XLA reads each layer's weights in place rather
+            than copying them out of the stacked arrays every step: a design-shape decode step
+            on the H200 went from 5.5 to 4.2 ms) and 1 elsewhere (on a CPU unrolling made the
+            demo's generation compile four times longer). :func:`decode_unroll` says what a
+            config gets.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -157,6 +172,8 @@ class LlamaConfig:
     attention: Optional[str] = None
     remat: Optional[str] = "auto"
     loss_chunk_tokens: Optional[int] = None
+    loss_grad_in_forward: bool = True
+    decode_unroll: Optional[int] = None
 
     def __post_init__(self):
         if self.attention not in (None, "xla", "cudnn"):
@@ -169,6 +186,10 @@ class LlamaConfig:
             not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0
         ):
             raise ValueError(f"loss_chunk_tokens must be None or an int >= 0, got {self.loss_chunk_tokens!r}.")
+        if self.decode_unroll is not None and (
+            not isinstance(self.decode_unroll, int) or isinstance(self.decode_unroll, bool) or self.decode_unroll < 1
+        ):
+            raise ValueError(f"decode_unroll must be None or an int >= 1, got {self.decode_unroll!r}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}."
@@ -353,6 +374,20 @@ def remat_policy(config: LlamaConfig) -> Optional[str]:
     return config.remat
 
 
+def decode_unroll(config: LlamaConfig) -> int:
+    """The ``unroll`` of the layer scan in calls with a cache (see ``LlamaConfig.decode_unroll``).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2, head_dim=16, scan_layers=True)
+        >>> decode_unroll(cfg.replace(decode_unroll=2)), decode_unroll(cfg) in (1, 2)
+        (2, True)
+    """
+    if config.decode_unroll is not None:
+        return min(config.decode_unroll, config.num_layers)
+    return config.num_layers if _on_cuda() else 1
+
+
 def _on_cuda() -> bool:
     try:
         if jax.default_backend() != "gpu":
@@ -533,6 +568,84 @@ def _nll_sum(h: Array, kernel: Array, labels: Array, weights: Array, *, transpos
     return jnp.sum((lse - target) * weights)
 
 
+def _chunk_grads(hc: Array, kernel: Array, yc: Array, wc: Array, *, transposed: bool, dtype: Any,
+                 kernel_grad: bool) -> tuple[Array, Array, Optional[Array]]:
+    """One chunk's ``(Σ w·nll, d/dh, d/dkernel)`` (the kernel's float32, or None), from one logits.
+
+    What reverse-mode autodiff of :func:`_nll_sum` computes, in the same dtypes: the logits'
+    float32 cotangent ``w·(softmax - onehot)`` is cast to the matmul dtype, as the cast of the
+    bf16 logits to float32 transposes to."""
+    logits = _head_logits(hc, kernel, transposed=transposed, dtype=dtype).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
+    total = jnp.sum((lse - target) * wc)
+    hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
+    g = ((jnp.exp(logits - lse[:, None]) - hot) * wc[:, None]).astype(dtype)
+    w = jnp.asarray(kernel, dtype)
+    # d/dh = g · kernelᵀ (or g · kernel when the kernel is (vocab, hidden)).
+    dh = jax.lax.dot_general(g, w, (((1,), (0 if transposed else 1,)), ((), ()))).astype(hc.dtype)
+    dk = None
+    if kernel_grad:  # (hidden, vocab) = hcᵀ·g, or its transpose; float32 sums across chunks
+        hd = jnp.asarray(hc, dtype)
+        lhs, rhs = (g, hd) if transposed else (hd, g)
+        dk = jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return total, dh, dk
+
+
+def _chunked_nll_recompute(h: Array, kernel: Array, y: Array, w: Array, *, transposed: bool,
+                           dtype: Any) -> Array:
+    """``Σ w·nll`` over chunks ``h[i]`` (``(count, size, d)``), each under ``jax.checkpoint``:
+    the backward pass computes a chunk's logits again rather than storing them."""
+    nll = functools.partial(_nll_sum, transposed=transposed, dtype=dtype)
+    chunk_nll = jax.checkpoint(nll, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def body(acc, xs):
+        hc, yc, wc = xs
+        return acc + chunk_nll(hc, kernel, yc, wc), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, w))
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_nll_forward(h: Array, kernel: Array, y: Array, w: Array, transposed: bool, dtype: Any) -> Array:
+    """As :func:`_chunked_nll_recompute`, whose primal it is; differentiated, its forward pass
+    also computes each chunk's gradient (see :func:`_forward_grads`)."""
+    return _chunked_nll_recompute(h, kernel, y, w, transposed=transposed, dtype=dtype)
+
+
+def _forward_grads(h, kernel, y, w, transposed, dtype):
+    """The forward pass with gradients: a chunk's logits give its loss and, right away, its
+    ``d/dh`` (stacked, the residual) and ``d/dkernel`` (summed, only when the kernel is being
+    differentiated, which a frozen LoRA base is not). The backward pass only scales them."""
+    kernel_grad = bool(kernel.perturbed)
+    kv = kernel.value
+
+    def body(carry, xs):
+        total, dk = carry
+        hc, yc, wc = xs
+        t, dh, dkc = _chunk_grads(hc, kv, yc, wc, transposed=transposed, dtype=dtype, kernel_grad=kernel_grad)
+        return (total + t, dk if dkc is None else dk + dkc), dh
+
+    dk0 = jnp.zeros(kv.shape if kernel_grad else (), jnp.float32)
+    (total, dk), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dk0), (h.value, y.value, w.value))
+    return total, (dh, dk.astype(kv.dtype) if kernel_grad else None)
+
+
+def _backward_grads(transposed, dtype, res, g):
+    """Scales the forward pass's gradients by the loss's cotangent ``g`` (float32)."""
+    dh, dk = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros((), jnp.float32)
+    g = jnp.asarray(g, jnp.float32)
+    dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)
+    dk = None if dk is None else (dk.astype(jnp.float32) * g).astype(dk.dtype)
+    return dh, dk, None, None
+
+
+_chunked_nll_forward.defvjp(_forward_grads, _backward_grads, symbolic_zeros=True)
+
+
 def _loss_chunks(n: int, vocab: int, chunk_tokens: Optional[int]) -> tuple[int, int]:
     """``(count, size)`` of the token chunks: ``count · size >= n`` with less than ``count`` padding."""
     if chunk_tokens == 0:
@@ -552,22 +665,28 @@ def causal_lm_loss(
     transposed: bool = False,
     dtype: Any = None,
     chunk_tokens: Optional[int] = None,
+    grad_in_forward: bool = True,
 ) -> Array:
     """Mean cross-entropy of ``hidden · kernel`` against ``labels``, a chunk of tokens at a time.
 
     The tokens (every position of ``hidden``, flattened) are cut into chunks; a ``lax.scan`` over
     the chunks computes each chunk's float32 logits, their log-sum-exp and the label's logit, and
-    keeps only the sum. Each chunk runs under ``jax.checkpoint``, so the backward pass computes its
-    logits again instead of storing them: the logits of the whole batch (``tokens × vocab``
-    float32, 2 GiB for 16k tokens of a 32k vocabulary) never exist at once, only one chunk's.
-    When everything fits in one chunk there is no scan and no re-computation: the result is
-    the plain cross-entropy, computed the plain way.
+    keeps only the sum: the logits of the whole batch (``tokens × vocab`` float32, 2 GiB for 16k
+    tokens of a 32k vocabulary) never exist at once, only one chunk's. Differentiated, the chunks
+    need their logits again; with ``grad_in_forward`` (default) each chunk's gradient,
+    ``w·(softmax - onehot)`` times the kernel, is computed in the forward pass right after its
+    logits (a ``jax.custom_vjp``; the backward pass only scales it, and the kernel's own gradient
+    is computed only when the kernel is being differentiated, which a frozen base is not), so
+    no logits are computed twice. Without it each chunk runs under ``jax.checkpoint`` and the
+    backward pass computes its logits again. When everything fits in one chunk there is no scan
+    and no re-computation: the result is the plain cross-entropy, computed the plain way.
 
     Call it inside the function that ``jlora.inject``/``apply`` traces (``Llama.__call__`` does,
     with ``labels=``), so that an adapted head is computed unmerged like any other kernel: the
     scan body closes over the kernel, and jlora evaluates the body (and the ``jax.checkpoint``
-    in it) with the kernel unmerged. The chunks run over tokens, not over the vocabulary, on
-    purpose: token chunks leave the kernel whole and are independent of each other. Vocabulary
+    in it) with the kernel unmerged (an adapted kernel is differentiated through the
+    re-computing form: jlora inlines a ``custom_vjp`` that an adapted kernel reaches). The
+    chunks run over tokens, not over the vocabulary, on purpose: token chunks leave the kernel whole and are independent of each other. Vocabulary
     chunks would slice the kernel's output axis: fed to ``lax.scan`` as ``xs`` that slice is
     refused by ``jlora.inject`` (one kernel axis would be both a stacked-layer axis and an output
     axis; jlora's scan rule slices adapted kernels only along stacked-layer axes); a
@@ -587,6 +706,10 @@ def causal_lm_loss(
             The logits are then cast to float32.
         chunk_tokens: Tokens per chunk: ``None`` for as many as keep one chunk's float32 logits
             within :data:`LOSS_CHUNK_BYTES`, ``0`` for no chunking.
+        grad_in_forward: Compute the chunks' gradients in the forward pass (``True``) or
+            re-compute their logits in the backward pass (``False``). Same result up to
+            rounding; ``True`` runs one head matmul fewer but cannot be differentiated in
+            forward mode (``jax.jvp``).
 
     Returns:
         ``Σ w·nll / Σ w`` over all positions (float32 scalar; 0 when every weight is 0).
@@ -614,23 +737,18 @@ def causal_lm_loss(
     y = jnp.maximum(y, 0)
     n = h.shape[0]
     count, size = _loss_chunks(n, vocab, chunk_tokens)
-    nll = functools.partial(_nll_sum, transposed=transposed, dtype=dtype)
     if count == 1:
-        total = nll(h, kernel, y, w)
+        total = _nll_sum(h, kernel, y, w, transposed=transposed, dtype=dtype)
     else:
         pad = count * size - n
         if pad:
             h = jnp.pad(h, ((0, pad), (0, 0)))
             y, w = jnp.pad(y, (0, pad)), jnp.pad(w, (0, pad))
-        # The backward pass re-computes a chunk's logits rather than storing them.
-        chunk_nll = jax.checkpoint(nll, policy=jax.checkpoint_policies.nothing_saveable)
-
-        def body(acc, xs):
-            hc, yc, wc = xs
-            return acc + chunk_nll(hc, kernel, yc, wc), None
-
         xs = (h.reshape(count, size, d), y.reshape(count, size), w.reshape(count, size))
-        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+        if grad_in_forward:
+            total = _chunked_nll_forward(*xs[:1], kernel, *xs[1:], transposed, dtype)
+        else:
+            total = _chunked_nll_recompute(xs[0], kernel, *xs[1:], transposed=transposed, dtype=dtype)
     denom = jnp.sum(w)
     return total / jnp.where(denom > 0, denom, 1.0)
 
@@ -715,6 +833,7 @@ class Llama(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
+                unroll=1 if cache is None else decode_unroll(cfg),
             )(cfg, name="layers")
             x, new_kv = layers(x, cos, sin, mask, kv, index)
         else:
@@ -735,7 +854,7 @@ class Llama(nn.Module):
                 kernel, transposed = LMHead(cfg, name="lm_head").kernel, False
             return causal_lm_loss(
                 x, kernel, labels, loss_mask, transposed=transposed, dtype=cfg.dtype,
-                chunk_tokens=cfg.loss_chunk_tokens,
+                chunk_tokens=cfg.loss_chunk_tokens, grad_in_forward=cfg.loss_grad_in_forward,
             )
         if cfg.tie_embeddings:
             logits = embed.attend(x)
