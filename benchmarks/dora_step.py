@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--steps", type=int, default=10)
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--no-peft", action="store_true", help="skip PEFT's DoRA step")
+    m.add_argument("--no-step", action="store_true", help="time the inits only (no step, no PEFT)")
     m.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
 
@@ -268,15 +269,16 @@ def _print_inits(results: dict, a) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    peft = None if a.no_peft else _peft_dora(a)
+    peft = None if a.no_peft or a.no_step else _peft_dora(a)
     env = L.environment()
     print(f"# dora_step  jax {env['jax']}  {env['backend']}:{env['device_kind']}  {env['date']}", flush=True)
     if peft is not None:
         print(f"peft_dora_eager: {peft.get('status')}" + (f", {peft['step_ms']:.2f} ms" if peft.get("step_ms") else ""),
               flush=True)
-    steps, extra = _steps(a, peft)
+    steps, extra = ({}, {}) if a.no_step else _steps(a, peft)
     inits = _inits(a) if a.inits else {}
-    _print_steps(steps, extra, a)
+    if steps:
+        _print_steps(steps, extra, a)
     if inits:
         _print_inits(inits, a)
     if a.json_path:
