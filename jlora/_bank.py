@@ -50,7 +50,8 @@ class LoraBank:
     ``ranks[i]`` to ``r`` (the largest). So the bank is also one adapter of rank ``N·r`` (A and B
     reshaped, no copy), which is how a decode step's mixed batch reads it in one matmul. ``ranks[i] == 0`` where adapter ``i`` does not
     adapt this kernel (its slot is all zeros). Static fields: ``layout`` (shared by every adapter),
-    ``names``, ``ranks``, ``scales``, ``dropouts`` (one entry per adapter).
+    ``names``, ``ranks``, ``scales``, ``dropouts``, ``rslora`` (one entry per adapter; ``rslora[i]``:
+    adapter ``i``'s scale was ``alpha/√r``, kept so that its export writes ``use_rslora``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -60,27 +61,29 @@ class LoraBank:
         ((4, 5), 3, 2)
     """
 
-    __slots__ = ("w0", "a", "b", "layout", "names", "ranks", "scales", "dropouts")
+    __slots__ = ("w0", "a", "b", "layout", "names", "ranks", "scales", "dropouts", "rslora")
 
     def __init__(self, w0, a, b, *, layout: Layout, names: Sequence[str], ranks: Sequence[int],
-                 scales: Sequence[float], dropouts: Optional[Sequence[float]] = None):
+                 scales: Sequence[float], dropouts: Optional[Sequence[float]] = None,
+                 rslora: Optional[Sequence[bool]] = None):
         self.w0, self.a, self.b = w0, a, b
         self.layout = layout
         self.names = tuple(str(n) for n in names)
         self.ranks = tuple(int(r) for r in ranks)
         self.scales = tuple(float(s) for s in scales)
         self.dropouts = tuple(float(d) for d in (dropouts if dropouts is not None else [0.0] * len(self.names)))
+        self.rslora = tuple(bool(x) for x in (rslora if rslora is not None else [False] * len(self.names)))
 
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
         children = ((ga("w0"), self.w0), (ga("a"), self.a), (ga("b"), self.b))
-        return children, (self.layout, self.names, self.ranks, self.scales, self.dropouts)
+        return children, (self.layout, self.names, self.ranks, self.scales, self.dropouts, self.rslora)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
         obj.w0, obj.a, obj.b = children
-        obj.layout, obj.names, obj.ranks, obj.scales, obj.dropouts = aux
+        obj.layout, obj.names, obj.ranks, obj.scales, obj.dropouts, obj.rslora = aux
         return obj
 
     @property
@@ -141,9 +144,9 @@ def bank_problem(node: LoraBank) -> str | None:
         return "it holds no adapters"
     if len(set(node.names)) != n:
         return f"its names {node.names} are not unique"
-    if not (len(node.ranks) == len(node.scales) == len(node.dropouts) == n):
-        return f"names, ranks, scales and dropouts have different lengths ({n}, {len(node.ranks)}, " \
-               f"{len(node.scales)}, {len(node.dropouts)})"
+    if not (len(node.ranks) == len(node.scales) == len(node.dropouts) == len(node.rslora) == n):
+        return f"names, ranks, scales, dropouts and rslora have different lengths ({n}, {len(node.ranks)}, " \
+               f"{len(node.scales)}, {len(node.dropouts)}, {len(node.rslora)})"
     a, b, lay = node.a, node.b, node.layout
     if a is None or b is None:
         return "it has no A/B factors"
@@ -260,7 +263,8 @@ def _bank_of(what: str, path: str, w0: Any, entries: list[tuple[str, Optional[Lo
     return LoraBank(w0, a_all, b_all, layout=k0.layout,
                     names=[nm for nm, _ in entries], ranks=[0 if k is None else k.rank for _, k in entries],
                     scales=[0.0 if k is None else k.scale for _, k in entries],
-                    dropouts=[0.0 if k is None else k.dropout for _, k in entries])
+                    dropouts=[0.0 if k is None else k.dropout for _, k in entries],
+                    rslora=[False if k is None else k.rslora for _, k in entries])
 
 
 def _slot(bank: LoraBank, i: int) -> Optional[LoraKernel]:
@@ -269,7 +273,8 @@ def _slot(bank: LoraBank, i: int) -> Optional[LoraKernel]:
     if q == 0:
         return None
     a, b = slot_factors(bank, i)
-    return LoraKernel(bank.w0, a, b, layout=bank.layout, scale=bank.scales[i], dropout=bank.dropouts[i])
+    return LoraKernel(bank.w0, a, b, layout=bank.layout, scale=bank.scales[i], dropout=bank.dropouts[i],
+                      rslora=bank.rslora[i])
 
 
 def slot_factors(bank: LoraBank, i: int) -> tuple[jax.Array, jax.Array]:

@@ -127,6 +127,26 @@ def test_stack_select_round_trip_with_different_ranks_and_targets():
     assert "2/3" in jlora.summary(bank) and "2/0" in jlora.summary(bank)
 
 
+def test_rslora_flag_survives_the_bank(tmp_path):
+    """An rsLoRA adapter (scale alpha/√r) keeps its flag through stack, select, add and remove,
+    so its PEFT export still writes use_rslora (with the same alpha), like the adapter alone."""
+    import json
+
+    p = mlp_params()
+    pr, _ = jlora.inject(p, mlp, rank=4, alpha=8.0, rslora=True, example_args=(X,), key=K(7))
+    _, pa, _, _ = two_adapters()
+    bank = jlora.stack_adapters({"a": pa, "r": pr})
+    assert bank["l1"]["kernel"].rslora == (False, True)
+    bank = jlora.add_adapter(jlora.remove_adapter(bank, "a"), "a2", pa)
+    assert bank["l1"]["kernel"].rslora == (True, False)
+    got = jlora.select_adapter(bank, "r")["l1"]["kernel"]
+    assert got.rslora and got.scale == pr["l1"]["kernel"].scale == 4.0
+    for name, tree in (("alone", pr), ("from_bank", jlora.select_adapter(jlora.combine(bank, p), "r"))):
+        jlora.export_peft(tmp_path / name, tree, module_map={r"(l\d)/kernel": r"\1"})
+    alone, from_bank = (json.loads((tmp_path / n / "adapter_config.json").read_text()) for n in ("alone", "from_bank"))
+    assert from_bank["use_rslora"] is True and from_bank["lora_alpha"] == alone["lora_alpha"] == 8.0
+
+
 def test_add_and_remove_adapters_are_pure():
     p, pa, pb, _ = two_adapters()
     pc, _ = jlora.inject(p, mlp, rank=5, targets=["l2"], example_args=(X,), key=K(6))
