@@ -43,7 +43,7 @@ from jlora._atomic import atomic_directory, disk_full_is_clear, resolve
 from jlora._node import Layout, LoraKernel, Trainable, factor_problem, kernel_shape
 from jlora._paths import nearest
 from jlora._quant import shape_of
-from jlora._sharding import place_factors, place_like
+from jlora._sharding import place_factors, place_like, place_magnitude
 from jlora._tree import Flat, host_array, iter_kernels
 
 __all__ = [
@@ -463,7 +463,7 @@ def _node(plain: Any, path: str, e: dict, arrays: Mapping[str, Any]) -> Any:
         a0, b0 = place_factors(plain, layout, arrays[f"{path}/a0"], arrays[f"{path}/b0"])
     m = arrays.get(f"{path}/m")
     return LoraKernel(plain, a, b, layout=layout, scale=float(e["scale"]), dropout=float(e["dropout"]),
-                      m=None if m is None else jnp.asarray(m), a0=a0, b0=b0, rslora=bool(e.get("rslora", False)),
+                      m=None if m is None else place_magnitude(plain, layout, jnp.asarray(m)), a0=a0, b0=b0, rslora=bool(e.get("rslora", False)),
                       init=e.get("init"), base_sha256=e.get("base_sha256"))
 
 

@@ -29,7 +29,7 @@ from jlora._node import Layout, LoraKernel, Trainable, effective_factors, is_nod
 from jlora._paths import Targets, describe_targets, leaf_name, make_matcher, nearest
 from jlora._quant import is_quantized
 from jlora._report import Report
-from jlora._sharding import init_factors, place_factors
+from jlora._sharding import init_factors, place_factors, place_magnitude
 from jlora._trace import Flat, shape_of, trace_uses
 
 __all__ = ["inject", "EMBEDDING_NAMES"]
@@ -360,7 +360,7 @@ def _adapter(key: jax.Array, path: str, w0: Any, lay: Layout, r: int, scale: flo
                 f"inject: dora=True divides each output unit of '{path}' by its weight norm, and {zero.size} of its "
                 f"units (flat indices {zero[:5].tolist()}{', ...' if zero.size > 5 else ''}) are all zero (or not "
                 f"finite), which would make that output NaN. Leave this kernel out of targets, or use plain LoRA.")
-        node = node.replace(m=m)
+        node = node.replace(m=place_magnitude(w0, lay, m))
     return node
 
 

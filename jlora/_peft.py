@@ -47,7 +47,7 @@ from jlora._trace import trace_uses
 from jlora._bank import refuse_banks
 from jlora._node import Layout, LoraKernel, Trainable, as_plain_lora, is_node
 from jlora._paths import leaf_name, nearest, path_str
-from jlora._sharding import place_factors, place_like
+from jlora._sharding import place_factors, place_like, place_magnitude
 from jlora._tree import Flat, host_array, is_jlora_leaf, plain
 
 __all__ = ["LLAMA_MODULE_MAP", "ModuleMap", "export_peft", "import_peft"]
@@ -1052,7 +1052,7 @@ def _build_kernel(base: _Base, i: int, parts, layout: Layout, conventional: bool
             m_full[idx] = _magnitude_from_torch(mag.astype(np.float32), layout, shape)
     # Sharded like the base they are loaded over, as load_adapters does.
     a, b = place_factors(w0, layout, a_full.astype(dtype), b_full.astype(dtype))
-    mm = None if m_full is None else jnp.asarray(m_full.astype(dtype))
+    mm = None if m_full is None else place_magnitude(w0, layout, jnp.asarray(m_full.astype(dtype)))
     return LoraKernel(w0, jnp.asarray(a), jnp.asarray(b), layout=layout, scale=first[1], dropout=settings.dropout,
                       m=mm, rslora=settings.rslora)
 

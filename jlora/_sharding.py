@@ -229,6 +229,27 @@ def place_factors(w0: Any, layout: Layout, a: Any, b: Any) -> tuple[Any, Any]:
     return jax.device_put(a, sa), jax.device_put(b, sb)
 
 
+def place_magnitude(w0: Any, layout: Layout, m: Any) -> Any:
+    """DoRA's magnitude ``m`` (``(stack..., out...)``, B's axes without the rank axis) moved to the
+    sharding of B's axes it shares (unchanged if ``w0`` is on one device, abstract, or not an array).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora import Layout
+        >>> place_magnitude(jnp.ones((4, 3)), Layout((), (0,), (1,)), jnp.ones((3,))).shape
+        (3,)
+    """
+    sharding = _concrete_sharding(w0)
+    if sharding is None or m is None:
+        return m
+    _, sb = adapter_shardings(sharding, layout, len(w0.shape))
+    if isinstance(sb, NamedSharding):
+        ns = len(layout.stack)
+        spec = tuple(sb.spec) + (None,) * (ns + 1 + len(layout.out) - len(sb.spec))
+        sb = _named_with(sb, PartitionSpec(*(spec[:ns] + spec[ns + 1:])))
+    return jax.device_put(m, sb)
+
+
 def place_like(ref: Any, x: Any) -> Any:
     """``x`` put on ``ref``'s sharding when ``ref`` is a concrete array on several devices (a leaf
     trained in full, loaded over its sharded base leaf); else ``x`` unchanged."""
@@ -237,7 +258,7 @@ def place_like(ref: Any, x: Any) -> Any:
 
 
 def shard_adapters(params: Any) -> Any:
-    """Injected ``params`` with every A and B moved next to its (sharded) base kernel.
+    """Injected ``params`` with every A and B (and DoRA magnitude) moved next to its (sharded) base kernel.
 
     Use it after resharding the base (``jax.device_put(params, new_shardings)`` moves A and B
     wherever ``new_shardings`` says; this puts them back where they belong on the new mesh).
@@ -255,7 +276,7 @@ def shard_adapters(params: Any) -> Any:
             return x
         a, b = place_factors(x.w0, x.layout, x.a, x.b)
         a0, b0 = (None, None) if x.a0 is None else place_factors(x.w0, x.layout, x.a0, x.b0)
-        return x.replace(a=a, b=b, a0=a0, b0=b0)
+        return x.replace(a=a, b=b, a0=a0, b0=b0, m=place_magnitude(x.w0, x.layout, x.m))
 
     return jax.tree.map(one, params, is_leaf=is_node)
 

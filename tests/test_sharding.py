@@ -429,3 +429,38 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
         assert (node.a.sharding.spec, node.b.sharding.spec) == want[n], n
         np.testing.assert_array_equal(np.asarray(node.a), np.asarray(old.a))
         np.testing.assert_array_equal(np.asarray(node.b), np.asarray(old.b))
+
+
+def test_dora_magnitude_is_placed_like_b(tmp_path):
+    """DoRA's magnitude m (one per output unit) is sharded like B's output axes: at inject over a
+    sharded base, by shard_adapters after a reshard, and by load_adapters onto another mesh; its
+    values never change."""
+    pytest.importorskip("orbax.checkpoint")
+    rng = np.random.default_rng(8)
+    w = {"l1": rng.standard_normal((D_IN, D_H)).astype(np.float32), "l2": rng.standard_normal((D_H, D_OUT)).astype(np.float32)}
+    x = jnp.zeros((BATCH, D_IN))
+    m1, m2 = mesh((8,), ("fsdp",)), mesh((2, 4), ("data", "model"))
+    ref, _ = jlora.inject({n: {"kernel": v} for n, v in w.items()}, mlp, rank=RANK, dora=True, example_args=(x,))
+    base1 = {n: {"kernel": put(v, m1, P(None, "fsdp"))} for n, v in w.items()}  # output axes over 'fsdp'
+    lp, _ = jlora.inject(base1, mlp, rank=RANK, dora=True, example_args=(x,))
+    for n in w:
+        node = lp[n]["kernel"]
+        assert node.b.sharding.spec == P(None, "fsdp") and node.m.sharding.spec == P("fsdp"), n
+        np.testing.assert_allclose(np.asarray(node.m), np.asarray(ref[n]["kernel"].m), rtol=1e-6)
+
+    spec2 = {"l1": P(None, "model"), "l2": P("model", "data")}
+    moved = jax.tree.map(lambda k: k.replace(w0=put(np.asarray(k.w0), m2, spec2["l1" if k.w0.shape == (D_IN, D_H) else "l2"]),
+                                              a=np.asarray(k.a), b=np.asarray(k.b), m=np.asarray(k.m)),
+                         lp, is_leaf=lambda k: isinstance(k, LoraKernel))
+    fixed = shard_adapters(moved)
+    want_m = {"l1": P("model"), "l2": P("data")}
+    for n in w:
+        assert fixed[n]["kernel"].m.sharding.spec == want_m[n], n
+        assert fixed[n]["kernel"].m.sharding.mesh == m2
+
+    jlora.save_adapters(tmp_path / "ckpt", lp)
+    got = jlora.load_adapters(tmp_path / "ckpt", {n: {"kernel": put(v, m2, spec2[n])} for n, v in w.items()})
+    for n in w:
+        node = got[n]["kernel"]
+        assert node.m.sharding.spec == want_m[n] and node.m.sharding.mesh == m2, n
+        np.testing.assert_array_equal(np.asarray(node.m), np.asarray(lp[n]["kernel"].m))
