@@ -233,3 +233,16 @@ def test_dora_step_smoke(tmp_path):
     assert res["steps"]["jlora_dora"]["check_ok"] and res["steps"]["jlora"]["check_ok"]
     assert res["steps"]["peft_dora_eager"]["step_ms"] > 0 and res["extra"]["dora_over_lora"] > 0
     assert all(r["model_s"] > 0 for r in res["inits"].values())
+
+
+def test_decode_profile_smoke():
+    """benchmarks/decode_profile.py with a tiny model on the CPU: both steps run and are timed, the
+    census has a row for each, and the profile (host events on a CPU) gives the dense − one diff."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_CPU_COMPILE)
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "decode_profile.py"), "--tiny"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, log
+    assert re.search(r"^one: median [0-9.]+ ms$", r.stdout, re.M) and re.search(r"^dense: median", r.stdout, re.M), log
+    assert "| one |" in r.stdout and "| dense |" in r.stdout, log
+    assert "## diff: dense − one" in r.stdout, log
