@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 
 import jax
@@ -410,25 +411,16 @@ def test_chunked_loss_equals_plain_cross_entropy(tie):
             assert "f32[18,101]" not in jaxpr and "f32[2,9,101]" not in jaxpr and "f32[5,101]" in jaxpr
 
 
-def _head_dots(jaxpr, vocab: int) -> int:
-    """dot_generals in ``jaxpr`` (and its sub-jaxprs) with an operand or result of width ``vocab``."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
-            count += any(vocab in shape for shape in shapes)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    count += _head_dots(inner, vocab)
-    return count
+def _compiled_dots(fn, *args) -> int:
+    """dot ops in the optimized HLO of ``jax.jit(fn)`` (what runs, after jit removed dead code)."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return sum(1 for line in text.splitlines() if re.search(r"\sdot\(", line))
 
 
 def test_chunked_loss_computes_gradient_in_forward_pass():
     """A frozen head (only the projections adapted): the chunked loss's gradient is computed in
-    the forward pass (two head matmuls a chunk: logits and d/dh; no kernel gradient, no logits
-    re-computed) and equals both the re-computing form and the plain cross-entropy."""
+    the forward pass (the compiled step has one head matmul fewer: no logits re-computed, no
+    kernel gradient) and equals both the re-computing form and the plain cross-entropy."""
     optax = pytest.importorskip("optax")
     tokens = random_tokens((2, 9))
     labels = jnp.roll(tokens, -1, axis=1).at[0, 6].set(-100)
@@ -452,8 +444,8 @@ def test_chunked_loss_computes_gradient_in_forward_pass():
         assert _max_err(got, want) < 1e-5, forward
         jaxpr = jax.make_jaxpr(jax.grad(loss))(adapters)
         assert "f32[18,101]" not in str(jaxpr) and "f32[2,9,101]" not in str(jaxpr)
-        dots[forward] = _head_dots(jaxpr.jaxpr, 101)
-    assert dots == {True: 2, False: 3}, dots
+        dots[forward] = _compiled_dots(jax.value_and_grad(loss), adapters)
+    assert dots[True] == dots[False] - 1, dots
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -480,6 +472,17 @@ def test_causal_lm_loss_gradients(transposed):
         np.testing.assert_allclose(got_h, want[0], atol=1e-6, rtol=1e-5)
         got_w = jax.grad(loss, argnums=1)(h, w, chunk, forward)  # the hidden states frozen
         np.testing.assert_allclose(got_w, want[1], atol=1e-6, rtol=1e-5)
+    # The weights (a traced loss mask) get their gradient too.
+    want_m = jax.grad(lambda m: causal_lm_loss(h, w, y, m, transposed=transposed, chunk_tokens=0))(m)
+    for forward in (True, False):
+        got_m = jax.grad(lambda m: causal_lm_loss(h, w, y, m, transposed=transposed, chunk_tokens=4,
+                                                  grad_in_forward=forward))(m)
+        np.testing.assert_allclose(got_m, want_m, atol=1e-6, rtol=1e-5)
+    # What jit runs: a frozen kernel costs one head matmul fewer than re-computing (value and
+    # d/dh: 2 against 3); a trained kernel re-computes its logits for d/dkernel (4).
+    count = {(f, k): _compiled_dots(jax.value_and_grad(lambda h, w: loss(h, w, 4, f), argnums=k), h, w)
+             for f in (True, False) for k in ((0,), (0, 1))}
+    assert count == {(True, (0,)): 2, (False, (0,)): 3, (True, (0, 1)): 4, (False, (0, 1)): 4}, count
     # Scaled from outside: the backward pass multiplies by the loss's cotangent.
     got = jax.grad(lambda h: 3.0 * loss(h, w, 4, True))(h)
     np.testing.assert_allclose(got, 3.0 * want[0], atol=1e-6, rtol=1e-5)
@@ -489,11 +492,37 @@ def test_causal_lm_loss_gradients(transposed):
     np.testing.assert_allclose(jvp, jnp.sum(want[0] * tangent), rtol=1e-4)
 
 
+def test_chunked_loss_gradient_inside_shard_map():
+    """Data-parallel over simulated devices: the default chunked loss differentiates inside
+    ``shard_map`` (a custom_vjp with symbolic zeros would not) and equals the plain loss."""
+    if jax.device_count() < 2 or not hasattr(jax, "shard_map"):
+        pytest.skip("needs 2 devices and jax.shard_map")
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.standard_normal((2, 6, 16)), jnp.float32)
+    w = jnp.asarray(0.3 * rng.standard_normal((16, 40)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 40, (2, 6)), jnp.int32)
+    auto = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)  # inputs not typed as sharded
+    mesh = jax.make_mesh((2,), ("x",), **({"axis_types": (auto,)} if auto is not None else {}))
+
+    def sharded(h, chunk):
+        per_device = lambda h, w, y: jax.lax.psum(causal_lm_loss(h, w, y, chunk_tokens=chunk), "x") / 2  # noqa: E731
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(P("x"), P(), P("x")), out_specs=P(),
+                             check_vma=False)(h, w, y)
+
+    want = jax.grad(lambda h: causal_lm_loss(h, w, y, chunk_tokens=0))(h)
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda h: sharded(h, 4)))(h), want, atol=1e-6, rtol=1e-5)
+
+
 def test_llama_config_checks_new_fields():
     with pytest.raises(ValueError, match="decode_unroll"):
         TINY.replace(decode_unroll=0)
     with pytest.raises(ValueError, match="decode_unroll"):
         TINY.replace(decode_unroll=True)
+    assert TINY.replace(decode_unroll=np.int64(2)).decode_unroll == 2
+    with pytest.raises(ValueError, match="loss_grad_in_forward"):
+        TINY.replace(loss_grad_in_forward="yes")
 
 
 def test_causal_lm_loss_function():

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -132,11 +133,11 @@ class LlamaConfig:
             ``0`` never splits; ``n`` splits into chunks of about ``n`` tokens.
         loss_grad_in_forward: When the chunked loss is differentiated, compute each chunk's
             gradient in the forward pass, from the logits it has just made (``True``, default:
-            the backward pass only scales it; the head's kernel gets a gradient only when it is
-            being differentiated, as a frozen LoRA base is not), or re-compute each chunk's
-            logits in the backward pass (``False``). Same result; ``True`` runs one head matmul
-            fewer. ``True`` rules out forward-mode differentiation (``jax.jvp``) through the
-            chunked loss. See :func:`causal_lm_loss`.
+            the backward pass only scales it), or re-compute each chunk's logits in the backward
+            pass (``False``). Same result up to rounding; with a frozen head ``True`` runs one
+            head matmul fewer (an adapted head, or one trained in full, gets the re-computing
+            form's cost). ``True`` rules out forward-mode differentiation (``jax.jvp``) through
+            the chunked loss. See :func:`causal_lm_loss`.
         decode_unroll: With ``scan_layers``, how many layers one iteration of the layer scan
             runs in calls with a cache (generation): ``None`` (default) is every layer on an
             NVIDIA GPU (the scan is unrolled, so XLA reads each layer's weights in place rather
@@ -186,10 +187,13 @@ class LlamaConfig:
             not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0
         ):
             raise ValueError(f"loss_chunk_tokens must be None or an int >= 0, got {self.loss_chunk_tokens!r}.")
-        if self.decode_unroll is not None and (
-            not isinstance(self.decode_unroll, int) or isinstance(self.decode_unroll, bool) or self.decode_unroll < 1
-        ):
-            raise ValueError(f"decode_unroll must be None or an int >= 1, got {self.decode_unroll!r}.")
+        if self.decode_unroll is not None:
+            if isinstance(self.decode_unroll, bool) or not isinstance(self.decode_unroll, numbers.Integral) \
+                    or self.decode_unroll < 1:
+                raise ValueError(f"decode_unroll must be None or an int >= 1, got {self.decode_unroll!r}.")
+            object.__setattr__(self, "decode_unroll", int(self.decode_unroll))
+        if not isinstance(self.loss_grad_in_forward, (bool, np.bool_)):
+            raise ValueError(f"loss_grad_in_forward must be True or False, got {self.loss_grad_in_forward!r}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}."
@@ -568,28 +572,16 @@ def _nll_sum(h: Array, kernel: Array, labels: Array, weights: Array, *, transpos
     return jnp.sum((lse - target) * weights)
 
 
-def _chunk_grads(hc: Array, kernel: Array, yc: Array, wc: Array, *, transposed: bool, dtype: Any,
-                 kernel_grad: bool) -> tuple[Array, Array, Optional[Array]]:
-    """One chunk's ``(Σ w·nll, d/dh, d/dkernel)`` (the kernel's float32, or None), from one logits.
-
-    What reverse-mode autodiff of :func:`_nll_sum` computes, in the same dtypes: the logits'
-    float32 cotangent ``w·(softmax - onehot)`` is cast to the matmul dtype, as the cast of the
-    bf16 logits to float32 transposes to."""
+def _chunk_logit_grads(hc: Array, kernel: Array, yc: Array, wc: Array, *, transposed: bool,
+                       dtype: Any) -> tuple[Array, Array]:
+    """One chunk's per-token ``nll`` (float32, unweighted) and the logits' cotangent
+    ``w·(softmax - onehot)`` cast to the matmul dtype (as reverse-mode autodiff of
+    :func:`_nll_sum` casts it; the results agree with autodiff's up to rounding)."""
     logits = _head_logits(hc, kernel, transposed=transposed, dtype=dtype).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
-    total = jnp.sum((lse - target) * wc)
+    nll = lse - jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
     hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
-    g = ((jnp.exp(logits - lse[:, None]) - hot) * wc[:, None]).astype(dtype)
-    w = jnp.asarray(kernel, dtype)
-    # d/dh = g · kernelᵀ (or g · kernel when the kernel is (vocab, hidden)).
-    dh = jax.lax.dot_general(g, w, (((1,), (0 if transposed else 1,)), ((), ()))).astype(hc.dtype)
-    dk = None
-    if kernel_grad:  # (hidden, vocab) = hcᵀ·g, or its transpose; float32 sums across chunks
-        hd = jnp.asarray(hc, dtype)
-        lhs, rhs = (g, hd) if transposed else (hd, g)
-        dk = jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return total, dh, dk
+    return nll, ((jnp.exp(logits - lse[:, None]) - hot) * wc[:, None]).astype(dtype)
 
 
 def _chunked_nll_recompute(h: Array, kernel: Array, y: Array, w: Array, *, transposed: bool,
@@ -615,35 +607,44 @@ def _chunked_nll_forward(h: Array, kernel: Array, y: Array, w: Array, transposed
 
 
 def _forward_grads(h, kernel, y, w, transposed, dtype):
-    """The forward pass with gradients: a chunk's logits give its loss and, right away, its
-    ``d/dh`` (stacked, the residual) and ``d/dkernel`` (summed, only when the kernel is being
-    differentiated, which a frozen LoRA base is not). The backward pass only scales them."""
-    kernel_grad = bool(kernel.perturbed)
-    kv = kernel.value
+    """The forward pass with ``d/dh``: a chunk's logits give its per-token loss and, right away,
+    ``d/dh = g·kernelᵀ`` (stacked: the residual), so the backward pass only scales it.
 
-    def body(carry, xs):
-        total, dk = carry
+    The residuals also hold what the other gradients need: the per-token losses (``d/dw``) and
+    ``h`` and the kernel, from which the backward pass re-computes the logits for ``d/dkernel``.
+    When the kernel is not differentiated (a frozen LoRA head), that computation's result is
+    unused and jit removes it."""
+
+    def body(total, xs):
         hc, yc, wc = xs
-        t, dh, dkc = _chunk_grads(hc, kv, yc, wc, transposed=transposed, dtype=dtype, kernel_grad=kernel_grad)
-        return (total + t, dk if dkc is None else dk + dkc), dh
+        nll, g = _chunk_logit_grads(hc, kernel, yc, wc, transposed=transposed, dtype=dtype)
+        dims = (((1,), (0 if transposed else 1,)), ((), ()))  # g·kernelᵀ, or g·kernel if (vocab, hidden)
+        dh = jax.lax.dot_general(g, jnp.asarray(kernel, dtype), dims).astype(hc.dtype)
+        return total + jnp.sum(nll * wc), (dh, nll)
 
-    dk0 = jnp.zeros(kv.shape if kernel_grad else (), jnp.float32)
-    (total, dk), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dk0), (h.value, y.value, w.value))
-    return total, (dh, dk.astype(kv.dtype) if kernel_grad else None)
+    total, (dh, nll) = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, w))
+    return total, (dh, nll, h, kernel, y, w)
 
 
 def _backward_grads(transposed, dtype, res, g):
-    """Scales the forward pass's gradients by the loss's cotangent ``g`` (float32)."""
-    dh, dk = res
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        g = jnp.zeros((), jnp.float32)
+    """``g`` (the loss's cotangent) times each input's gradient: ``d/dh`` and ``d/dw`` (the
+    per-token losses) from the forward pass, ``d/dkernel`` computed here chunk by chunk."""
+    dh, nll, h, kernel, y, w = res
     g = jnp.asarray(g, jnp.float32)
-    dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)
-    dk = None if dk is None else (dk.astype(jnp.float32) * g).astype(dk.dtype)
-    return dh, dk, None, None
+
+    def body(dk, xs):
+        hc, yc, wc = xs
+        _, gl = _chunk_logit_grads(hc, kernel, yc, wc, transposed=transposed, dtype=dtype)
+        hd = jnp.asarray(hc, dtype)
+        lhs, rhs = (gl, hd) if transposed else (hd, gl)  # (hidden, vocab) = hᵀ·g, or its transpose
+        return dk + jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32), None
+
+    dk, _ = jax.lax.scan(body, jnp.zeros(jnp.shape(kernel), jnp.float32), (h, y, w))
+    return ((dh.astype(jnp.float32) * g).astype(dh.dtype), (dk * g).astype(jnp.result_type(kernel)), None,
+            (nll * g).astype(w.dtype))
 
 
-_chunked_nll_forward.defvjp(_forward_grads, _backward_grads, symbolic_zeros=True)
+_chunked_nll_forward.defvjp(_forward_grads, _backward_grads)
 
 
 def _loss_chunks(n: int, vocab: int, chunk_tokens: Optional[int]) -> tuple[int, int]:
@@ -675,9 +676,9 @@ def causal_lm_loss(
     tokens of a 32k vocabulary) never exist at once, only one chunk's. Differentiated, the chunks
     need their logits again; with ``grad_in_forward`` (default) each chunk's gradient,
     ``w·(softmax - onehot)`` times the kernel, is computed in the forward pass right after its
-    logits (a ``jax.custom_vjp``; the backward pass only scales it, and the kernel's own gradient
-    is computed only when the kernel is being differentiated, which a frozen base is not), so
-    no logits are computed twice. Without it each chunk runs under ``jax.checkpoint`` and the
+    logits (a ``jax.custom_vjp``; the backward pass only scales it), so no logits are computed
+    twice for a frozen head. The kernel's own gradient, when the kernel is trained, re-computes
+    the logits in the backward pass (for a frozen kernel jit drops that computation). Without it each chunk runs under ``jax.checkpoint`` and the
     backward pass computes its logits again. When everything fits in one chunk there is no scan
     and no re-computation: the result is the plain cross-entropy, computed the plain way.
 
@@ -708,8 +709,8 @@ def causal_lm_loss(
             within :data:`LOSS_CHUNK_BYTES`, ``0`` for no chunking.
         grad_in_forward: Compute the chunks' gradients in the forward pass (``True``) or
             re-compute their logits in the backward pass (``False``). Same result up to
-            rounding; ``True`` runs one head matmul fewer but cannot be differentiated in
-            forward mode (``jax.jvp``).
+            rounding; with a frozen kernel ``True`` runs one head matmul fewer. ``True`` cannot
+            be differentiated in forward mode (``jax.jvp``).
 
     Returns:
         ``Σ w·nll / Σ w`` over all positions (float32 scalar; 0 when every weight is 0).
