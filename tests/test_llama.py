@@ -379,17 +379,9 @@ def test_scanned_layers_stack_compact_residuals():
     assert nbytes(dots) < 0.5 * nbytes(plain)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_chunked_loss_equals_plain_cross_entropy(tie):
-    """Value and adapter gradients (the head / tied embedding adapted too) with a loss mask,
-    chunked with padding (18 tokens in chunks of 5 -> 4 chunks of 5) and not."""
+def _plain_loss_and_grads(apply, base, adapters, tokens, labels, mask):
+    """The masked mean cross-entropy of the full logits (optax), and its adapter gradients."""
     optax = pytest.importorskip("optax")
-    head = "embed_tokens" if tie else "lm_head"
-    cfg = TINY.replace(tie_embeddings=tie)
-    tokens = random_tokens((2, 9))
-    labels = jnp.roll(tokens, -1, axis=1).at[1, 4].set(-100)  # a negative label is ignored
-    mask = jnp.ones((2, 9)).at[:, -1].set(0.0).at[0, :3].set(0.0).at[1, 2].set(0.5)
-    adapters, base, apply = _lora(cfg, PROJ + [head])
 
     def plain(a):
         logits = apply(jlora.combine(a, base), tokens)
@@ -397,7 +389,20 @@ def test_chunked_loss_equals_plain_cross_entropy(tie):
         w = mask * (labels >= 0)
         return jnp.sum(nll * w) / jnp.sum(w)
 
-    want_loss, want = jax.jit(jax.value_and_grad(plain))(adapters)
+    return jax.jit(jax.value_and_grad(plain))(adapters)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_plain_cross_entropy(tie):
+    """Value and adapter gradients (the head / tied embedding adapted too) with a loss mask,
+    chunked with padding (18 tokens in chunks of 5 -> 4 chunks of 5) and not."""
+    head = "embed_tokens" if tie else "lm_head"
+    cfg = TINY.replace(tie_embeddings=tie)
+    tokens = random_tokens((2, 9))
+    labels = jnp.roll(tokens, -1, axis=1).at[1, 4].set(-100)  # a negative label is ignored
+    mask = jnp.ones((2, 9)).at[:, -1].set(0.0).at[0, :3].set(0.0).at[1, 2].set(0.5)
+    adapters, base, apply = _lora(cfg, PROJ + [head])
+    want_loss, want = _plain_loss_and_grads(apply, base, adapters, tokens, labels, mask)
     head_grads = jax.tree.leaves(want["params"][head])
     assert head_grads and all(float(jnp.abs(g).max()) > 0 for g in head_grads)  # the head is trained
     for chunk in (5, 0):
@@ -421,19 +426,11 @@ def test_chunked_loss_computes_gradient_in_forward_pass():
     """A frozen head (only the projections adapted): the chunked loss's gradient is computed in
     the forward pass (the compiled step has one head matmul fewer: no logits re-computed, no
     kernel gradient) and equals both the re-computing form and the plain cross-entropy."""
-    optax = pytest.importorskip("optax")
     tokens = random_tokens((2, 9))
     labels = jnp.roll(tokens, -1, axis=1).at[0, 6].set(-100)
     mask = jnp.ones((2, 9)).at[:, -1].set(0.0).at[1, 2].set(0.5)
     adapters, base, apply = _lora(TINY, PROJ)
-
-    def plain(a):
-        logits = apply(jlora.combine(a, base), tokens)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-        w = mask * (labels >= 0)
-        return jnp.sum(nll * w) / jnp.sum(w)
-
-    want_loss, want = jax.jit(jax.value_and_grad(plain))(adapters)
+    want_loss, want = _plain_loss_and_grads(apply, base, adapters, tokens, labels, mask)
     dots = {}
     for forward in (True, False):
         cfg = TINY.replace(loss_chunk_tokens=5, loss_grad_in_forward=forward)
