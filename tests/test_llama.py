@@ -490,8 +490,9 @@ def test_causal_lm_loss_gradients(transposed):
 
 
 def test_chunked_loss_gradient_inside_shard_map():
-    """Data-parallel over simulated devices: the default chunked loss differentiates inside
-    ``shard_map`` (a custom_vjp with symbolic zeros would not) and equals the plain loss."""
+    """Data-parallel over simulated devices: the chunked loss (both backward forms) differentiates
+    inside ``shard_map``, with its type checks on and off, and its gradients (hidden states and the
+    replicated kernel, summed over devices) equal the plain loss's."""
     if jax.device_count() < 2 or not hasattr(jax, "shard_map"):
         pytest.skip("needs 2 devices and jax.shard_map")
     from jax.sharding import PartitionSpec as P
@@ -502,14 +503,19 @@ def test_chunked_loss_gradient_inside_shard_map():
     y = jnp.asarray(rng.integers(0, 40, (2, 6)), jnp.int32)
     auto = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)  # inputs not typed as sharded
     mesh = jax.make_mesh((2,), ("x",), **({"axis_types": (auto,)} if auto is not None else {}))
+    want = jax.grad(lambda h, w: causal_lm_loss(h, w, y, chunk_tokens=0), argnums=(0, 1))(h, w)
+    for forward in (True, False):
+        for check in (True, False):
+            def per_device(h, w, y):
+                return jax.lax.psum(causal_lm_loss(h, w, y, chunk_tokens=4, grad_in_forward=forward), "x") / 2
 
-    def sharded(h, chunk):
-        per_device = lambda h, w, y: jax.lax.psum(causal_lm_loss(h, w, y, chunk_tokens=chunk), "x") / 2  # noqa: E731
-        return jax.shard_map(per_device, mesh=mesh, in_specs=(P("x"), P(), P("x")), out_specs=P(),
-                             check_vma=False)(h, w, y)
+            def sharded(h, w):
+                return jax.shard_map(per_device, mesh=mesh, in_specs=(P("x"), P(), P("x")), out_specs=P(),
+                                     check_vma=check)(h, w, y)
 
-    want = jax.grad(lambda h: causal_lm_loss(h, w, y, chunk_tokens=0))(h)
-    np.testing.assert_allclose(jax.jit(jax.grad(lambda h: sharded(h, 4)))(h), want, atol=1e-6, rtol=1e-5)
+            got = jax.jit(jax.grad(sharded, argnums=(0, 1)))(h, w)
+            for g, r in zip(got, want):
+                np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5, err_msg=f"forward={forward} check={check}")
 
 
 def test_llama_config_checks_new_fields():

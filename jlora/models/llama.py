@@ -584,6 +584,42 @@ def _chunk_logit_grads(hc: Array, kernel: Array, yc: Array, wc: Array, *, transp
     return nll, ((jnp.exp(logits - lse[:, None]) - hot) * wc[:, None]).astype(dtype)
 
 
+def _zeros_of(shape: tuple[int, ...], *inputs: Array) -> Array:
+    """float32 zeros of ``shape`` that vary over the same ``shard_map`` axes as ``inputs`` do (a
+    scan's carry must start with the type its body gives it; outside ``shard_map`` plain zeros).
+    Never given the kernel: an adapted kernel may reach only the ops jlora has rules for."""
+    z = jnp.zeros((), jnp.float32)
+    for x in inputs:
+        z = z + jnp.sum(x[(slice(0, 0),) + (slice(None),) * (x.ndim - 1)]).astype(jnp.float32)
+    return jnp.broadcast_to(z, shape)
+
+
+def _vary_like(xs: tuple[Array, ...]) -> tuple[Array, ...]:
+    """``xs``, each made to vary over every ``shard_map`` axis any of them varies over (a
+    ``custom_vjp`` must give each input a cotangent of the input's type; an input that JAX would
+    otherwise broadcast inside the rule gets its cotangent summed over those axes outside it).
+    Unchanged outside ``shard_map`` or on a JAX without varying-axis types."""
+    typeof = getattr(jax, "typeof", None)
+    cast = getattr(jax.lax, "pcast", None)
+    if typeof is None or (cast is None and not hasattr(jax.lax, "pvary")):
+        return xs
+
+    def varying(x):  # JAX >= 0.10: aval.manual_axis_type.varying; before: aval.vma
+        aval = typeof(x)
+        mat = getattr(aval, "manual_axis_type", None)
+        return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()) or ())
+
+    axes = [varying(x) for x in xs]
+    union = frozenset().union(*axes)
+    out = []
+    for x, have in zip(xs, axes):
+        missing = tuple(sorted(union - have))
+        if missing:
+            x = cast(x, missing, to="varying") if cast is not None else jax.lax.pvary(x, missing)
+        out.append(x)
+    return tuple(out)
+
+
 def _chunked_nll_recompute(h: Array, kernel: Array, y: Array, w: Array, *, transposed: bool,
                            dtype: Any) -> Array:
     """``Σ w·nll`` over chunks ``h[i]`` (``(count, size, d)``), each under ``jax.checkpoint``:
@@ -595,7 +631,7 @@ def _chunked_nll_recompute(h: Array, kernel: Array, y: Array, w: Array, *, trans
         hc, yc, wc = xs
         return acc + chunk_nll(hc, kernel, yc, wc), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, w))
+    total, _ = jax.lax.scan(body, _zeros_of((), h, y, w), (h, y, w))
     return total
 
 
@@ -622,7 +658,7 @@ def _forward_grads(h, kernel, y, w, transposed, dtype):
         dh = jax.lax.dot_general(g, jnp.asarray(kernel, dtype), dims).astype(hc.dtype)
         return total + jnp.sum(nll * wc), (dh, nll)
 
-    total, (dh, nll) = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, w))
+    total, (dh, nll) = jax.lax.scan(body, _zeros_of((), h, y, w), (h, y, w))
     return total, (dh, nll, h, kernel, y, w)
 
 
@@ -639,7 +675,7 @@ def _backward_grads(transposed, dtype, res, g):
         lhs, rhs = (gl, hd) if transposed else (hd, gl)  # (hidden, vocab) = hᵀ·g, or its transpose
         return dk + jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32), None
 
-    dk, _ = jax.lax.scan(body, jnp.zeros(jnp.shape(kernel), jnp.float32), (h, y, w))
+    dk, _ = jax.lax.scan(body, _zeros_of(jnp.shape(kernel), h, y, w), (h, y, w))
     return ((dh.astype(jnp.float32) * g).astype(dh.dtype), (dk * g).astype(jnp.result_type(kernel)), None,
             (nll * g).astype(w.dtype))
 
@@ -747,7 +783,8 @@ def causal_lm_loss(
             y, w = jnp.pad(y, (0, pad)), jnp.pad(w, (0, pad))
         xs = (h.reshape(count, size, d), y.reshape(count, size), w.reshape(count, size))
         if grad_in_forward:
-            total = _chunked_nll_forward(*xs[:1], kernel, *xs[1:], transposed, dtype)
+            hc, kc, yc, wc = _vary_like((xs[0], jnp.asarray(kernel), xs[1], xs[2]))
+            total = _chunked_nll_forward(hc, kc, yc, wc, transposed, dtype)
         else:
             total = _chunked_nll_recompute(xs[0], kernel, *xs[1:], transposed=transposed, dtype=dtype)
     denom = jnp.sum(w)
