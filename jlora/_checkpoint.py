@@ -463,7 +463,8 @@ def _node(plain: Any, path: str, e: dict, arrays: Mapping[str, Any]) -> Any:
         a0, b0 = place_factors(plain, layout, arrays[f"{path}/a0"], arrays[f"{path}/b0"])
     m = arrays.get(f"{path}/m")
     return LoraKernel(plain, a, b, layout=layout, scale=float(e["scale"]), dropout=float(e["dropout"]),
-                      m=None if m is None else place_magnitude(plain, layout, jnp.asarray(m)), a0=a0, b0=b0, rslora=bool(e.get("rslora", False)),
+                      m=None if m is None else place_magnitude(plain, layout, jnp.asarray(m)), a0=a0, b0=b0,
+                      rslora=bool(e.get("rslora", False)),
                       init=e.get("init"), base_sha256=e.get("base_sha256"))
 
 

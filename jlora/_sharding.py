@@ -242,12 +242,10 @@ def place_magnitude(w0: Any, layout: Layout, m: Any) -> Any:
     sharding = _concrete_sharding(w0)
     if sharding is None or m is None:
         return m
-    _, sb = adapter_shardings(sharding, layout, len(w0.shape))
-    if isinstance(sb, NamedSharding):
-        ns = len(layout.stack)
-        spec = tuple(sb.spec) + (None,) * (ns + 1 + len(layout.out) - len(sb.spec))
-        sb = _named_with(sb, PartitionSpec(*(spec[:ns] + spec[ns + 1:])))
-    return jax.device_put(m, sb)
+    if isinstance(sharding, NamedSharding):  # the kernel's entries on its stack and output axes, as Layout.m_shape
+        e = _entries(sharding.spec, len(w0.shape))
+        return jax.device_put(m, _named_with(sharding, PartitionSpec(*(e[i] for i in (*layout.stack, *layout.out)))))
+    return jax.device_put(m, adapter_shardings(sharding, layout, len(w0.shape))[1])  # one device, or replicated
 
 
 def place_like(ref: Any, x: Any) -> Any:

@@ -851,21 +851,18 @@ def _weight_writers(
         total += nbytes
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        out["model.safetensors.index.json"] = _text(json.dumps(index, indent=2) + "\n")
+        out["model.safetensors.index.json"] = text_writer(json.dumps(index, indent=2) + "\n")
     return out
-
-
-_text = text_writer
 
 
 def _config_writers(config: LlamaConfig, *, dtype: np.dtype, tokenizer: Any) -> dict[str, Writer]:
     """``config.json``, ``generation_config.json`` and the tokenizer's files."""
     hf_config = config_to_hf(config, dtype=dtype, tokenizer=tokenizer)
     generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-    out = {"generation_config.json": _text(json.dumps(generation, indent=2) + "\n")}
+    out = {"generation_config.json": text_writer(json.dumps(generation, indent=2) + "\n")}
     if tokenizer is not None:
-        out.update({name: _text(text) for name, text in tokenizer.files().items()})
-    out["config.json"] = _text(json.dumps(hf_config, indent=2) + "\n")  # last: replaced after the rest
+        out.update({name: text_writer(text) for name, text in tokenizer.files().items()})
+    out["config.json"] = text_writer(json.dumps(hf_config, indent=2) + "\n")  # last: replaced after the rest
     return out
 
 

@@ -564,12 +564,16 @@ def _head_logits(x: Array, kernel: Array, *, transposed: bool, dtype: Any) -> Ar
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _nll_sum(h: Array, kernel: Array, labels: Array, weights: Array, *, transposed: bool, dtype: Any) -> Array:
-    """``Σ weights · (logsumexp(logits) - logits[label])`` over the rows of ``h`` (float32)."""
+def _chunk_nll(h: Array, kernel: Array, labels: Array, *, transposed: bool, dtype: Any) -> tuple[Array, Array, Array]:
+    """``(logits, logsumexp, nll)`` of the rows of ``h``: float32 logits and per-row ``nll``."""
     logits = _head_logits(h, kernel, transposed=transposed, dtype=dtype).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    return jnp.sum((lse - target) * weights)
+    return logits, lse, lse - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+
+
+def _nll_sum(h: Array, kernel: Array, labels: Array, weights: Array, *, transposed: bool, dtype: Any) -> Array:
+    """``Σ weights · (logsumexp(logits) - logits[label])`` over the rows of ``h`` (float32)."""
+    return jnp.sum(_chunk_nll(h, kernel, labels, transposed=transposed, dtype=dtype)[2] * weights)
 
 
 def _chunk_logit_grads(hc: Array, kernel: Array, yc: Array, wc: Array, *, transposed: bool,
@@ -577,9 +581,7 @@ def _chunk_logit_grads(hc: Array, kernel: Array, yc: Array, wc: Array, *, transp
     """One chunk's per-token ``nll`` (float32, unweighted) and the logits' cotangent
     ``w·(softmax - onehot)`` cast to the matmul dtype (as reverse-mode autodiff of
     :func:`_nll_sum` casts it; the results agree with autodiff's up to rounding)."""
-    logits = _head_logits(hc, kernel, transposed=transposed, dtype=dtype).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    nll = lse - jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
+    logits, lse, nll = _chunk_nll(hc, kernel, yc, transposed=transposed, dtype=dtype)
     hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
     return nll, ((jnp.exp(logits - lse[:, None]) - hot) * wc[:, None]).astype(dtype)
 
@@ -714,8 +716,8 @@ def causal_lm_loss(
     ``w·(softmax - onehot)`` times the kernel, is computed in the forward pass right after its
     logits (a ``jax.custom_vjp``; the backward pass only scales it), so no logits are computed
     twice for a frozen head. The kernel's own gradient, when the kernel is trained, re-computes
-    the logits in the backward pass (for a frozen kernel jit drops that computation). Without it each chunk runs under ``jax.checkpoint`` and the
-    backward pass computes its logits again. When everything fits in one chunk there is no scan
+    the logits in the backward pass (for a frozen kernel jit drops that computation). Without
+    it each chunk runs under ``jax.checkpoint`` and the backward pass computes its logits again. When everything fits in one chunk there is no scan
     and no re-computation: the result is the plain cross-entropy, computed the plain way.
 
     Call it inside the function that ``jlora.inject``/``apply`` traces (``Llama.__call__`` does,
@@ -723,7 +725,8 @@ def causal_lm_loss(
     scan body closes over the kernel, and jlora evaluates the body (and the ``jax.checkpoint``
     in it) with the kernel unmerged (an adapted kernel is differentiated through the
     re-computing form: jlora inlines a ``custom_vjp`` that an adapted kernel reaches). The
-    chunks run over tokens, not over the vocabulary, on purpose: token chunks leave the kernel whole and are independent of each other. Vocabulary
+    chunks run over tokens, not over the vocabulary, on purpose: token chunks leave the kernel
+    whole and are independent of each other. Vocabulary
     chunks would slice the kernel's output axis: fed to ``lax.scan`` as ``xs`` that slice is
     refused by ``jlora.inject`` (one kernel axis would be both a stacked-layer axis and an output
     axis; jlora's scan rule slices adapted kernels only along stacked-layer axes); a
