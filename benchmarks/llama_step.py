@@ -11,7 +11,8 @@ Every variant is ``KIND-LAYOUT-REMAT-LOSS``:
           qlora   the same over an NF4 base (jlora.NF4Tensor, block 64, double quantization),
                   built layer by layer and stacked; scanned layout only
   LAYOUT  unroll | scan                      LlamaConfig.scan_layers
-  REMAT   none | auto | full | lora | dots   LlamaConfig.remat (auto: dots when scanned, else none)
+  REMAT   none | auto | full | offload | lora | dots
+                                             LlamaConfig.remat (auto: dots when scanned, else none)
   LOSS    plain   the model returns float32 logits, the step takes their cross-entropy
           chunk   model.apply(..., labels=, loss_mask=): causal_lm_loss over token chunks, each
                   chunk's gradient computed in the forward pass (LlamaConfig's default; results
@@ -109,7 +110,7 @@ SHAPES = {
         "floor-unroll-none-plain", "lora-unroll-none-plain", "lora-unroll-none-chunk", "floor-scan-auto-chunk",
         "lora-scan-none-plain", "lora-scan-auto-chunk", "lora-scan-full-chunk", "qlora-scan-full-chunk")),
 }
-KINDS, LAYOUTS, REMATS, LOSSES = ("floor", "lora", "qlora"), ("unroll", "scan"), ("none", "auto", "full", "lora", "dots"), ("plain", "chunk", "rechunk")
+KINDS, LAYOUTS, REMATS, LOSSES = ("floor", "lora", "qlora"), ("unroll", "scan"), ("none", "auto", "full", "offload", "lora", "dots"), ("plain", "chunk", "rechunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,14 +265,14 @@ def step_flops(cfg: LlamaConfig, v: Variant, tokens: int, seq: int) -> float:
     """FLOPs of one step, counted per token (LoRA's rank-r matmuls not counted):
 
     layers' matmuls 2·N forward + 2·N input gradient (frozen weights: no weight gradient), plus
-    2·N when remat re-runs the forward ('full', 'lora'; 'dots' re-runs no matmul); the LM head the
+    2·N when remat re-runs the forward ('full', 'offload', 'lora'; 'dots' re-runs no matmul); the LM head the
     same, plus 2·N_head when the chunked loss re-computes its logits ('rechunk'); causal attention (half the
     keys) 2·seq·heads·head_dim a layer forward, its backward twice that, plus one forward again
-    under 'full'/'lora' remat (and under 'dots' with XLA's attention, whose softmax is re-computed).
+    under 'full'/'offload'/'lora' remat (and under 'dots' with XLA's attention, whose softmax is re-computed).
     """
     n_layers, n_head = matmul_params(cfg)
     policy = remat_policy(cfg)
-    rerun = policy in ("full", "lora")
+    rerun = policy in ("full", "offload", "lora")
     attn_fwd = 2 * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers
     attn_rerun = rerun or (policy == "dots" and attention_implementation(cfg) != "cudnn")
     per_token = (6 if rerun else 4) * n_layers + (6 if v.recompute else 4) * n_head + (4 if attn_rerun else 3) * attn_fwd
@@ -422,7 +423,7 @@ def first_step(run: Run, args) -> None:
 # Phase 1 order: expected transient memory ascending, so that most steps raise the process peak
 # (which makes their allocator peak exact).
 def _memory_rank(v: Variant) -> tuple:
-    remat = {"full": 0, "lora": 0, "dots": 1, "auto": 1 if v.scan else 3, None: 3}[v.remat]
+    remat = {"offload": 0, "full": 1, "lora": 1, "dots": 2, "auto": 2 if v.scan else 4, None: 4}[v.remat]
     return (remat, v.chunk is False, v.kind != "floor", not v.scan)
 
 
@@ -601,12 +602,12 @@ def main(argv=None) -> int:
 
     print()
     print("| variant | trace s | compile s | step ms (median) | tok/s | MFU % | × floor | XLA GiB (arg+out−alias+temp) "
-          "| XLA temp GiB | peak Δ GiB | cuDNN fmha / any | first loss |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| XLA temp GiB | host temp GiB | peak Δ GiB | cuDNN fmha / any | first loss |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for name, row in results.items():
         if row["status"] != "ok":
-            print(f"| {name} | {row['status']} |" + " |" * 10)
+            print(f"| {name} | {row['status']} |" + " |" * 11)
             continue
         gib = lambda k: None if row.get(k) is None else row[k] / GIB  # noqa: E731
         pd = gib("peak_delta_bytes")
@@ -615,7 +616,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {row['trace_s']:.1f} | {row['compile_s']:.1f} | {f(row.get('step_ms'), '.1f')} "
               f"| {f(row.get('tokens_per_s'), ',.0f')} | {f(mfu, '.1f')} | {f(row.get('x_floor'), '.3f')} "
               f"| {f(gib('xla_total_bytes'), '.2f')} "
-              f"| {f(gib('xla_temp_bytes'), '.2f')} | {pd_s} "
+              f"| {f(gib('xla_temp_bytes'), '.2f')} | {f(gib('xla_host_temp_bytes'), '.2f')} | {pd_s} "
               f"| {f(row.get('cudnn_fmha_calls'), 'd')} / {f(row.get('cudnn_calls_any'), 'd')} "
               f"| {row['first_loss']:.4f} |")
     print()

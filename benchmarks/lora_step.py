@@ -445,13 +445,15 @@ def compile_run(run: Run, tokens):
 def xla_memory(compiled) -> dict:
     """XLA's static memory plan of a compiled step (``compiled.memory_analysis()``), in bytes:
     argument, output, alias, temp, and ``xla_total_bytes`` = argument + output − alias (donated
-    buffers reused) + temp. Raises where the backend reports no analysis."""
+    buffers reused) + temp, all on the device; ``xla_host_temp_bytes``: temp in host memory
+    (activations a remat policy offloads). Raises where the backend reports no analysis."""
     ma = compiled.memory_analysis()
     arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
     alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
     return dict(xla_argument_bytes=arg, xla_output_bytes=out, xla_alias_bytes=alias, xla_temp_bytes=temp,
                 xla_total_bytes=arg + out - alias + temp,
-                xla_peak_bytes=int(getattr(ma, "peak_memory_in_bytes", 0) or 0) or None)
+                xla_peak_bytes=int(getattr(ma, "peak_memory_in_bytes", 0) or 0) or None,
+                xla_host_temp_bytes=int(getattr(ma, "host_temp_size_in_bytes", 0) or 0))
 
 
 def xla_plan_bytes(compiled) -> int | None:

@@ -333,7 +333,7 @@ def _max_err(a, b) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("scan,policies", [(False, ["full", "dots"]), (True, [None, "full", "lora"])])
+@pytest.mark.parametrize("scan,policies", [(False, ["full", "dots"]), (True, [None, "full", "lora", "offload"])])
 def test_remat_keeps_adapter_gradients(scan, policies):
     """Re-computing layers changes what is stored, never the gradient w.r.t. the adapters."""
     tokens = random_tokens((2, 9))
@@ -377,6 +377,19 @@ def test_scanned_layers_stack_compact_residuals():
     ffn = [a for a in dots if a.shape[-1] == cfg.intermediate_size]
     assert len(ffn) == 2  # gate and up only
     assert nbytes(dots) < 0.5 * nbytes(plain)
+
+
+def test_offload_keeps_layer_inputs_on_the_host():
+    """remat='offload': the scan hands the backward pass its stacked layer inputs in host memory,
+    where 'full' hands them over on the device; unrolled layers are refused (XLA keeps them on the
+    device there, benchmarks/offload_probe.py)."""
+    cfg = TINY.replace(scan_layers=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    stacked = (cfg.num_layers, 2, 8, cfg.hidden_size)
+    space = lambda avals: [str(a.memory_space) for a in avals if a.shape == stacked]  # noqa: E731
+    assert space(_scan_residuals(cfg.replace(remat="full"))) == ["MemorySpace.Device"]
+    assert space(_scan_residuals(cfg.replace(remat="offload"))) == ["MemorySpace.Host"]
+    with pytest.raises(ValueError, match="scan_layers=True"):
+        Llama(TINY.replace(remat="offload")).apply(tiny_params(TINY), random_tokens((2, 8)))
 
 
 def _plain_loss_and_grads(apply, base, adapters, tokens, labels, mask):
