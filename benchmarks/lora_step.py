@@ -552,9 +552,12 @@ def environment() -> dict:
 
 
 def write_json(path: str, obj: dict) -> None:
+    """Write ``obj`` as JSON, whole or not at all (jlora's crash-safe writer: a run killed by a
+    time limit never leaves a half-written results file)."""
+    from jlora import _atomic
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1, default=str)
+    _atomic.write_file(path, _atomic.text_writer(json.dumps(obj, indent=1, default=str)))
 
 
 def _setup(a) -> tuple[Cfg, dict, Any, Any, dict]:
