@@ -18,6 +18,9 @@ the step time. Forms:
 ``XLA_FLAGS`` passes through (e.g. ``--xla_gpu_enable_latency_hiding_scheduler=false``). Optimized
 HLO goes to ``$OUT/hlo_<form>.txt`` when ``OUT`` is set. GPU only in any meaningful sense (a CPU's
 device memory is the host's). Usage: ``python benchmarks/offload_probe.py [form,form,...]``.
+
+``results/offload_probe.txt`` came from a one-off version of this script that also printed the
+optimized HLO's ``opt-barrier`` count and laid out its rows differently; forms and numbers as here.
 """
 
 from __future__ import annotations
@@ -65,14 +68,14 @@ def run(form: str, *, scan: bool, offload: bool, prevent_cse=None, host_free_bar
     policies = dict(llama.REMAT_POLICIES)
     orig_remat = nn.remat
     prim = lowering = orig_lowering = None
-    if offload and not scan:  # the model refuses remat='offload' unrolled: give 'full' its policy
-        llama.REMAT_POLICIES["full"] = llama.REMAT_POLICIES["offload"]
-    if prevent_cse is not None:
-        llama.nn.remat = lambda cls, **kw: orig_remat(cls, **dict(kw, prevent_cse=prevent_cse))
-    if host_free_barrier:
-        prim, lowering, orig_lowering = _host_free_lowering()
-        mlir.register_lowering(prim, lowering)
-    try:
+    try:  # every patch below is undone in ``finally``, even when one of them fails
+        if offload and not scan:  # the model refuses remat='offload' unrolled: give 'full' its policy
+            llama.REMAT_POLICIES["full"] = llama.REMAT_POLICIES["offload"]
+        if prevent_cse is not None:
+            llama.nn.remat = lambda cls, **kw: orig_remat(cls, **dict(kw, prevent_cse=prevent_cse))
+        if host_free_barrier:
+            prim, lowering, orig_lowering = _host_free_lowering()
+            mlir.register_lowering(prim, lowering)
         cfg = CFG.replace(scan_layers=scan, remat="offload" if offload and scan else "full")
         model = llama.Llama(cfg)
         shapes = jax.eval_shape(model.init, jax.random.key(0), TOKENS)

@@ -121,12 +121,15 @@ class LlamaConfig:
             backward runs the layer's forward again), ``'lora'`` (as ``'full'``, plus jlora's
             rank-r products ``x·A``), ``'offload'`` (as ``'lora'``, but the layer's input waits
             for the backward pass in the host's pinned memory, not on the device; needs
-            ``scan_layers=True``; on a CPU, whose device memory is the host's, it is ``'lora'``)
+            ``scan_layers=True``: with unrolled layers every cache-free call raises, even one
+            that is not differentiated; on a CPU, whose device memory is the host's, it is
+            ``'lora'``)
             or ``'dots'`` (every projection's output and the attention's; RMSNorm, RoPE and
             SiLU are re-computed, no matmul is). See :data:`REMAT_POLICIES`. ``'auto'``
             (default) is ``'dots'`` with ``scan_layers`` (a scan otherwise stacks float32 copies
             and every SwiGLU intermediate per layer: about twice the bytes, written and read back
-            each step) and ``None`` without (XLA fuses those copies away in an unrolled model). The same on every backend; on a CPU
+            each step) and ``None`` without (XLA fuses those copies away in an unrolled model).
+            The same on every backend; on a CPU
             ``'dots'`` costs the scanned demo no time. Only training uses it: calls with a cache
             ignore it. :func:`remat_policy` says what a config gets.
         loss_chunk_tokens: How :func:`causal_lm_loss` (``model.apply(..., labels=...)``) splits
@@ -352,7 +355,7 @@ _cp = jax.checkpoint_policies
 #:   is copied to the host's pinned memory in the forward pass and back in the backward pass, so
 #:   that no layer input stays on the device between the two (a Llama-3-8B at 8 × 2048 tokens:
 #:   4 GiB). Scanned layers only. On an H200 (JAX 0.11.2) XLA does not overlap the copies with
-#:   compute: the 8B step takes 7 % longer than under ``'full'`` (benchmarks/RESULTS.md).
+#:   compute: the 8B step takes 7–9 % longer than under ``'full'`` (benchmarks/RESULTS.md).
 #: * ``'lora'``: as ``'full'``, but jlora's rank-r products ``x·A`` (checkpoint name
 #:   ``'jlora_xa'``, N × r each) are kept.
 #: * ``'dots'``: every projection's output (checkpoint names :data:`PROJECTIONS`: with LoRA, the
@@ -879,10 +882,10 @@ class Llama(nn.Module):
         policy = remat_policy(cfg)
         if policy == "offload" and cache is None and not cfg.scan_layers and not self.is_initializing():
             raise ValueError(
-                "LlamaConfig(remat='offload') needs scan_layers=True: with unrolled layers XLA's GPU "
-                "scheduler starts each input's copy to the host only when the backward pass needs "
-                "it, so the input stays on the device (measured: more memory, not less). Use "
-                "remat='full' for unrolled layers, or stack them (stack_layer_params) and scan."
+                "LlamaConfig(remat='offload') needs scan_layers=True: with unrolled layers XLA on "
+                "the GPU kept the inputs on the device (measured on an H200: more device memory, "
+                "not less). Use remat='full' for unrolled layers, or stack them "
+                "(stack_layer_params) and scan."
             )
         if policy is not None and cache is None:
             # Inside nn.scan, CSE across iterations cannot happen anyway (JAX's advice).
