@@ -37,7 +37,9 @@ from jlora import _compat as jax_compat
 __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 
 #: Environment switch: ``JLORA_FUSED_IN_LOOPS=1`` lets ``matmul="pallas"`` take the kernel inside
-#: ``lax.scan``/``while`` bodies too (off by default: measured slower there, see benchmarks/RESULTS.md).
+#: ``lax.scan``/``while`` bodies too. Off by default: there it is 4–5 % faster than the plain path
+#: but XLA's plan needs more device memory (+1.25 GiB at the 0.9 B shape, +8.8 GiB for a scanned
+#: 8B with ``remat='offload'``), see benchmarks/RESULTS.md.
 IN_LOOPS_ENV = "JLORA_FUSED_IN_LOOPS"
 
 
@@ -226,6 +228,11 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
         # the kernel reads w (K, N) row-major: wᵀ is one transposed copy of this device's block
         y = _mosaic_call(x, w.T if w_t else w, _pad_rank(us, 1, tiles.r_align),
                          _pad_rank(v, 0, tiles.r_align), tiles=tiles)
+        # One consumer for the call: inside a loop body XLA:GPU wraps a custom call that reads a
+        # slice of a stacked weight into a dynamic-slice fusion, and then duplicated that fusion
+        # into its consumers, running the kernel twice (3 of 7 projections a layer, H200,
+        # benchmarks/RESULTS.md). The barrier stops that and costs nothing unrolled.
+        y = jax.lax.optimization_barrier(y)
     return jax.lax.psum(y, k_axes) if k_axes else y
 
 

@@ -127,6 +127,19 @@ def test_profile_step_smoke(tmp_path):
     assert set(summary["census"]) == {"scan:jlora", "scan:jlora_fused"}
 
 
+def test_kernel_launches_smoke():
+    """benchmarks/kernel_launches.py at the tiny scanned shape on the CPU: it builds, compiles and
+    profiles both variants, and says that a CPU trace has no GPU kernels to list."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_CPU_COMPILE)
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "kernel_launches.py"), "--tiny", "--layers", "1"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = r.stdout[-4000:] + r.stderr[-3000:]
+    assert r.returncode == 0, log
+    for v in ("jlora_fused", "jlora"):
+        assert f"== {v}: 0 device events in one step" in r.stdout, log
+    assert r.stdout.count("no GPU kernels in the trace") == 2, log
+
+
 def test_hlo_census_counts_loop_bodies_by_trip_count():
     """profile_step.hlo_census: an op in a scan body counts once per iteration, with its bytes."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
