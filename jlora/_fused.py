@@ -37,7 +37,7 @@ from jlora import _compat as jax_compat
 __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 
 #: Environment switch: ``JLORA_FUSED_IN_LOOPS=1`` lets ``matmul="pallas"`` take the kernel inside
-#: ``lax.scan``/``while`` bodies too. Off by default: there it is 4–5 % faster than the plain path
+#: ``lax.scan``/``while`` bodies too. Off by default: there it is 3–5 % faster than the plain path
 #: but XLA's plan needs more device memory (+1.25 GiB at the 0.9 B shape, +8.8 GiB for a scanned
 #: 8B with ``remat='offload'``), see benchmarks/RESULTS.md.
 IN_LOOPS_ENV = "JLORA_FUSED_IN_LOOPS"
