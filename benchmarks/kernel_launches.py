@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
-import json
 import os
 import re
 import sys
@@ -40,20 +38,9 @@ _MATMUL = re.compile(r"jlora|nvjet|gemm|cudnn|cublas", re.I)
 
 
 def device_events(path: str) -> list[dict]:
-    """The trace's kernel and copy events on the GPU's ``Stream`` lines, in start order."""
-    with gzip.open(path, "rt") as fh:
-        trace = json.load(fh)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    procs, threads = {}, {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            procs[e.get("pid")] = str(e.get("args", {}).get("name", ""))
-        elif e.get("ph") == "M" and e.get("name") == "thread_name":
-            threads[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
-    dev = {p for p, n in procs.items() if n.startswith("/device:")}
-    picked = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev
-              and threads.get((e.get("pid"), e.get("tid")), "").startswith("Stream")]
-    return sorted(picked, key=lambda e: float(e.get("ts", 0.0)))
+    """The trace's GPU kernel and copy events in start order (none for a CPU trace)."""
+    events, device, _ = P.trace_events(path)
+    return sorted(events, key=lambda e: float(e.get("ts", 0.0))) if device else []
 
 
 def main(argv=None) -> int:

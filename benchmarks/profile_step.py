@@ -383,12 +383,13 @@ def base_name(name: str) -> str:
     return name
 
 
-def aggregate_trace(path: str, steps: int) -> dict:
-    """Per-step device kernel time by kernel name and kind, and the busy time (interval union).
+def trace_events(path: str) -> tuple[list[dict], bool, list[str]]:
+    """``(events, device, processes)``: a Chrome trace's kernel events, whether they are the
+    device's, and the names of the trace's processes.
 
     Device events are those of a process named ``/device:...`` on lines named ``Stream ...`` (the
-    GPU's kernels and copies), or else on its ``XLA Ops`` line. Without any, the host threads' events
-    other than Python's are aggregated instead (a CPU run), with ``device: False``."""
+    GPU's kernels and copies), or else on its ``XLA Ops`` line. Without any, the host threads'
+    events other than Python's are returned instead (a CPU run), with ``device`` False."""
     with gzip.open(path, "rt") as fh:
         trace = json.load(fh)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -409,6 +410,13 @@ def aggregate_trace(path: str, steps: int) -> dict:
         picked = [e for e in events if e.get("ph") == "X" and e.get("pid") not in dev_pids
                   and not threads.get((e.get("pid"), e.get("tid")), "").startswith("python")
                   and not str(e.get("name", "")).startswith(("ThreadpoolListener", "ThunkExecutor", "end: "))]
+    return picked, device, sorted(set(procs.values()))
+
+
+def aggregate_trace(path: str, steps: int) -> dict:
+    """Per-step device kernel time by kernel name and kind, and the busy time (interval union), of
+    :func:`trace_events`' events (``device: False`` for a CPU run's host events)."""
+    picked, device, processes = trace_events(path)
     by_name: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     intervals = []
@@ -434,7 +442,7 @@ def aggregate_trace(path: str, steps: int) -> dict:
             "total_ms": sum(by_name.values()) * per,
             "by_name": {n: (us * per, calls[n] / max(steps, 1)) for n, us in by_name.items()},
             "by_base": dict(bases), "by_kind": dict(kinds), "path": path,
-            "processes": sorted(set(procs.values()))}
+            "processes": processes}
 
 
 def print_profile(name: str, agg: dict, top: int) -> None:
