@@ -56,6 +56,7 @@ import jlora  # noqa: E402
 import lora_step as L  # noqa: E402  (Cfg, rope, xent, Run, compile_run, first_step, environment, ...)
 
 VARIANTS = ("floor", "qwix", "qwix_nnx", "jlora", "jlora_fused")
+CHECKED = ("qwix", "qwix_nnx", "jlora_fused")  # first step checked against jlora's (built whenever one runs)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DT = jnp.bfloat16
 GRAD_RTOL = 5e-2  # bf16: per-kernel relative L2 error of dA / dB, qwix against jlora
@@ -156,20 +157,23 @@ class Model(nnx.Module):
 # Adapters as {"layers/<i>/q_proj/kernel": (A, B)} (scanned: "layers/q_proj/kernel", stacked)
 
 
-def _key(path) -> str:
+def _key(path: tuple) -> str:
+    """A key path as ``a/b/c``, without an nnx Variable's own trailing key."""
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     while parts and parts[-1] in ("value", "raw_value"):  # an nnx Variable's own key
         parts.pop()
     return "/".join(parts)
 
 
-def jlora_pairs(tree) -> dict[str, tuple[Any, Any]]:
+def jlora_pairs(tree: Any) -> dict[str, tuple[Any, Any]]:
+    """``{path: (A, B)}`` of a jlora params (or gradients) tree."""
     is_k = lambda x: isinstance(x, jlora.LoraKernel)
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_k)[0]
     return {_key(p): (x.a, x.b) for p, x in flat if is_k(x)}
 
 
-def qwix_pairs(state) -> dict[str, tuple[Any, Any]]:
+def qwix_pairs(state: Any) -> dict[str, tuple[Any, Any]]:
+    """``{path: (A, B)}`` of a qwix LoRA state (or its gradients): its ``kernel_lora_a/b`` leaves."""
     flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     got: dict[str, dict[str, Any]] = {}
     for p, x in flat:
@@ -181,7 +185,7 @@ def qwix_pairs(state) -> dict[str, tuple[Any, Any]]:
     return {k: (d["a"], d["b"]) for k, d in got.items()}
 
 
-def set_qwix_pairs(model, pairs) -> int:
+def set_qwix_pairs(model: nnx.Module, pairs: dict) -> int:
     """Give every qwix LoRA module ``pairs[path]`` (its own copies); returns how many."""
     n = 0
     for path, mod in nnx.iter_modules(model):
@@ -195,7 +199,8 @@ def set_qwix_pairs(model, pairs) -> int:
     return n
 
 
-def set_jlora_pairs(lp, pairs):
+def set_jlora_pairs(lp: Any, pairs: dict) -> Any:
+    """jlora params with every A and B replaced by ``pairs[path]`` (bf16 copies)."""
     def visit(path, x):
         if isinstance(x, jlora.LoraKernel):
             a, b = pairs[_key(path)]
@@ -209,7 +214,7 @@ def set_jlora_pairs(lp, pairs):
 # Steps: step(state, const, tokens) -> (state, loss, grads), state donated
 
 
-def floor_step(graphdef):
+def floor_step(graphdef: Any) -> Any:
     def step(emb_scale, state, tokens):
         f = lambda e, m: L.xent(m(tokens, emb_scale=e), tokens)
         loss, g = nnx.value_and_grad(f, argnums=0)(emb_scale, nnx.merge(graphdef, state))
@@ -218,7 +223,7 @@ def floor_step(graphdef):
     return step
 
 
-def qwix_step(qgraph, tx):
+def qwix_step(qgraph: Any, tx: optax.GradientTransformation) -> Any:
     def step(state, rest, tokens):
         lora, opt = state
         model = nnx.merge(qgraph, lora, rest)
@@ -230,7 +235,7 @@ def qwix_step(qgraph, tx):
     return step
 
 
-def jlora_step(apply, tx):
+def jlora_step(apply: Any, tx: optax.GradientTransformation) -> Any:
     def step(state, base, tokens):
         ad, opt = state
         loss, grads = jax.value_and_grad(lambda x: L.xent(apply(jlora.combine(x, base), tokens), tokens))(ad)
@@ -247,48 +252,49 @@ class NnxRun(L.Run):
     objs: Any = None
 
 
-def call(run, tokens):
+def call(run: L.Run, tokens: jax.Array) -> tuple[Any, Any]:
+    """One step of any variant: ``(loss, grads)`` once the step's updated state is ready."""
     if isinstance(run, NnxRun):
         f, model, opt = run.objs
         loss, grads = f(model, opt, tokens)
-        jax.block_until_ready((loss, grads))
+        jax.block_until_ready((loss, grads, nnx.state(model, nnx.LoRAParam), nnx.state(opt)))
         return loss, grads
     return L.call(run, tokens)
 
 
-def first_step(run, tokens):
+def first_step(run: L.Run, tokens: jax.Array) -> None:
+    """The first step (``qwix_nnx``: its first call, which compiles): loss, gradients and, on a
+    GPU, the allocator's peak, as ``lora_step.first_step`` records them."""
     if not isinstance(run, NnxRun):
         return L.first_step(run, tokens)
+    before = L.device_mem()
     t0 = time.perf_counter()
     loss, grads = call(run, tokens)
     run.res.update(first_call_s=time.perf_counter() - t0, trace_s=None, lower_s=None, compile_s=None)
+    after = L.device_mem()
+    if before and after:
+        run.res.update(peak_bytes_process=after["peak"], peak_delta_bytes=after["peak"] - before["in_use"],
+                       peak_delta_exact=after["peak"] > before["peak"])
     run.first_loss, run.first_grads = float(loss), jax.device_get(grads)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare(a, c: L.Cfg, tokens):
+def _prepare(a: argparse.Namespace, c: L.Cfg, tokens: jax.Array) -> tuple:
     """The model, jlora's injected variants, the shared adapters and the qwix model."""
     model = Model(c, nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     fn = lambda s, t: nnx.merge(graphdef, s)(t)
     jl, status = {}, {}
     for name, kw in (("jlora", {}), ("jlora_fused", {"matmul": "pallas"})):
-        if name in a.variants or (name == "jlora" and any(v.startswith("qwix") for v in a.variants)):
+        if name in a.variants or (name == "jlora" and set(a.variants) & set(CHECKED)):
             jl[name] = jlora.inject(state, fn, rank=c.rank, alpha=c.alpha, targets=list(PROJ),
                                     key=jax.random.PRNGKey(2), example_args=(tokens,), adapter_dtype=DT, **kw)
+    pairs = {}  # the adapters every LoRA variant starts from: jlora's draw (jlora runs with any of them)
     if jl:
         pairs = {k: (np.asarray(x, np.float32), np.asarray(y, np.float32))
                  for k, (x, y) in jlora_pairs(next(iter(jl.values()))[0]).items()}
-    else:
-        rng = np.random.default_rng(2)
-        pairs = {}
-        for n, (i, o) in c.proj_shapes().items():
-            for pre in ([f"layers/{n}_proj"] if c.scan else [f"layers/{l}/{n}_proj" for l in range(c.layers)]):
-                lead = (c.layers,) if c.scan else ()
-                pairs[pre + "/kernel"] = (rng.standard_normal(lead + (i, c.rank), np.float32) / math.sqrt(i),
-                                          np.zeros(lead + (c.rank, o), np.float32))
     if a.b_init:
         rng = np.random.default_rng(3)
         pairs = {k: (x, rng.standard_normal(np.shape(y)).astype(np.float32) * a.b_init)
@@ -304,7 +310,8 @@ def _prepare(a, c: L.Cfg, tokens):
                 for n in PROJ:
                     lin = getattr(base.layers, n)
                     x, y = pairs[f"layers/{n}/kernel"]
-                    lin.kernel_lora_a, lin.kernel_lora_b = nnx.LoRAParam(jnp.asarray(x, DT)), nnx.LoRAParam(jnp.asarray(y, DT))
+                    lin.kernel_lora_a = nnx.LoRAParam(jnp.asarray(x, DT))
+                    lin.kernel_lora_b = nnx.LoRAParam(jnp.asarray(y, DT))
                 qmodel = qwix.apply_lora_to_model(base, provider, tokens[:1], rngs=nnx.Rngs(4), skip_nnx_init=True)
             else:
                 qmodel = qwix.apply_lora_to_model(base, provider, tokens[:1], rngs=nnx.Rngs(4))
@@ -319,7 +326,9 @@ def _prepare(a, c: L.Cfg, tokens):
     return graphdef, state, jl, pairs, qmodel, status
 
 
-def _build(name, tx, graphdef, state, jl, pairs, qmodel):
+def _build(name: str, tx: optax.GradientTransformation, graphdef: Any, state: Any, jl: dict, pairs: dict,
+           qmodel: Any) -> L.Run:
+    """One variant's step, state and constants (``qwix_nnx``: its nnx.jit step and objects)."""
     if name == "floor":
         return L.Run(name, step=floor_step(graphdef), state=jnp.ones((), jnp.float32), const=state)
     if name.startswith("qwix"):
@@ -342,81 +351,134 @@ def _build(name, tx, graphdef, state, jl, pairs, qmodel):
     return L.Run(name, step=jlora_step(apply, tx), state=(ad, jax.jit(tx.init)(ad)), const=base, apply=apply)
 
 
-def _check(run, ref) -> dict:
-    """First loss and adapter gradients of ``run`` against ``ref`` (qwix against jlora)."""
-    out = {"ref": ref.name, "loss_rel_err": abs(run.first_loss - ref.first_loss) / max(abs(ref.first_loss), 1e-30)}
+def _check(run: L.Run, ref: L.Run, floor: L.Run | None, b_zero: bool) -> dict:
+    """First loss and adapter gradients of ``run`` against ``ref`` (jlora's). With B = 0 both
+    losses must also equal the floor's (when it ran) and dA is zero on both sides, so only dB is
+    really compared (``--b-init`` makes dA count)."""
+    rel = lambda x, y: abs(x - y) / max(abs(y), 1e-30)
+    out = {"ref": ref.name, "loss_rel_err": rel(run.first_loss, ref.first_loss), "dA_compared": not b_zero}
+    if b_zero and floor is not None:
+        out["loss_vs_floor_rel_err"] = rel(run.first_loss, floor.first_loss)
     to_pairs = lambda r: (qwix_pairs if r.name.startswith("qwix") else jlora_pairs)(r.first_grads)
     got, want = to_pairs(run), to_pairs(ref)
-    if set(got) != set(want):
+    if not want or set(got) != set(want):
         out.update(ok=False, error=f"adapter paths differ: {sorted(set(got) ^ set(want))[:4]}")
         return out
     err = max(max(L.rel_err(got[k][0], want[k][0]), L.rel_err(got[k][1], want[k][1])) for k in want)
     db = math.sqrt(sum(float(np.sum(np.square(np.asarray(got[k][1], np.float64)))) for k in got))
-    out.update(max_grad_rel_err=err, dB_norm=db, ok=out["loss_rel_err"] <= L.LOSS_RTOL and err <= GRAD_RTOL and db > 0)
+    losses_ok = max(out["loss_rel_err"], out.get("loss_vs_floor_rel_err", 0.0)) <= L.LOSS_RTOL
+    out.update(max_grad_rel_err=err, dB_norm=db, ok=losses_ok and err <= GRAD_RTOL and db > 0)
     return out
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    attn = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    c = L.Cfg(a.d, a.layers, a.heads, a.ffn, a.vocab, a.seq, a.batch, a.rank, 2.0 * a.rank, a.scan, attn)
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (c.batch, c.seq), 0, c.vocab)
-    print(f"# qwix_step  jax {jax.__version__}  {jax.default_backend()}:{jax.devices()[0].device_kind}  "
-          f"d={c.d} layers={c.layers} heads={c.heads} ffn={c.ffn} vocab={c.vocab} seq={c.seq} batch={c.batch} "
-          f"rank={c.rank} scan={c.scan} attn={attn}", flush=True)
-    tx = optax.adamw(1e-4)
-    graphdef, state, jl, pairs, qmodel, status = _prepare(a, c, tokens)
-    runs: dict[str, Any] = {}
-    for name in a.variants:
+def _first_steps(a, names: list[str], tokens, built: dict) -> tuple[dict[str, L.Run], dict[str, str]]:
+    """Per variant: build, compile, first step, warm-up; a variant that fails is reported, not fatal."""
+    runs: dict[str, L.Run] = {}
+    status = built["status"]
+    for name in names:
         if name in status:
             print(f"{name}: {status[name]}", flush=True)
             continue
         try:
-            run = _build(name, tx, graphdef, state, jl, pairs, qmodel)
+            run = _build(name, built["tx"], built["graphdef"], built["state"], built["jl"], built["pairs"],
+                         built["qmodel"])
             if not isinstance(run, NnxRun):
                 L.compile_run(run, tokens)
             first_step(run, tokens)
             for _ in range(a.warmup):
                 call(run, tokens)
             runs[name], status[name] = run, "ok"
-            rep = getattr(run.apply, "fused_report", None)
-            print(f"{name}: first loss {run.first_loss:.5f}" + (f"; {rep}".replace("\n", " ") if rep else ""), flush=True)
+            report = getattr(run.apply, "fused_report", None)
+            print(f"{name}: first loss {run.first_loss:.5f}"
+                  + (f"; {report}".replace("\n", " ") if report else ""), flush=True)
         except Exception as e:
             status[name] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             print(f"{name}: {status[name]}", flush=True)
             traceback.print_exc()
-    order = list(runs)
-    for rep in range(a.steps):
-        for name in order if rep % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            call(runs[name], tokens)
-            runs[name].times.append(time.perf_counter() - t0)
-    checks = {}
-    for name in ("qwix", "qwix_nnx", "jlora_fused"):
-        if name in runs and "jlora" in runs and runs[name].first_grads is not None:
-            checks[name] = _check(runs[name], runs["jlora"])
+    return runs, status
+
+
+def _time_interleaved(steps: int, runs: dict[str, L.Run], status: dict[str, str], tokens) -> None:
+    """Timed steps, in the order A B C … C B A …; a variant whose step raises is dropped."""
+    for i in range(steps):
+        order = list(runs)
+        for name in order if i % 2 == 0 else order[::-1]:
+            try:
+                t0 = time.perf_counter()
+                call(runs[name], tokens)
+                runs[name].times.append(time.perf_counter() - t0)
+            except Exception as e:
+                status[name] = f"FAILED in a timed step: {type(e).__name__}: {str(e)[:200]}"
+                print(f"{name}: {status[name]}", flush=True)
+                del runs[name]
+
+
+def _fmt_check(ch: dict | None) -> str:
+    if ch is None:
+        return "-"
+    if "error" in ch:
+        return f"FAIL ({ch['error']})"
+    s = f"loss {ch['loss_rel_err']:.0e}"
+    if "loss_vs_floor_rel_err" in ch:
+        s += f", vs floor {ch['loss_vs_floor_rel_err']:.0e}"
+    s += f", grads {ch['max_grad_rel_err']:.0e}" + ("" if ch["dA_compared"] else ", dA = 0")
+    return f"{'ok' if ch['ok'] else 'FAIL'} ({s})"
+
+
+def _table(c: L.Cfg, runs: dict[str, L.Run], status: dict[str, str], checks: dict[str, dict]) -> dict:
+    """Prints the markdown table; returns the per-variant results for the JSON."""
     ms = {n: 1e3 * statistics.median(r.times) for n, r in runs.items() if r.times}
-    print("\n| variant | compile s | step ms (median) | tok/s | × floor | × qwix | XLA GiB | first loss | check vs jlora |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    ratio = lambda n, ref: f"{ms[n] / ms[ref]:.3f}" if n in ms and ref in ms else "-"
+    print("\n| variant | compile s | step ms (median) | tok/s | × floor | × qwix | XLA GiB | peak Δ GiB "
+          "| first loss | check vs jlora |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     results = {}
     for name, run in runs.items():
         r = dict(run.res, status=status[name], first_loss=run.first_loss, step_ms=ms.get(name),
                  times_s=run.times, check=checks.get(name))
         results[name] = r
         comp = r.get("compile_s") if r.get("compile_s") is not None else r.get("first_call_s")
-        gib = r.get("xla_total_bytes")
-        ratio = lambda ref: f"{ms[name] / ms[ref]:.3f}" if name in ms and ref in ms else "-"
-        ch = checks.get(name)
-        chs = "-" if ch is None else (("ok" if ch["ok"] else "FAIL") + f" (loss {ch['loss_rel_err']:.0e}"
-                                      + (f", grads {ch['max_grad_rel_err']:.0e})" if "max_grad_rel_err" in ch else
-                                         f", {ch.get('error')})"))
-        print(f"| {name} | {comp or 0:.1f} | {ms.get(name, float('nan')):.2f} | "
-              f"{c.batch * c.seq / (ms[name] / 1e3) if name in ms else 0:,.0f} | {ratio('floor')} | {ratio('qwix')} | "
-              f"{gib / 2**30 if gib else float('nan'):.2f} | {run.first_loss:.5f} | {chs} |")
-    failed = [n for n in a.variants if status.get(n) != "ok"] + [n for n, ch in checks.items() if not ch["ok"]]
+        gib = lambda key: f"{r[key] / 2**30:.2f}" if r.get(key) else "-"
+        tok_s = f"{c.batch * c.seq / (ms[name] / 1e3):,.0f}" if name in ms else "-"
+        print(f"| {name} | {comp or 0:.1f} | {ms.get(name, float('nan')):.2f} | {tok_s} | {ratio(name, 'floor')} "
+              f"| {ratio(name, 'qwix')} | {gib('xla_total_bytes')} | {gib('peak_delta_bytes')} "
+              f"| {run.first_loss:.5f} | {_fmt_check(checks.get(name))} |")
+    return results
+
+
+def main(argv=None) -> int:
+    """Set up, compile and first-step every variant, time them interleaved, check, print, write."""
+    a = parse_args(argv)
+    attn = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    c = L.Cfg(a.d, a.layers, a.heads, a.ffn, a.vocab, a.seq, a.batch, a.rank, 2.0 * a.rank, a.scan, attn)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (c.batch, c.seq), 0, c.vocab)
+    print(f"# qwix_step  jax {jax.__version__}  {jax.default_backend()}:{jax.devices()[0].device_kind}  "
+          f"d={c.d} layers={c.layers} heads={c.heads} ffn={c.ffn} vocab={c.vocab} seq={c.seq} batch={c.batch} "
+          f"rank={c.rank} scan={c.scan} attn={attn} b_init={a.b_init}", flush=True)
+    tx = optax.adamw(1e-4)
+    graphdef, state, jl, pairs, qmodel, status = _prepare(a, c, tokens)
+    names = list(a.variants)
+    if set(names) & set(CHECKED) and "jlora" not in names:
+        names.append("jlora")  # the reference of every check
+    built = dict(tx=tx, graphdef=graphdef, state=state, jl=jl, pairs=pairs, qmodel=qmodel, status=status)
+    runs, status = _first_steps(a, names, tokens, built)
+    _time_interleaved(a.steps, runs, status, tokens)
+    checks = {}
+    for name in CHECKED:
+        if name not in runs:
+            continue
+        if "jlora" not in runs:
+            checks[name] = {"ok": False, "error": "no jlora run to check against"}
+            continue
+        try:
+            checks[name] = _check(runs[name], runs["jlora"], runs.get("floor"), a.b_init == 0)
+        except Exception as e:
+            checks[name] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    results = _table(c, runs, status, checks)
+    failed = [n for n in names if status.get(n) != "ok"] + [n for n, ch in checks.items() if not ch["ok"]]
     if a.json_path:
         L.write_json(a.json_path, {"env": L.environment(), "config": dataclasses.asdict(c), "args": vars(a),
-                                   "results": results, "status": status})
+                                   "results": results, "status": status, "checks": checks})
     if failed:
         print(f"FAILED: {failed}", file=sys.stderr)
         return 1

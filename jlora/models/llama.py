@@ -129,9 +129,9 @@ class LlamaConfig:
             (default) is ``'dots'`` with ``scan_layers`` (a scan otherwise stacks float32 copies
             and every SwiGLU intermediate per layer: about twice the bytes, written and read back
             each step) and ``None`` without (XLA fuses those copies away in an unrolled model).
-            The same on every backend; on a CPU
-            ``'dots'`` costs the scanned demo no time. Only training uses it: calls with a cache
-            ignore it. :func:`remat_policy` says what a config gets.
+            The same on every backend; on a CPU ``'dots'`` costs the scanned demo no time. Only
+            training uses it: calls with a cache ignore it. :func:`remat_policy` says what a
+            config gets.
         loss_chunk_tokens: How :func:`causal_lm_loss` (``model.apply(..., labels=...)``) splits
             the tokens: ``None`` (default) into chunks whose float32 logits take at most
             :data:`LOSS_CHUNK_BYTES` (256 MiB), and not at all when the whole batch fits (so a
