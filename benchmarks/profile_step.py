@@ -493,7 +493,8 @@ def install_stand_in(kind: str) -> str:
     if kind == "none":
         return f"the Mosaic GPU kernel ({_fused.unavailable() or 'available'})"
 
-    def jnp_call(x, w, u, v, *, tiles):
+    def jnp_call(x, w, u, v, *, tiles, w_t=False):
+        w = w.T if w_t else w
         out = jnp.dot(x, w, preferred_element_type=jnp.float32) + jnp.dot(u, v, preferred_element_type=jnp.float32)
         return out.astype(x.dtype)
 
@@ -501,7 +502,8 @@ def install_stand_in(kind: str) -> str:
         f = lambda t: np.asarray(t, np.float32)
         return (f(x) @ f(w) + f(u) @ f(v)).astype(x.dtype)
 
-    def opaque_call(x, w, u, v, *, tiles):
+    def opaque_call(x, w, u, v, *, tiles, w_t=False):
+        w = w.T if w_t else w
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
         return jax.pure_callback(host, out, x, w, u, v)
 

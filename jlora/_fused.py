@@ -7,7 +7,8 @@ extra passes over ``M × N`` activations are most of LoRA's cost over the frozen
 performance model in docs/architecture.md). Here one kernel computes each output tile of ``x·W0`` and, before storing it,
 adds ``u_tile · v_tile`` with ``u = s·(x·A)`` (``M × r``) and ``v = B``: one more tensor-core
 instruction per tile and an ``M × r`` read. The backward's ``dx = dy·W0ᵀ + s·(dy·Bᵀ)·Aᵀ`` is the same
-kernel over ``W0ᵀ`` (one transposed copy of the weight per step, a few MB). ``x·A``, ``dy·Bᵀ``,
+kernel reading ``W0`` as stored (a transposed view of each shared-memory tile, so no ``W0ᵀ`` copy is
+ever written: inside a scanned model XLA kept such copies for the whole backward). ``x·A``, ``dy·Bᵀ``,
 ``dA`` and ``dB`` stay XLA matmuls: they are thin.
 
 The kernel is a Pallas Mosaic GPU kernel (wgmma, TMA copies, warp-specialized, persistent), so it
@@ -61,10 +62,12 @@ class Tiles(NamedTuple):
     r_align: int = 16  # the rank is zero-padded to a multiple of this (wgmma's K step)
 
 
-def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
+def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
     """``x·w + u·v`` on Hopper: a persistent, warp-specialized wgmma matmul whose accumulator gets
     one more wgmma, ``u_tile · v_tile`` (K = r), before the epilogue stores it. All 2-D, bf16/f16,
-    ``r`` a multiple of 16, shapes divisible by the tiles.
+    ``r`` a multiple of 16, shapes divisible by the tiles. With ``w_t``, ``w`` is ``(N, K)`` and the
+    kernel computes ``x·wᵀ + u·v``: its tiles of ``w`` are loaded as stored (K-minor) and handed to
+    wgmma through a transposed view, so no transposed copy of ``w`` is ever written.
 
     Longer than the project's 60 lines, on purpose: a Pallas Mosaic GPU kernel is one closure over
     its tiles, scoped allocations and barriers (the nested ``jlora_fused_matmul`` body is the
@@ -74,7 +77,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
     from jax.extend import backend
 
     m, k = x.shape
-    n = w.shape[1]
+    n = w.shape[0] if w_t else w.shape[1]
     r = u.shape[1]
     dtype = x.dtype
     tm, tn, tk, epi = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi
@@ -94,6 +97,8 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
                 mma, grid=(k_iters,), memory_registers=40,
                 in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=main_tf,
                                           memory_space=plgpu.SMEM),
+                          plgpu.BlockSpec((ctn, tk), lambda kk: (0, kk), transforms=main_tf,
+                                          memory_space=plgpu.SMEM) if w_t else
                           plgpu.BlockSpec((tk, ctn), lambda kk: (kk, 0), transforms=main_tf,
                                           memory_space=plgpu.SMEM)],
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=tiles.steps,
@@ -147,11 +152,16 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles"):
                                                 pl.ds(ni * ctn + wg * tn + ej * epi, epi)])
 
                 def mma(idxs, x_smem, w_smem, acc):
-                    plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(wg * tn, tn)])
+                    if w_t:  # this warpgroup's (tn, tk) rows of the K-minor tile, seen as (tk, tn)
+                        w_tile = plgpu.transpose_ref(w_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                    else:
+                        w_tile = w_smem.at[:, pl.ds(wg * tn, tn)]
+                    plgpu.wgmma(acc, x_smem, w_tile)
                     plgpu.wgmma_wait(0)
                     return acc
 
-                pipeline(mma, ctx)(x_gmem.at[rows, :], w_gmem.at[:, cols], allocations=allocs)
+                w_block = w_gmem.at[cols, :] if w_t else w_gmem.at[:, cols]
+                pipeline(mma, ctx)(x_gmem.at[rows, :], w_block, allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -225,9 +235,9 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
         y = (base + scale * low).astype(x.dtype)
     else:
         us = (u.astype(jnp.float32) * scale).astype(x.dtype)  # M × r: folding s here is free
-        # the kernel reads w (K, N) row-major: wᵀ is one transposed copy of this device's block
-        y = _mosaic_call(x, w.T if w_t else w, _pad_rank(us, 1, tiles.r_align),
-                         _pad_rank(v, 0, tiles.r_align), tiles=tiles)
+        # with w_t the kernel reads w (N, K) as stored and transposes each tile in shared memory
+        y = _mosaic_call(x, w, _pad_rank(us, 1, tiles.r_align), _pad_rank(v, 0, tiles.r_align),
+                         tiles=tiles, w_t=w_t)
         # One consumer for the call: inside a loop body XLA:GPU wraps a custom call that reads a
         # slice of a stacked weight into a dynamic-slice fusion, and then duplicated that fusion
         # into its consumers, running the kernel twice (3 of 7 projections a layer, H200,
@@ -238,7 +248,7 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
 
 # A jitted wrapper, so that every call with the same shapes is one traced jaxpr: JAX then lowers the
 # kernel once per shape in a whole model (a 16-layer unrolled model has 224 call sites, 3 shapes).
-_mosaic_call = jax.jit(_mosaic_fused, static_argnames=("tiles",))
+_mosaic_call = jax.jit(_mosaic_fused, static_argnames=("tiles", "w_t"))
 
 
 # -- the kernel call under SPMD partitioning ---------------------------------------------------------------

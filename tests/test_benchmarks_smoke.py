@@ -140,6 +140,14 @@ def test_kernel_launches_smoke():
     assert r.stdout.count("no GPU kernels in the trace") == 2, log
 
 
+def test_fused_wt_check_smoke():
+    """benchmarks/fused_wt_check.py on the CPU: it imports, and says why the kernel cannot run."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "fused_wt_check.py")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "the kernel cannot run here: no sm_90 GPU" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_qwix_step_smoke(scan):
     """benchmarks/qwix_step.py at its tiny shape on the CPU, unrolled and scanned: every variant runs,

@@ -151,9 +151,13 @@ def fake_kernel(x, w, u, v):
 def fake_hopper(monkeypatch):
     """Pretend to be on an H100/H200: the kernel call becomes ``x·w + u·v`` in float32."""
     calls = KernelCalls()
+    calls.read_as_stored = []  # the stored shapes of the w's the kernel multiplied by their transpose
 
-    def fake_call(x, w, u, v, *, tiles):
+    def fake_call(x, w, u, v, *, tiles, w_t=False):
         assert u.shape[1] % tiles.r_align == 0 and v.shape[0] == u.shape[1]  # rank padded
+        if w_t:  # the kernel reads w (N, K) as stored and multiplies by its transpose
+            calls.read_as_stored.append(w.shape)
+            w = w.T
         calls.append((x.shape, w.shape))
         return fake_kernel(x, w, u, v)
 
@@ -249,6 +253,8 @@ def test_fused_gradients_equal_plain_path(fake_hopper):
     # forward 2 calls, backward 2 more (dx = dy·W0ᵀ + s·(dy·Bᵀ)·Aᵀ through the same kernel)
     assert fake_hopper.count(_grad_jaxpr(fused, params, x)) == 4
     assert ((128, D), (D, H)) in fake_hopper and ((128, H), (H, D)) in fake_hopper  # the dx calls
+    # ... which read W0 as stored (no transposed copy of a kernel is made for the backward pass)
+    assert sorted(fake_hopper.read_as_stored) == sorted([(D, H), (H, D)])
     assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         assert _rel(a, b) < 3e-2  # bf16 rounding differs: the kernel adds in float32 before rounding
