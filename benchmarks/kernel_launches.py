@@ -8,8 +8,8 @@ RESULTS.md, "why the kernel lost inside a scan"). For each variant: ``lora_step.
 then the launches of matmul-like kernels (fused LoRA, cuBLAS ``nvjet``, XLA gemm fusions, cuDNN
 attention) longer than ``--min-us``, and the 12 largest kernels by total time with their counts.
 
-GPU only (a CPU trace has no device lines: the script says so). ``JLORA_FUSED_IN_LOOPS=1`` is set,
-so that ``jlora_fused`` takes the kernel inside the scan. ``--tiny`` runs the CPU-sized shape with
+GPU only (a CPU trace has no device lines: the script says so). ``jlora_fused`` takes the kernel
+inside the scan (the default; ``JLORA_FUSED_IN_LOOPS=0`` in the environment would keep it out). ``--tiny`` runs the CPU-sized shape with
 the kernel call replaced by plain ``jnp`` (a check of the script).
 
 Usage: ``python benchmarks/kernel_launches.py [--variants jlora_fused,jlora] [--layers 4]``
@@ -26,7 +26,6 @@ import tempfile
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
-os.environ["JLORA_FUSED_IN_LOOPS"] = "1"
 
 import jax  # noqa: E402
 import optax  # noqa: E402

@@ -15,8 +15,8 @@ Variants (all on the same plain-JAX model, bf16 weights, same tokens):
   jlora_f32    the same with jlora's default float32 adapters.
   jlora_fused  ``jlora`` with ``inject(..., matmul="pallas")``: the rank-r update inside the base
                matmul's epilogue (Pallas Mosaic GPU kernel; sm_90 only, else the same as ``jlora``;
-               with ``--scan`` only under ``JLORA_FUSED_IN_LOOPS=1``, else the loop body keeps the
-               plain path; the run prints how many matmuls took the kernel).
+               with ``--scan`` inside the loop body too unless ``JLORA_FUSED_IN_LOOPS=0``; the run
+               prints how many matmuls took the kernel).
 
 For each variant: trace / lower / compile time (``jax.jit(step).trace(...).lower().compile()``), the
 median step time over ``--steps`` interleaved repetitions (after warm-up), tokens/s, the ratio to

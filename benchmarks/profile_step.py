@@ -19,8 +19,8 @@ On a CPU there is no device line in the trace: the profile then aggregates the h
 (XLA:CPU's thunks), and says so. ``matmul="pallas"`` needs an sm_90 GPU; elsewhere ``--stand-in``
 replaces the kernel call: ``xla`` (plain jnp, as tests/test_fused.py does) or ``opaque`` (a host
 callback: an opaque custom call, like the kernel, which XLA must feed with materialised operands;
-only for ``--hlo``, it is slow to run). Inside loop bodies the fused path is taken here
-(``JLORA_FUSED_IN_LOOPS=1`` is set unless ``--no-fused-in-loops``).
+only for ``--hlo``, it is slow to run). Inside loop bodies the fused path is taken (the
+default) unless ``--no-fused-in-loops`` (which sets ``JLORA_FUSED_IN_LOOPS=0``).
 
 On one H200 (the reference shape; about 2–3 minutes)::
 
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace the fused kernel call (auto: none on an sm_90 GPU, else xla; opaque: a host "
                         "callback custom call, for --hlo)")
     m.add_argument("--no-fused-in-loops", action="store_true",
-                   help="leave JLORA_FUSED_IN_LOOPS alone (the fused path then stays off inside lax.scan)")
+                   help="set JLORA_FUSED_IN_LOOPS=0 (the fused path then stays off inside lax.scan)")
     m.add_argument("--out", default=None, help="directory for traces and HLO text (default: a temporary one)")
     if p.parse_known_args(argv)[0].tiny:
         p.set_defaults(**TINY)
@@ -530,8 +530,8 @@ def build_mode(a, mode: str):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if not a.no_fused_in_loops:
-        os.environ["JLORA_FUSED_IN_LOOPS"] = "1"
+    if a.no_fused_in_loops:
+        os.environ["JLORA_FUSED_IN_LOOPS"] = "0"
     import jax
     import optax
 

@@ -140,7 +140,7 @@ def parse_args(argv=None):
     m.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
     m.add_argument("--matmul", default="xla", choices=("xla", "shared_xa", "pallas"),
                    help="inject(..., matmul=...): 'pallas' is the fused Hopper kernel, partitioned per device "
-                        "(inside lax.scan only with JLORA_FUSED_IN_LOOPS=1; the run prints which matmuls took it)")
+                        "(inside lax.scan too unless JLORA_FUSED_IN_LOOPS=0; the run prints which matmuls took it)")
     m.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     m.add_argument("--json", dest="json_path", default=None, help="write the results to this file")
     if p.parse_known_args(argv)[0].tiny:

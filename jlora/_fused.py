@@ -19,7 +19,7 @@ in tests (wherever the kernel does not apply, the interpreter uses its general L
 Under SPMD sharding the kernel call is partitioned (``custom_partitioning``, below): each device runs
 it on its own rows of ``x``; see "the kernel call under SPMD partitioning". The custom VJP sits behind
 one ``jax.jit`` per shape, so that a model's call sites share one trace. Inside ``lax.scan``/``while``
-bodies the interpreter leaves matmuls to XLA unless ``JLORA_FUSED_IN_LOOPS=1`` (:func:`in_loops`).
+bodies the kernel is taken too, unless ``JLORA_FUSED_IN_LOOPS=0`` (:func:`in_loops`).
 """
 
 from __future__ import annotations
@@ -37,16 +37,17 @@ from jlora import _compat as jax_compat
 
 __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 
-#: Environment switch: ``JLORA_FUSED_IN_LOOPS=1`` lets ``matmul="pallas"`` take the kernel inside
-#: ``lax.scan``/``while`` bodies too. Off by default: there it is 3–5 % faster than the plain path
-#: but XLA's plan needs more device memory (+1.25 GiB at the 0.9 B shape, +8.8 GiB for a scanned
-#: 8B with ``remat='offload'``), see benchmarks/RESULTS.md.
+#: Environment switch: ``JLORA_FUSED_IN_LOOPS=0`` keeps ``matmul="pallas"`` out of ``lax.scan``/
+#: ``while`` bodies (the plain path there). On by default: in a scanned model the kernel is 5–8 %
+#: faster than the plain path and XLA plans no more device memory for it (benchmarks/RESULTS.md,
+#: sixth session; before the kernel read W0 as stored it planned up to 8.8 GiB more).
 IN_LOOPS_ENV = "JLORA_FUSED_IN_LOOPS"
 
 
 def in_loops() -> bool:
-    """Whether the interpreter takes the fused kernel inside loop bodies (read at every trace)."""
-    return os.environ.get(IN_LOOPS_ENV, "") not in ("", "0")
+    """Whether the interpreter takes the fused kernel inside loop bodies (read at every trace):
+    yes unless ``JLORA_FUSED_IN_LOOPS`` is ``0``."""
+    return os.environ.get(IN_LOOPS_ENV, "").strip() != "0"
 
 
 class Tiles(NamedTuple):

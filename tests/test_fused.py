@@ -288,24 +288,24 @@ def _scanned_stack():
     return stack, scanned
 
 
-def test_fused_path_off_inside_scan(fake_hopper, monkeypatch):
-    monkeypatch.delenv(_fused.IN_LOOPS_ENV, raising=False)
+def test_fused_path_off_inside_scan_when_switched_off(fake_hopper, monkeypatch):
+    """``JLORA_FUSED_IN_LOOPS=0``: the scan body keeps the plain path, and the report says why."""
+    monkeypatch.setenv(_fused.IN_LOOPS_ENV, "0")
     stack, scanned = _scanned_stack()
     params, apply = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
     params = randomize(params, scale=0.05)
     x = _x()
     out = apply(params, x)
-    assert not fake_hopper  # more device memory inside lax.scan on the H200: left to XLA there
-    assert apply.fused_report.matmuls == [
-        ("w", "inside a lax.scan/while body (faster there but more device memory; JLORA_FUSED_IN_LOOPS=1 takes it)")]
+    assert not fake_hopper
+    assert apply.fused_report.matmuls == [("w", "inside a lax.scan/while body, and JLORA_FUSED_IN_LOOPS=0 is set")]
     merged = jlora.merge(params)
     assert _rel(out.astype(F32), scanned(jax.tree.map(lambda t: t.astype(F32), merged), x.astype(F32))) < 2e-2
 
 
-def test_fused_path_inside_scan_when_switched_on(fake_hopper, monkeypatch):
-    """``JLORA_FUSED_IN_LOOPS=1``: the scan body's matmul takes the kernel, forward and dx, one call
-    each in the loop body; value and adapter gradients as on the plain path."""
-    monkeypatch.setenv(_fused.IN_LOOPS_ENV, "1")
+def test_fused_path_inside_scan_by_default(fake_hopper, monkeypatch):
+    """The scan body's matmul takes the kernel (the default), forward and dx, one call each in the
+    loop body; value and adapter gradients as on the plain path."""
+    monkeypatch.delenv(_fused.IN_LOOPS_ENV, raising=False)
     stack, scanned = _scanned_stack()
     params, plain = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),))
     _, fused = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
@@ -327,7 +327,7 @@ def test_kernel_output_behind_a_barrier_inside_scan(fake_hopper, monkeypatch):
     XLA:GPU otherwise duplicated the (dynamic-slice-fused) call into its consumers and ran the
     kernel twice for 3 of a layer's 7 projections (H200, benchmarks/RESULTS.md); CPUs do not
     show it, so this checks the program JAX hands XLA."""
-    monkeypatch.setenv(_fused.IN_LOOPS_ENV, "1")
+    monkeypatch.delenv(_fused.IN_LOOPS_ENV, raising=False)
     stack, scanned = _scanned_stack()
     params, fused = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
     params = randomize(params, scale=0.05)

@@ -277,7 +277,7 @@ def _pallas_refusal(x, k: LoraValue, p, ctx) -> str | None:
     precs = prec if isinstance(prec, tuple) else (prec,)
     checks = [
         (ctx.in_loop and not _fused.in_loops(),
-         "inside a lax.scan/while body (faster there but more device memory; JLORA_FUSED_IN_LOOPS=1 takes it)"),
+         "inside a lax.scan/while body, and JLORA_FUSED_IN_LOOPS=0 is set"),
         (bool(xb or kb or tuple(xc) != (x.ndim - 1,) or not is_matrix_on_input(k, kc)),
          "not a plain x @ W of a 2-D kernel"),
         (k.dropout > 0 and ctx.rng is not None, "adapter dropout is on"),
