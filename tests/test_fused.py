@@ -497,3 +497,37 @@ def test_fused_path_on_a_mesh(fake_hopper, case):
         assert _rel(a, b) < 3e-2
     gathers = collectives(step.as_text())["all-gather"]
     assert all(n < x.size for _, n in gathers), f"activations gathered: {gathers}"  # W0: half x's size
+
+
+@needs8
+@pytest.mark.parametrize("case", ["data-parallel", "fsdp"])
+def test_fused_path_inside_scan_on_a_mesh(fake_hopper, monkeypatch, case):
+    """A scanned stack on a mesh (the default takes the kernel inside loop bodies): the partitioned
+    call runs per device block inside the scan body, loss and adapter gradients equal the plain
+    path's on the same mesh, and no activation is gathered."""
+    monkeypatch.delenv(_fused.IN_LOOPS_ENV, raising=False)
+    m = _mesh((8,), ("data",))
+    stack, scanned = _scanned_stack()
+    w_spec = P(None, "data", None) if case == "fsdp" else P()
+    stack = {"w": jax.device_put(stack["w"], NamedSharding(m, w_spec))}
+    x = jax.device_put(jax.random.normal(jax.random.key(7), (8, 128, D)).astype(jnp.bfloat16),
+                       NamedSharding(m, P("data")))  # one 128-row block per device
+    params, plain = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(x,))
+    _, fused = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(x,), matmul="pallas")
+    params = randomize(params, scale=0.05)
+    adapters, frozen = jlora.split(params)
+
+    def loss(apply):
+        return lambda ad, frozen, x: jnp.mean(jnp.square(apply(jlora.combine(ad, frozen), x).astype(F32)))
+
+    l0, g0 = jax.jit(jax.value_and_grad(loss(plain)))(adapters, frozen, x)
+    assert not fake_hopper
+    step = jax.jit(jax.value_and_grad(loss(fused))).lower(adapters, frozen, x).compile()
+    l1, g1 = step(adapters, frozen, x)
+    assert fused.fused_report.matmuls == [("w", None)]
+    assert ((128, D), (D, D)) in fake_hopper  # a device's block, inside the loop body
+    assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert _rel(a, b) < 3e-2
+    gathers = collectives(step.as_text())["all-gather"]
+    assert all(n < x.size for _, n in gathers), f"activations gathered: {gathers}"
