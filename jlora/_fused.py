@@ -46,8 +46,8 @@ IN_LOOPS_ENV = "JLORA_FUSED_IN_LOOPS"
 
 def in_loops() -> bool:
     """Whether the interpreter takes the fused kernel inside loop bodies (read at every trace):
-    yes unless ``JLORA_FUSED_IN_LOOPS`` is ``0``."""
-    return os.environ.get(IN_LOOPS_ENV, "").strip() != "0"
+    yes unless ``JLORA_FUSED_IN_LOOPS`` is ``0`` (or ``false``, ``no``, ``off``)."""
+    return os.environ.get(IN_LOOPS_ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
 
 class Tiles(NamedTuple):

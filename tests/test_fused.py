@@ -288,9 +288,10 @@ def _scanned_stack():
     return stack, scanned
 
 
-def test_fused_path_off_inside_scan_when_switched_off(fake_hopper, monkeypatch):
+@pytest.mark.parametrize("off", ["0", "false", "OFF"])
+def test_fused_path_off_inside_scan_when_switched_off(fake_hopper, monkeypatch, off):
     """``JLORA_FUSED_IN_LOOPS=0``: the scan body keeps the plain path, and the report says why."""
-    monkeypatch.setenv(_fused.IN_LOOPS_ENV, "0")
+    monkeypatch.setenv(_fused.IN_LOOPS_ENV, off)
     stack, scanned = _scanned_stack()
     params, apply = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
     params = randomize(params, scale=0.05)
