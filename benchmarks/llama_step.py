@@ -108,9 +108,10 @@ SHAPES = {
         "qlora-scan-full-chunk", "qlora-scan-dots-chunk")),
     "tiny": Shape(64, 2, 4, 2, 128, 256, 32, 2, chunk_tokens=16, steps=2, variants=(
         "floor-unroll-none-plain", "lora-unroll-none-plain", "lora-unroll-none-chunk", "floor-scan-auto-chunk",
-        "lora-scan-none-plain", "lora-scan-auto-chunk", "lora-scan-full-chunk", "qlora-scan-full-chunk")),
+        "lora-scan-none-plain", "lora-scan-auto-chunk", "lora-scan-full-chunk", "lora-scan-attention-chunk-mb2",
+        "qlora-scan-full-chunk")),
 }
-KINDS, LAYOUTS, REMATS, LOSSES = ("floor", "lora", "qlora"), ("unroll", "scan"), ("none", "auto", "full", "offload", "lora", "dots"), ("plain", "chunk", "rechunk")
+KINDS, LAYOUTS, REMATS, LOSSES = ("floor", "lora", "qlora"), ("unroll", "scan"), ("none", "auto", "full", "offload", "lora", "attention", "dots"), ("plain", "chunk", "rechunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,18 +122,22 @@ class Variant:
     remat: str | None  # LlamaConfig.remat
     chunk: bool
     recompute: bool = False  # the chunked loss re-computes its logits (LOSS 'rechunk')
+    microbatches: int = 1  # the optional 5th part 'mbM': gradients accumulated over M slices of the batch
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
         parts = name.split("-")
+        mb = 1
+        if len(parts) == 5 and parts[4].startswith("mb") and parts[4][2:].isdigit() and int(parts[4][2:]) >= 1:
+            mb = int(parts.pop()[2:])
         if len(parts) != 4 or parts[0] not in KINDS or parts[1] not in LAYOUTS or parts[2] not in REMATS \
                 or parts[3] not in LOSSES:
-            raise ValueError(f"variant {name!r} is not KIND-LAYOUT-REMAT-LOSS with KIND in {KINDS}, LAYOUT in "
-                             f"{LAYOUTS}, REMAT in {REMATS}, LOSS in {LOSSES}")
+            raise ValueError(f"variant {name!r} is not KIND-LAYOUT-REMAT-LOSS[-mbM] with KIND in {KINDS}, LAYOUT in "
+                             f"{LAYOUTS}, REMAT in {REMATS}, LOSS in {LOSSES}, M ≥ 1 microbatches")
         if parts[0] == "qlora" and parts[1] != "scan":
             raise ValueError(f"{name}: qlora runs the scanned layout only (NF4 nodes stacked per layer)")
         return cls(name, parts[0], parts[1] == "scan", None if parts[2] == "none" else parts[2],
-                   parts[3] != "plain", parts[3] == "rechunk")
+                   parts[3] != "plain", parts[3] == "rechunk", mb)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -265,17 +270,20 @@ def step_flops(cfg: LlamaConfig, v: Variant, tokens: int, seq: int) -> float:
     """FLOPs of one step, counted per token (LoRA's rank-r matmuls not counted):
 
     layers' matmuls 2·N forward + 2·N input gradient (frozen weights: no weight gradient), plus
-    2·N when remat re-runs the forward ('full', 'offload', 'lora'; 'dots' re-runs no matmul); the LM head the
-    same, plus 2·N_head when the chunked loss re-computes its logits ('rechunk'); causal attention (half the
-    keys) 2·seq·heads·head_dim a layer forward, its backward twice that, plus one forward again
-    under 'full'/'offload'/'lora' remat (and under 'dots' with XLA's attention, whose softmax is re-computed).
+    2·N when remat re-runs the forward ('full', 'offload', 'lora'; 'dots' re-runs no matmul; 'attention' re-runs
+    the gate and up projections, 2·N_gate_up); the LM head the same, plus 2·N_head when the chunked loss
+    re-computes its logits ('rechunk'); causal attention (half the keys) 2·seq·heads·head_dim a layer forward,
+    its backward twice that, plus one forward again under 'full'/'offload'/'lora' remat (and under 'dots' or
+    'attention' with XLA's attention, whose softmax is re-computed).
     """
     n_layers, n_head = matmul_params(cfg)
     policy = remat_policy(cfg)
     rerun = policy in ("full", "offload", "lora")
     attn_fwd = 2 * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers
-    attn_rerun = rerun or (policy == "dots" and attention_implementation(cfg) != "cudnn")
-    per_token = (6 if rerun else 4) * n_layers + (6 if v.recompute else 4) * n_head + (4 if attn_rerun else 3) * attn_fwd
+    attn_rerun = rerun or (policy in ("dots", "attention") and attention_implementation(cfg) != "cudnn")
+    gate_up = 2 * cfg.hidden_size * cfg.intermediate_size * cfg.num_layers if policy == "attention" else 0
+    per_token = ((6 if rerun else 4) * n_layers + 2 * gate_up + (6 if v.recompute else 4) * n_head
+                 + (4 if attn_rerun else 3) * attn_fwd)
     return float(per_token) * tokens
 
 
@@ -295,16 +303,45 @@ def model_loss(apply_fn: Callable, v: Variant) -> Callable:
     return lambda p, tokens, labels, mask: xent(apply_fn(p, tokens), labels, mask)
 
 
+def value_and_grad(loss_of: Callable, microbatches: int) -> Callable:
+    """``jax.value_and_grad(loss_of)`` over a batch, or over ``microbatches`` equal slices of it in a
+    ``lax.scan`` (gradient accumulation: one slice's activations live at a time). Each slice's
+    masked-mean loss and gradient are weighted by its share of the batch's mask, so the result is
+    the whole batch's masked mean and its gradient."""
+    if microbatches == 1:
+        return jax.value_and_grad(loss_of)
+
+    def vg(p, tokens, labels, mask):
+        b = tokens.shape[0]
+        if b % microbatches:
+            raise ValueError(f"batch {b} does not split into {microbatches} equal microbatches")
+        split = lambda x: x.reshape(microbatches, b // microbatches, *x.shape[1:])  # noqa: E731
+        total = jnp.sum(mask)
+
+        def body(carry, xs):
+            loss, grads = carry
+            l_i, g_i = jax.value_and_grad(loss_of)(p, *xs)
+            n = jnp.sum(xs[2])
+            keep = lambda x: jnp.where(n > 0, x, 0)  # noqa: E731  (an all-padding slice: its mean is 0/0)
+            w = n / total
+            return (loss + keep(w * l_i), jax.tree.map(lambda g, gi: g + keep(w * gi).astype(g.dtype), grads, g_i)), None
+
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, p))
+        return jax.lax.scan(body, init, (split(tokens), split(labels), split(mask)))[0]
+
+    return vg
+
+
 def floor_step(apply_fn: Callable, v: Variant) -> Callable:
     loss_of = model_loss(apply_fn, v)
 
     def step(scale, base, tokens, labels, mask):
-        def f(s):
+        def f(s, tokens, labels, mask):
             inner = base["params"]
             table = inner["embed_tokens"]["embedding"] * s.astype(inner["embed_tokens"]["embedding"].dtype)
             return loss_of({"params": dict(inner, embed_tokens={"embedding": table})}, tokens, labels, mask)
 
-        loss, g = jax.value_and_grad(f)(scale)
+        loss, g = value_and_grad(f, v.microbatches)(scale, tokens, labels, mask)
         return scale - 1e-6 * g, loss
 
     return step
@@ -315,7 +352,8 @@ def lora_step(apply: Callable, v: Variant, tx) -> Callable:
 
     def step(state, base, tokens, labels, mask):
         adapters, opt = state
-        loss, g = jax.value_and_grad(lambda a: loss_of(jlora.combine(a, base), tokens, labels, mask))(adapters)
+        f = lambda a, tokens, labels, mask: loss_of(jlora.combine(a, base), tokens, labels, mask)  # noqa: E731
+        loss, g = value_and_grad(f, v.microbatches)(adapters, tokens, labels, mask)
         upd, opt = tx.update(g, opt, adapters)
         return (optax.apply_updates(adapters, upd), opt), loss
 
@@ -423,8 +461,8 @@ def first_step(run: Run, args) -> None:
 # Phase 1 order: expected transient memory ascending, so that most steps raise the process peak
 # (which makes their allocator peak exact).
 def _memory_rank(v: Variant) -> tuple:
-    remat = {"offload": 0, "full": 1, "lora": 1, "dots": 2, "auto": 2 if v.scan else 4, None: 4}[v.remat]
-    return (remat, v.chunk is False, v.kind != "floor", not v.scan)
+    remat = {"offload": 0, "full": 1, "lora": 1, "attention": 1.5, "dots": 2, "auto": 2 if v.scan else 4, None: 4}[v.remat]
+    return (remat * 8 / v.microbatches, v.chunk is False, v.kind != "floor", not v.scan)
 
 
 def find_batch(a: argparse.Namespace) -> int:

@@ -63,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: a check of the script with --variants peft only (no timing meaning, no peak memory)")
+    p.add_argument("--grad-accum", default="1", metavar="M1,M2,...",
+                   help="gradient accumulation: each step splits the batch into M equal microbatches (a "
+                        "forward and backward each, loss / M), then one optimizer step; a row per M, "
+                        "named VARIANT-gaM for M > 1, on the same loaded model")
     p.add_argument("--json", dest="json_path", default=None)
     return p.parse_args(argv)
 
@@ -112,6 +116,11 @@ def main(argv=None) -> int:
     s.update({k: v for k, v in (("seq", a.seq), ("layers", a.layers)) if v is not None})
     first_batch = a.batch or s["batch"]
     ckpt = {"false": False, "true": True, "unsloth": "unsloth"}[a.checkpointing]
+    accums = [int(m) for m in a.grad_accum.split(",")]
+    if any(m < 1 or first_batch % m for m in accums):
+        print(f"unsloth_step.py: --grad-accum {a.grad_accum}: each M must be ≥ 1 and divide the batch "
+              f"({first_batch})", file=sys.stderr)
+        return 2
 
     # One random model for every variant, saved once.
     t0 = time.perf_counter()
@@ -164,53 +173,58 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
         build_s = time.perf_counter() - t0
 
-        batch, row = first_batch, None
-        while batch >= 1 and row is None:
-            g = torch.Generator(device="cpu").manual_seed(1)
-            ids = torch.randint(0, s["vocab"], (batch, s["seq"]), generator=g).to(a.device)
+        for accum in accums:
+            batch, row = first_batch, None
+            while batch >= accum and batch % accum == 0 and row is None:
+                g = torch.Generator(device="cpu").manual_seed(1)
+                ids = torch.randint(0, s["vocab"], (batch, s["seq"]), generator=g).to(a.device)
 
-            def step():
-                out = model(input_ids=ids, labels=ids)
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return out.loss.detach()
+                def step():
+                    loss = 0.0
+                    for part in ids.chunk(accum):  # equal slices: every row has seq - 1 labels
+                        out = model(input_ids=part, labels=part)
+                        (out.loss / accum).backward()
+                        loss = loss + out.loss.detach() / accum
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    return loss
 
-            try:
-                t1 = time.perf_counter()
-                loss0 = float(step())
-                sync()
-                first_s = time.perf_counter() - t1
-                for _ in range(a.warmup):
-                    step()
-                sync()
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                ts = []
-                for _ in range(a.steps):
-                    sync()
+                try:
                     t1 = time.perf_counter()
-                    step()
+                    loss0 = float(step())
                     sync()
-                    ts.append((time.perf_counter() - t1) * 1e3)
-            except oom:
-                print(f"{variant}: batch {batch} does not fit (CUDA out of memory); halving", flush=True)
-                opt.zero_grad(set_to_none=True)
-                del ids
-                if cuda:
-                    torch.cuda.empty_cache()
-                batch //= 2
-                continue
-            ms = statistics.median(ts)
-            tokens = batch * s["seq"]
-            flops = step_flops(s, tokens, bool(ckpt))
-            row = dict(status="ok", batch=batch, step_ms=ms, min_ms=min(ts), max_ms=max(ts), times_ms=ts,
-                       tokens_per_s=tokens / (ms / 1e3), mfu=flops / (ms / 1e3) / (a.peak_tflops * 1e12),
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, first_step_s=first_s, build_s=build_s,
-                       loss0=loss0, trainable=sum(q.numel() for q in params), adapter_dtype=str(params[0].dtype),
-                       checkpointing=a.checkpointing)
-        res[variant] = row or {"status": "FAILED: out of memory at batch 1"}
-        print(variant, json.dumps({k: v for k, v in res[variant].items() if k != "times_ms"}), flush=True)
+                    first_s = time.perf_counter() - t1
+                    for _ in range(a.warmup):
+                        step()
+                    sync()
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    ts = []
+                    for _ in range(a.steps):
+                        sync()
+                        t1 = time.perf_counter()
+                        step()
+                        sync()
+                        ts.append((time.perf_counter() - t1) * 1e3)
+                except oom:
+                    print(f"{variant}: batch {batch} does not fit (CUDA out of memory); halving", flush=True)
+                    opt.zero_grad(set_to_none=True)
+                    del ids
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    batch //= 2
+                    continue
+                ms = statistics.median(ts)
+                tokens = batch * s["seq"]
+                flops = step_flops(s, tokens, bool(ckpt))
+                row = dict(status="ok", batch=batch, step_ms=ms, min_ms=min(ts), max_ms=max(ts), times_ms=ts,
+                           tokens_per_s=tokens / (ms / 1e3), mfu=flops / (ms / 1e3) / (a.peak_tflops * 1e12),
+                           peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, first_step_s=first_s, build_s=build_s,
+                           loss0=loss0, trainable=sum(q.numel() for q in params), adapter_dtype=str(params[0].dtype),
+                           checkpointing=a.checkpointing, grad_accum=accum)
+            name = variant if accum == 1 else f"{variant}-ga{accum}"
+            res[name] = row or {"status": "FAILED: out of memory at batch 1"}
+            print(name, json.dumps({k: v for k, v in res[name].items() if k != "times_ms"}), flush=True)
         del model, opt, params
         if cuda:
             torch.cuda.empty_cache()

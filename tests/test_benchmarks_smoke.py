@@ -189,7 +189,7 @@ def test_hlo_census_counts_loop_bodies_by_trip_count():
 LLAMA_SCRIPT = os.path.join(REPO, "benchmarks", "llama_step.py")
 LLAMA_TINY_VARIANTS = ("floor-unroll-none-plain", "lora-unroll-none-plain", "lora-unroll-none-chunk",
                        "floor-scan-auto-chunk", "lora-scan-none-plain", "lora-scan-auto-chunk",
-                       "lora-scan-full-chunk", "qlora-scan-full-chunk")
+                       "lora-scan-full-chunk", "lora-scan-attention-chunk-mb2", "qlora-scan-full-chunk")
 
 
 def _cpu_env() -> dict:
@@ -223,6 +223,35 @@ def test_llama_step_tiny(tmp_path):
     assert "first-loss check (dense): ok" in proc.stdout
 
 
+def test_llama_step_microbatches_give_the_whole_batch_gradient():
+    """llama_step.value_and_grad over M microbatches equals jax.value_and_grad of the whole batch's
+    masked mean, with masks of unequal weight per microbatch."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from llama_step import Variant, value_and_grad
+
+    def loss_of(p, tokens, labels, mask):  # a masked mean, as the model's losses are
+        nll = jnp.tanh(tokens.astype(jnp.float32) @ p["w"] + p["b"] * labels) ** 2
+        return jnp.sum(nll * mask) / jnp.sum(mask)
+
+    rng = np.random.default_rng(0)
+    p = {"w": jnp.asarray(rng.normal(size=(6, 6)), jnp.float32), "b": jnp.asarray(0.3, jnp.float32)}
+    tokens = jnp.asarray(rng.integers(0, 5, (8, 6)), jnp.int32)
+    labels = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+    mask = jnp.asarray(rng.random((8, 6)) < 0.7, jnp.float32).at[0].set(0.0).at[1, :2].set(1.0)
+    want_loss, want = jax.value_and_grad(loss_of)(p, tokens, labels, mask)
+    for m in (2, 4, 8):
+        got_loss, got = jax.jit(value_and_grad(loss_of, m))(p, tokens, labels, mask)
+        assert abs(float(got_loss) - float(want_loss)) < 1e-5, m
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert Variant.parse("lora-scan-attention-chunk-mb8").microbatches == 8
+    with pytest.raises(ValueError, match="mbM"):
+        Variant.parse("lora-scan-attention-chunk-mb0")
+
+
 def test_llama_step_find_batch(tmp_path):
     out = tmp_path / "fb.json"
     proc = subprocess.run([sys.executable, LLAMA_SCRIPT, "--shape", "tiny", "--variants", "lora-scan-full-chunk",
@@ -244,12 +273,18 @@ def test_unsloth_step_needs_cuda_and_runs_its_peft_row_on_cpu(tmp_path):
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stdout + proc.stderr
     out = tmp_path / "u.json"
     proc = subprocess.run([sys.executable, script, "--shape", "tiny", "--device", "cpu", "--variants", "peft",
-                           "--steps", "1", "--warmup", "0", "--json", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                           "--steps", "1", "--warmup", "0", "--grad-accum", "1,2", "--json", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = json.loads(out.read_text())["results"]["peft"]
+    res = json.loads(out.read_text())["results"]
+    row = res["peft"]
     assert row["status"] == "ok" and row["batch"] == 2 and row["trainable"] == 2 * 16 * (
         (64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r 16 on 7 projections of 2 layers
+    # two microbatches of one row: the same batch's mean loss (the adapters moved by two small steps since)
+    ga = res["peft-ga2"]
+    assert ga["status"] == "ok" and ga["grad_accum"] == 2 and abs(ga["loss0"] - row["loss0"]) < 1e-2 * row["loss0"]
+
+
 def test_dora_step_smoke(tmp_path):
     """benchmarks/dora_step.py at a tiny shape: PEFT's DoRA (subprocess), floor, jlora LoRA and DoRA
     steps, and every init's one-off cost, with a table row each and the JSON record."""

@@ -333,7 +333,8 @@ def _max_err(a, b) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("scan,policies", [(False, ["full", "dots"]), (True, [None, "full", "lora", "offload"])])
+@pytest.mark.parametrize("scan,policies", [(False, ["full", "dots", "attention"]),
+                                           (True, [None, "full", "lora", "offload", "attention"])])
 def test_remat_keeps_adapter_gradients(scan, policies):
     """Re-computing layers changes what is stored, never the gradient w.r.t. the adapters."""
     tokens = random_tokens((2, 9))
@@ -377,6 +378,19 @@ def test_scanned_layers_stack_compact_residuals():
     ffn = [a for a in dots if a.shape[-1] == cfg.intermediate_size]
     assert len(ffn) == 2  # gate and up only
     assert nbytes(dots) < 0.5 * nbytes(plain)
+
+
+def test_attention_policy_stacks_no_mlp_intermediates():
+    """remat='attention' keeps what 'dots' keeps of the attention block and nothing
+    intermediate_size wide: its residuals are 'dots'' minus the gate and up outputs."""
+    cfg = TINY.replace(scan_layers=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    dots = _scan_residuals(cfg.replace(remat="dots"))
+    attention = _scan_residuals(cfg.replace(remat="attention"))
+    full = _scan_residuals(cfg.replace(remat="full"))
+    key = lambda a: (a.shape, str(a.dtype))  # noqa: E731
+    assert not [a for a in attention if a.shape[-1] == cfg.intermediate_size]
+    assert sorted(map(key, attention)) == sorted(key(a) for a in dots if a.shape[-1] != cfg.intermediate_size)
+    assert len(attention) > len(full)
 
 
 def test_offload_keeps_layer_inputs_on_the_host():
