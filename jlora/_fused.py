@@ -44,10 +44,25 @@ __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 IN_LOOPS_ENV = "JLORA_FUSED_IN_LOOPS"
 
 
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+
+
 def in_loops() -> bool:
     """Whether the interpreter takes the fused kernel inside loop bodies (read at every trace):
-    yes unless ``JLORA_FUSED_IN_LOOPS`` is ``0`` (or ``false``, ``no``, ``off``)."""
-    return os.environ.get(IN_LOOPS_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    yes unless ``JLORA_FUSED_IN_LOOPS`` is ``0`` (or ``false``, ``no``, ``off``; any case).
+
+    Raises:
+        ValueError: the variable holds anything else (a misspelt switch is not read as "on").
+    """
+    value = os.environ.get(IN_LOOPS_ENV, "").strip().lower()
+    if value not in _OFF + _ON:
+        raise ValueError(
+            f"{IN_LOOPS_ENV}={os.environ[IN_LOOPS_ENV]!r} is not a switch jlora reads: set it to 0, "
+            "false, no or off to keep matmul='pallas' out of lax.scan/while bodies, to 1, true, yes or "
+            "on (or unset it) to take the kernel there."
+        )
+    return value not in _OFF
 
 
 class Tiles(NamedTuple):

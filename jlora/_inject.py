@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import _dora, _init
+from jlora import _dora, _fused, _init
 from jlora._apply import MATMUL_PATHS, Apply
 from jlora._discover import gather_layout, layout_from_uses
 from jlora._init import Init, parse_init
@@ -74,6 +74,8 @@ class _Options:
             raise ValueError(f"inject: fallback must be None or 'merge', got {fallback!r}.")
         if matmul not in MATMUL_PATHS:
             raise ValueError(f"inject: matmul must be one of {MATMUL_PATHS}, got {matmul!r}.")
+        if matmul == "pallas":
+            _fused.in_loops()  # a misspelt JLORA_FUSED_IN_LOOPS raises here, before anything is traced
         if not isinstance(dora, bool):
             raise TypeError(f"inject: dora must be True or False, got {dora!r}.")
         return cls(rank, alpha, bool(rslora), float(dropout), bias, fallback, _adapter_dtype(adapter_dtype), matmul,

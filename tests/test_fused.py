@@ -303,6 +303,28 @@ def test_fused_path_off_inside_scan_when_switched_off(fake_hopper, monkeypatch, 
     assert _rel(out.astype(F32), scanned(jax.tree.map(lambda t: t.astype(F32), merged), x.astype(F32))) < 2e-2
 
 
+@pytest.mark.parametrize("value", ["flase", "2", "of"])
+def test_misspelt_in_loops_switch_raises_before_tracing(fake_hopper, monkeypatch, value):
+    """A value of ``JLORA_FUSED_IN_LOOPS`` that is neither on nor off is an error naming the
+    variable, raised by ``inject`` itself (not read as "on")."""
+    monkeypatch.setenv(_fused.IN_LOOPS_ENV, value)
+    stack, scanned = _scanned_stack()
+    with pytest.raises(ValueError, match=f"JLORA_FUSED_IN_LOOPS='{value}' is not a switch"):
+        jlora.inject(stack, scanned, rank=4, example_args=(_x(),), matmul="pallas")
+    jlora.inject(stack, scanned, rank=4, example_args=(_x(),))  # the plain path does not read it
+    assert not fake_hopper
+
+
+@pytest.mark.parametrize("on", ["", "1", "On", "yes"])
+def test_fused_path_inside_scan_when_switched_on(fake_hopper, monkeypatch, on):
+    """Every spelling of "on" (and the empty value) takes the kernel in the scan body."""
+    monkeypatch.setenv(_fused.IN_LOOPS_ENV, on)
+    stack, scanned = _scanned_stack()
+    params, apply = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
+    apply(randomize(params, scale=0.05), _x())
+    assert apply.fused_report.matmuls == [("w", None)] and fake_hopper
+
+
 def test_fused_path_inside_scan_by_default(fake_hopper, monkeypatch):
     """The scan body's matmul takes the kernel (the default), forward and dx, one call each in the
     loop body; value and adapter gradients as on the plain path."""
