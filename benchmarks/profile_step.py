@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import gc
 import glob
 import gzip
@@ -483,7 +484,6 @@ def print_diff(a_name: str, a: dict, b_name: str, b: dict, top: int) -> None:
 def install_stand_in(kind: str) -> str:
     """Replace the fused kernel's call where it cannot run (or when asked); returns what ran."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jlora import _fused
@@ -493,19 +493,16 @@ def install_stand_in(kind: str) -> str:
     if kind == "none":
         return f"the Mosaic GPU kernel ({_fused.unavailable() or 'available'})"
 
-    def jnp_call(x, w, u, v, *, tiles, w_t=False):
-        w = w.T if w_t else w
-        out = jnp.dot(x, w, preferred_element_type=jnp.float32) + jnp.dot(u, v, preferred_element_type=jnp.float32)
-        return out.astype(x.dtype)
+    def jnp_call(x, w, u, v, *, tiles, w_t=False):  # the plain-XLA form of the same call (u is pre-scaled)
+        return _fused._local_plus_low_rank(x, w, u, v, scale=1.0, impl="xla", tiles=tiles, w_t=w_t)
 
-    def host(x, w, u, v):
+    def host(x, w, u, v, *, w_t):
         f = lambda t: np.asarray(t, np.float32)
-        return (f(x) @ f(w) + f(u) @ f(v)).astype(x.dtype)
+        return (f(x) @ (f(w).T if w_t else f(w)) + f(u) @ f(v)).astype(x.dtype)
 
     def opaque_call(x, w, u, v, *, tiles, w_t=False):
-        w = w.T if w_t else w
-        out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-        return jax.pure_callback(host, out, x, w, u, v)
+        out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if w_t else w.shape[1]), x.dtype)
+        return jax.pure_callback(functools.partial(host, w_t=w_t), out, x, w, u, v)
 
     _fused.unavailable = lambda: None
     _fused._mosaic_call = jnp_call if kind == "xla" else opaque_call

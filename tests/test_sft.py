@@ -289,3 +289,47 @@ def test_step_loss_is_the_answer_token_cross_entropy(tiny):
     nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
     np.testing.assert_allclose(float(count), float(weights[:, :-1].sum()))
     np.testing.assert_allclose(float(total), float(jnp.sum(nll * weights[:, :-1])), rtol=1e-5)
+
+
+def test_microbatched_step_is_the_whole_batch_step(tiny):
+    """``--microbatches``: the step over equal slices (one all-padding) gives the whole batch's loss
+    and the same optimizer update as one pass, which is SGD on the merged model's answer-token mean."""
+    import optax
+
+    from jlora.models.llama import REMAT_POLICIES, Llama, from_pretrained
+
+    assert set(sft.REMAT_NAMES) == set(REMAT_POLICIES)
+    cfg, params, _ = from_pretrained(tiny, dtype="float32")
+    cfg = cfg.replace(scan_layers=False, remat="attention")
+    lp, apply = jlora.inject(params, Llama(cfg).apply, rank=2, example_args=(jnp.zeros((1, 4), jnp.int32),))
+    lp = jax.tree.map(lambda x: x.replace(b=x.b + 0.05) if isinstance(x, jlora.LoraKernel) else x, lp,
+                      is_leaf=lambda x: isinstance(x, jlora.LoraKernel))
+    ad, base = jlora.split(lp)
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 9)), jnp.int32)
+    weights = jnp.asarray(rng.random((4, 9)) > 0.3, jnp.float32).at[2:].set(0.0).at[0, :3].set(0.0)
+    key = jax.random.key(0)
+    tx = optax.sgd(1.0)
+    out = {}
+    for m in (1, 2, 4):
+        step, _ = sft._step_functions(apply, tx, dropout=0.0, donate=False, microbatches=m)
+        out[m] = step(ad, tx.init(ad), base, ids, weights, key)
+
+    def ref(a):  # the merged model, full logits, masked mean over the answer tokens
+        logits = Llama(cfg.replace(remat=None)).apply(jlora.merge(jlora.combine(a, base)), ids)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+        return jnp.sum(nll * weights[:, :-1]) / jnp.sum(weights[:, :-1])
+
+    want_loss, g = jax.value_and_grad(ref)(ad)
+    want = jax.tree.map(lambda a, d: a - d, ad, g)
+    for m, (new, _, loss) in out.items():
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5, err_msg=str(m))
+        for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(want)):
+            np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6, err_msg=str(m))
+
+
+def test_microbatches_must_divide_the_batch(capsys):
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--model", "m", "--data", "d.jsonl", "--batch", "6", "--microbatches", "4"])
+    assert "--microbatches must be a positive divisor of --batch 6" in capsys.readouterr().err
+    assert sft.parse_args(["--model", "m", "--data", "d.jsonl", "--microbatches", "4", "--remat", "attention"]).remat == "attention"

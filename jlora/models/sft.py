@@ -44,6 +44,10 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+#: ``--remat`` choices besides ``auto`` and ``none``: the keys of
+#: :data:`jlora.models.llama.REMAT_POLICIES` (not imported here: this module imports no JAX at import time).
+REMAT_NAMES = ("full", "offload", "lora", "attention", "dots")
+
 __all__ = ["DataError", "Example", "read_jsonl", "encode_example", "bucket_widths", "epoch_batches", "main"]
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -347,6 +351,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="also write a GGUF file (default type f16)")
     ap.add_argument("--no-merged", action="store_true", help="skip the merged Hugging Face folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--microbatches", type=int, default=1,
+                    help="split each batch into this many slices, one forward and backward each, gradients "
+                         "summed before the optimizer step (gradient accumulation: the same step, one slice's "
+                         "activations at a time); must divide --batch")
+    ap.add_argument("--remat", default="auto", choices=("auto", "none", *REMAT_NAMES),
+                    help="what each layer keeps for the backward pass (LlamaConfig.remat; 'attention' with "
+                         "--microbatches fits a Llama-3-8B step beside its base in Unsloth's memory)")
     ap.add_argument("--compile-cache", default=None,
                     help="directory of JAX's persistent compilation cache (re-runs skip compiling)")
     args = ap.parse_args(argv)
@@ -367,6 +378,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         ap.error(f"--warmup {args.warmup} is longer than --steps {args.steps}.")
     if not 0 <= args.dropout < 1:
         ap.error(f"--dropout must be in [0, 1), got {args.dropout}.")
+    if args.microbatches < 1 or args.batch % args.microbatches:
+        ap.error(f"--microbatches must be a positive divisor of --batch {args.batch}, got {args.microbatches}.")
     return args
 
 
@@ -531,8 +544,12 @@ def _prepare_data(examples: list[Example], tok: Any, *, args: argparse.Namespace
     return _Data(train, held_out, widths, plan, len(too_long), dropped)
 
 
-def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool) -> tuple[Any, Any]:
-    """``(step, loss sums)``, jitted: one optimizer step on the answer-token loss, and its sum and weight."""
+def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool, microbatches: int = 1) -> tuple[Any, Any]:
+    """``(step, loss sums)``, jitted: one optimizer step on the answer-token loss, and its sum and weight.
+
+    With ``microbatches`` > 1 the step runs the batch's equal slices one after the other in a
+    ``lax.scan``, sums their loss sums, weights and gradients, and divides once: the whole batch's
+    mean and gradient, with one slice's activations in memory at a time."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -554,8 +571,27 @@ def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool) -> tup
         total, count = loss_sums(adapters, base, ids, weights, key)
         return total / jnp.maximum(count, 1.0)
 
+    def accumulated(adapters, base, ids, weights, key):
+        sums = jax.value_and_grad(loss_sums, has_aux=True)
+        split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])  # noqa: E731
+
+        def body(carry, xs):
+            total, count, grads = carry
+            (t, c), g = sums(adapters, base, *xs)
+            return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+        keys = jax.random.split(key, microbatches)
+        zero = jnp.zeros((), jnp.float32)
+        init = (zero, zero, jax.tree.map(jnp.zeros_like, adapters))
+        (total, count, grads), _ = jax.lax.scan(body, init, (split(ids), split(weights), keys))
+        count = jnp.maximum(count, 1.0)
+        return total / count, jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
+
     def train_step(adapters, opt_state, base, ids, weights, key):
-        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids, weights, key)
+        if microbatches == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids, weights, key)
+        else:
+            loss, grads = accumulated(adapters, base, ids, weights, key)
         updates, opt_state = tx.update(grads, opt_state, adapters)
         return optax.apply_updates(adapters, updates), opt_state, loss
 
@@ -575,7 +611,7 @@ def _inject(cfg: Any, variables: dict, tok: Any, data: _Data, *, args: argparse.
     import jlora
     from jlora.models.llama import Llama
 
-    model = Llama(cfg)
+    model = Llama(cfg.replace(remat=None if args.remat == "none" else args.remat))
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     w0, ix0 = data.plan.epoch(0)[0]
     ids0, _, _ = stack_batch(data.train, ix0, w0, args.batch, pad_id)
@@ -589,7 +625,8 @@ def _inject(cfg: Any, variables: dict, tok: Any, data: _Data, *, args: argparse.
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr * 0.1)
     tx = optax.adamw(schedule, weight_decay=0.0)
     opt_state = tx.init(adapters)
-    step_fn, eval_fn = _step_functions(apply, tx, dropout=args.dropout, donate=platform != "cpu")
+    step_fn, eval_fn = _step_functions(apply, tx, dropout=args.dropout, donate=platform != "cpu",
+                                       microbatches=args.microbatches)
     return _Trainer(apply, base, adapters, opt_state, step_fn, eval_fn, pad_id)
 
 
