@@ -332,4 +332,8 @@ def test_microbatches_must_divide_the_batch(capsys):
     with pytest.raises(SystemExit):
         sft.parse_args(["--model", "m", "--data", "d.jsonl", "--batch", "6", "--microbatches", "4"])
     assert "--microbatches must be a positive divisor of --batch 6" in capsys.readouterr().err
-    assert sft.parse_args(["--model", "m", "--data", "d.jsonl", "--microbatches", "4", "--remat", "attention"]).remat == "attention"
+    args = sft.parse_args(["--model", "m", "--data", "d.jsonl", "--microbatches", "4", "--remat", "attention",
+                           "--matmul", "pallas"])
+    assert (args.microbatches, args.remat, args.matmul) == (4, "attention", "pallas")
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--model", "m", "--data", "d.jsonl", "--matmul", "triton"])

@@ -328,6 +328,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--targets", default="all",
                     help="'all' (the 7 projections), a comma list of module names (q_proj,v_proj) or a regex")
     ap.add_argument("--qlora", action="store_true", help="NF4 base, quantized as it is loaded")
+    ap.add_argument("--matmul", default="xla", choices=("xla", "shared_xa", "pallas"),
+                    help="jlora.inject's matmul path: 'pallas' runs each adapted bf16 matmul in jlora's fused "
+                         "Hopper kernel (H100/H200; elsewhere, and for an NF4 base, the plain path, said once "
+                         "the first step has run)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                     help="base weights and compute (auto: float32 on CPU, bfloat16 elsewhere)")
     ap.add_argument("--steps", type=int, default=100)
@@ -618,6 +622,7 @@ def _inject(cfg: Any, variables: dict, tok: Any, data: _Data, *, args: argparse.
     params, apply = jlora.inject(
         variables, model.apply, rank=args.rank, alpha=args.alpha, targets=_targets(args.targets),
         dropout=args.dropout, key=jax.random.key(args.seed), example_args=(jnp.asarray(ids0),),
+        matmul=args.matmul,
     )
     print(jlora.summary(params).splitlines()[-1])
     adapters, base = jlora.split(params)
@@ -722,6 +727,10 @@ def _train(tr: _Trainer, data: _Data, run: _Run, *, out: Path, args: argparse.Na
             raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower --lr.")
         run.losses.append(loss)
         speed.add(ids.size, real, dt, timed=width in seen_widths)  # the first step of each shape compiles: not timed
+        if not seen_widths and args.matmul == "pallas":
+            report = tr.apply.fused_report
+            line = str(report).splitlines()[0] if report else "matmul='pallas': no adapted matmul was traced"
+            (bar.write if bar is not None else print)(line)  # above the progress bar, not inside it
         seen_widths.add(width)
         if run.ckpt.save(step + 1, tr.adapters, tr.opt_state):
             (out / "losses.json").write_text(json.dumps(run.losses))
