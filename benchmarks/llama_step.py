@@ -1,6 +1,6 @@
 """Training steps of ``jlora.models.llama`` at named shapes: variants timed side by side, one process.
 
-Every variant is ``KIND-LAYOUT-REMAT-LOSS``:
+Every variant is ``KIND-LAYOUT-REMAT-LOSS``, optionally followed by ``-mbM``:
 
   KIND    floor   frozen forward + input-gradient backward, no adapters: the gradient is taken only
                   w.r.t. a scalar that scales the embedding table, so the whole backward runs but
@@ -11,7 +11,7 @@ Every variant is ``KIND-LAYOUT-REMAT-LOSS``:
           qlora   the same over an NF4 base (jlora.NF4Tensor, block 64, double quantization),
                   built layer by layer and stacked; scanned layout only
   LAYOUT  unroll | scan                      LlamaConfig.scan_layers
-  REMAT   none | auto | full | offload | lora | dots
+  REMAT   none | auto | full | offload | lora | attention | dots
                                              LlamaConfig.remat (auto: dots when scanned, else none)
   LOSS    plain   the model returns float32 logits, the step takes their cross-entropy
           chunk   model.apply(..., labels=, loss_mask=): causal_lm_loss over token chunks, each
@@ -19,6 +19,8 @@ Every variant is ``KIND-LAYOUT-REMAT-LOSS``:
                   files before llama_*_fwdgrad.* call the re-computing form 'chunk')
           rechunk the same with LlamaConfig.loss_grad_in_forward=False: the backward pass
                   re-computes each chunk's logits
+  -mbM    gradient accumulation: the batch as M equal microbatches in a lax.scan, each slice's
+          gradient weighted by its share of the mask and summed in float32 (value_and_grad below)
 
 Shapes (``--shape``), random bf16 weights, seq 2048:
 
@@ -324,10 +326,12 @@ def value_and_grad(loss_of: Callable, microbatches: int) -> Callable:
             n = jnp.sum(xs[2])
             keep = lambda x: jnp.where(n > 0, x, 0)  # noqa: E731  (an all-padding slice: its mean is 0/0)
             w = n / total
-            return (loss + keep(w * l_i), jax.tree.map(lambda g, gi: g + keep(w * gi).astype(g.dtype), grads, g_i)), None
+            return (loss + keep(w * l_i), jax.tree.map(lambda g, gi: g + keep(w * gi.astype(jnp.float32)), grads, g_i)), None
 
-        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, p))
-        return jax.lax.scan(body, init, (split(tokens), split(labels), split(mask)))[0]
+        # summed in float32 (bf16 adapters would lose bits at each add), cast once
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p))
+        loss, grads = jax.lax.scan(body, init, (split(tokens), split(labels), split(mask)))[0]
+        return loss, jax.tree.map(lambda g, x: g.astype(x.dtype), grads, p)
 
     return vg
 
@@ -468,6 +472,11 @@ def _memory_rank(v: Variant) -> tuple:
 def find_batch(a: argparse.Namespace) -> int:
     """Try ``--find-batch`` sizes in order, one subprocess each (a fresh allocator)."""
     sizes = [int(b) for b in a.find_batch.split(",")]
+    mb = max(v.microbatches for v in a.variant_list)
+    if any(b % v.microbatches for b in sizes for v in a.variant_list):
+        skipped = [b for b in sizes if any(b % v.microbatches for v in a.variant_list)]
+        print(f"batch sizes {skipped} do not split into every variant's microbatches (up to {mb}): skipped")
+        sizes = [b for b in sizes if b not in skipped]
     found = None
     rows = []
     for b in sizes:
@@ -504,6 +513,11 @@ def main(argv=None) -> int:
         return find_batch(a)
     s = SHAPES[a.shape]
     s = dataclasses.replace(s, batch=a.batch or s.batch, seq=a.seq or s.seq, layers=a.layers or s.layers)
+    for v in a.variant_list:  # before any weight is drawn
+        if s.batch % v.microbatches:
+            print(f"llama_step.py: {v.name}: batch {s.batch} does not split into {v.microbatches} equal microbatches "
+                  "(pass --batch)", file=sys.stderr)
+            return 2
     steps = a.steps if a.steps is not None else s.steps
     base_cfg = model_config(s, a)
     env = L.environment()

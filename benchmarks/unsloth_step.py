@@ -21,6 +21,11 @@ checkpointing, plus causal attention; against 989 TFLOP/s), peak GiB =
 
     python benchmarks/unsloth_step.py --shape design --json $OUT/unsloth_design.json
     python benchmarks/unsloth_step.py --shape 8b --json $OUT/unsloth_8b.json
+
+``--grad-accum 1,8`` times the step once per M on the same loaded model, each step splitting the
+batch into M equal microbatches (forward and backward each, loss / M, one optimizer step): a row
+``VARIANT-gaM`` for M > 1, whose ``grad_rel_err`` compares its summed gradient with the one-pass
+gradient of the same batch, taken before its first step.
 """
 
 from __future__ import annotations
@@ -174,22 +179,39 @@ def main(argv=None) -> int:
         build_s = time.perf_counter() - t0
 
         for accum in accums:
-            batch, row = first_batch, None
-            while batch >= accum and batch % accum == 0 and row is None:
+            batch, row, tried = first_batch, None, None
+            while batch >= accum and row is None:
+                tried = batch
                 g = torch.Generator(device="cpu").manual_seed(1)
                 ids = torch.randint(0, s["vocab"], (batch, s["seq"]), generator=g).to(a.device)
 
-                def step():
+                def backward(m):  # this batch's mean loss in m equal slices (every row has seq - 1 labels)
                     loss = 0.0
-                    for part in ids.chunk(accum):  # equal slices: every row has seq - 1 labels
+                    for part in ids.chunk(m):
                         out = model(input_ids=part, labels=part)
-                        (out.loss / accum).backward()
-                        loss = loss + out.loss.detach() / accum
+                        (out.loss / m).backward()
+                        loss = loss + out.loss.detach() / m
+                    return loss
+
+                def step():
+                    loss = backward(accum)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     return loss
 
+                def grads(m):  # the adapters' gradient as step() leaves it for opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    backward(m)
+                    g = torch.cat([q.grad.detach().float().flatten() for q in params if q.grad is not None])
+                    opt.zero_grad(set_to_none=True)
+                    return g
+
                 try:
+                    grad_err = None
+                    if accum > 1:
+                        one, acc = grads(1), grads(accum)
+                        grad_err = float((acc - one).norm() / one.norm())
+                        del one, acc
                     t1 = time.perf_counter()
                     loss0 = float(step())
                     sync()
@@ -212,7 +234,7 @@ def main(argv=None) -> int:
                     del ids
                     if cuda:
                         torch.cuda.empty_cache()
-                    batch //= 2
+                    batch = batch // 2 // accum * accum  # the next smaller batch that splits into M slices
                     continue
                 ms = statistics.median(ts)
                 tokens = batch * s["seq"]
@@ -221,9 +243,9 @@ def main(argv=None) -> int:
                            tokens_per_s=tokens / (ms / 1e3), mfu=flops / (ms / 1e3) / (a.peak_tflops * 1e12),
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, first_step_s=first_s, build_s=build_s,
                            loss0=loss0, trainable=sum(q.numel() for q in params), adapter_dtype=str(params[0].dtype),
-                           checkpointing=a.checkpointing, grad_accum=accum)
+                           checkpointing=a.checkpointing, grad_accum=accum, grad_rel_err=grad_err)
             name = variant if accum == 1 else f"{variant}-ga{accum}"
-            res[name] = row or {"status": "FAILED: out of memory at batch 1"}
+            res[name] = row or {"status": f"FAILED: out of memory at batch {tried}"}
             print(name, json.dumps({k: v for k, v in res[name].items() if k != "times_ms"}), flush=True)
         del model, opt, params
         if cuda:

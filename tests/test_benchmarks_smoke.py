@@ -223,10 +223,12 @@ def test_llama_step_tiny(tmp_path):
     assert "first-loss check (dense): ok" in proc.stdout
 
 
-def test_llama_step_microbatches_give_the_whole_batch_gradient():
+def test_llama_step_microbatches_give_the_whole_batch_gradient(monkeypatch):
     """llama_step.value_and_grad over M microbatches equals jax.value_and_grad of the whole batch's
-    masked mean, with masks of unequal weight per microbatch."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    masked mean (a toy loss), with masks of unequal weight per microbatch and an all-padding one."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    # importing llama_step sets XLA_PYTHON_CLIENT_MEM_FRACTION if unset: undone after the test
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -280,9 +282,10 @@ def test_unsloth_step_needs_cuda_and_runs_its_peft_row_on_cpu(tmp_path):
     row = res["peft"]
     assert row["status"] == "ok" and row["batch"] == 2 and row["trainable"] == 2 * 16 * (
         (64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r 16 on 7 projections of 2 layers
-    # two microbatches of one row: the same batch's mean loss (the adapters moved by two small steps since)
+    # two microbatches of one row: their summed gradient is the one-pass gradient of the same batch
     ga = res["peft-ga2"]
-    assert ga["status"] == "ok" and ga["grad_accum"] == 2 and abs(ga["loss0"] - row["loss0"]) < 1e-2 * row["loss0"]
+    assert ga["status"] == "ok" and ga["grad_accum"] == 2 and ga["grad_rel_err"] < 1e-4, ga
+    assert row["grad_rel_err"] is None
 
 
 def test_dora_step_smoke(tmp_path):

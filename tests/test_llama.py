@@ -390,7 +390,7 @@ def test_attention_policy_stacks_no_mlp_intermediates():
     key = lambda a: (a.shape, str(a.dtype))  # noqa: E731
     assert not [a for a in attention if a.shape[-1] == cfg.intermediate_size]
     assert sorted(map(key, attention)) == sorted(key(a) for a in dots if a.shape[-1] != cfg.intermediate_size)
-    assert len(attention) > len(full)
+    assert len(attention) > len(full)  # and it does keep the attention block's outputs
 
 
 def test_offload_keeps_layer_inputs_on_the_host():

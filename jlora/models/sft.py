@@ -357,8 +357,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--microbatches", type=int, default=1,
                     help="split each batch into this many slices, one forward and backward each, gradients "
-                         "summed before the optimizer step (gradient accumulation: the same step, one slice's "
-                         "activations at a time); must divide --batch")
+                         "summed before the optimizer step (gradient accumulation: the same step, without "
+                         "dropout exactly, one slice's activations at a time); must divide --batch")
     ap.add_argument("--remat", default="auto", choices=("auto", "none", *REMAT_NAMES),
                     help="what each layer keeps for the backward pass (LlamaConfig.remat; 'attention' with "
                          "--microbatches fits a Llama-3-8B step beside its base in Unsloth's memory)")
@@ -553,7 +553,8 @@ def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool, microb
 
     With ``microbatches`` > 1 the step runs the batch's equal slices one after the other in a
     ``lax.scan``, sums their loss sums, weights and gradients, and divides once: the whole batch's
-    mean and gradient, with one slice's activations in memory at a time."""
+    mean and gradient, with one slice's activations in memory at a time (with dropout, each slice
+    draws its own masks, so the step equals the one-pass step in distribution, not bit for bit)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -582,14 +583,14 @@ def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool, microb
         def body(carry, xs):
             total, count, grads = carry
             (t, c), g = sums(adapters, base, *xs)
-            return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+            return (total + t, count + c, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)), None
 
         keys = jax.random.split(key, microbatches)
         zero = jnp.zeros((), jnp.float32)
-        init = (zero, zero, jax.tree.map(jnp.zeros_like, adapters))
+        init = (zero, zero, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), adapters))  # summed in float32
         (total, count, grads), _ = jax.lax.scan(body, init, (split(ids), split(weights), keys))
         count = jnp.maximum(count, 1.0)
-        return total / count, jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
+        return total / count, jax.tree.map(lambda g, a: (g / count).astype(a.dtype), grads, adapters)
 
     def train_step(adapters, opt_state, base, ids, weights, key):
         if microbatches == 1:
