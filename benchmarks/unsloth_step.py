@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     s.update({k: v for k, v in (("seq", a.seq), ("layers", a.layers)) if v is not None})
     first_batch = a.batch or s["batch"]
     ckpt = {"false": False, "true": True, "unsloth": "unsloth"}[a.checkpointing]
-    accums = [int(m) for m in a.grad_accum.split(",")]
+    accums = [int(m) if m.strip().isdigit() else 0 for m in a.grad_accum.split(",")]
     if any(m < 1 or first_batch % m for m in accums):
         print(f"unsloth_step.py: --grad-accum {a.grad_accum}: each M must be ≥ 1 and divide the batch "
               f"({first_batch})", file=sys.stderr)

@@ -267,18 +267,26 @@ def test_long_sequences_refused_or_truncated_and_bad_inputs(tiny, tmp_path, caps
     assert "Traceback" not in proc.stderr
 
 
+def _tiny_lora(tiny, **config):
+    """The tiny checkpoint's config (with ``config`` replaced), LoRA r 2 on it with B ≠ 0, and apply."""
+    from jlora.models.llama import Llama, from_pretrained
+
+    cfg, params, _ = from_pretrained(tiny, dtype="float32")
+    cfg = cfg.replace(**config)
+    lp, apply = jlora.inject(params, Llama(cfg).apply, rank=2, example_args=(jnp.zeros((1, 4), jnp.int32),))
+    lp = jax.tree.map(lambda x: x.replace(b=x.b + 0.05) if isinstance(x, jlora.LoraKernel) else x, lp,
+                      is_leaf=lambda x: isinstance(x, jlora.LoraKernel))
+    return cfg, lp, apply
+
+
 def test_step_loss_is_the_answer_token_cross_entropy(tiny):
     """The training/eval loss (the model's chunked loss) is optax's cross-entropy of the full
     logits on the answer tokens, each position predicting the next token."""
     import optax
 
-    from jlora.models.llama import Llama, from_pretrained
+    from jlora.models.llama import Llama
 
-    cfg, params, _ = from_pretrained(tiny, dtype="float32")
-    cfg = cfg.replace(loss_chunk_tokens=5)  # several chunks, one of them padded
-    lp, apply = jlora.inject(params, Llama(cfg).apply, rank=2, example_args=(jnp.zeros((1, 4), jnp.int32),))
-    lp = jax.tree.map(lambda x: x.replace(b=x.b + 0.05) if isinstance(x, jlora.LoraKernel) else x, lp,
-                      is_leaf=lambda x: isinstance(x, jlora.LoraKernel))
+    cfg, lp, apply = _tiny_lora(tiny, loss_chunk_tokens=5)  # several chunks, one of them padded
     ad, base = jlora.split(lp)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
@@ -296,14 +304,9 @@ def test_microbatched_step_is_the_whole_batch_step(tiny):
     and the same optimizer update as one pass, which is SGD on the merged model's answer-token mean."""
     import optax
 
-    from jlora.models.llama import REMAT_POLICIES, Llama, from_pretrained
+    from jlora.models.llama import Llama
 
-    assert set(sft.REMAT_NAMES) == set(REMAT_POLICIES)
-    cfg, params, _ = from_pretrained(tiny, dtype="float32")
-    cfg = cfg.replace(scan_layers=False, remat="attention")
-    lp, apply = jlora.inject(params, Llama(cfg).apply, rank=2, example_args=(jnp.zeros((1, 4), jnp.int32),))
-    lp = jax.tree.map(lambda x: x.replace(b=x.b + 0.05) if isinstance(x, jlora.LoraKernel) else x, lp,
-                      is_leaf=lambda x: isinstance(x, jlora.LoraKernel))
+    cfg, lp, apply = _tiny_lora(tiny, scan_layers=False, remat="attention")
     ad, base = jlora.split(lp)
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 9)), jnp.int32)
@@ -335,5 +338,7 @@ def test_microbatches_must_divide_the_batch(capsys):
     args = sft.parse_args(["--model", "m", "--data", "d.jsonl", "--microbatches", "4", "--remat", "attention",
                            "--matmul", "pallas"])
     assert (args.microbatches, args.remat, args.matmul) == (4, "attention", "pallas")
-    with pytest.raises(SystemExit):
-        sft.parse_args(["--model", "m", "--data", "d.jsonl", "--matmul", "triton"])
+    for flag, bad in (("--matmul", "triton"), ("--remat", "everything")):
+        with pytest.raises(SystemExit):
+            sft.parse_args(["--model", "m", "--data", "d.jsonl", flag, bad])
+        assert f"invalid choice: '{bad}'" in capsys.readouterr().err

@@ -44,10 +44,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-#: ``--remat`` choices besides ``auto`` and ``none``: the keys of
-#: :data:`jlora.models.llama.REMAT_POLICIES` (not imported here: this module imports no JAX at import time).
-REMAT_NAMES = ("full", "offload", "lora", "attention", "dots")
-
 __all__ = ["DataError", "Example", "read_jsonl", "encode_example", "bucket_widths", "epoch_batches", "main"]
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -315,6 +311,8 @@ def _run_settings(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line of ``jlora-sft`` (``--alpha`` defaults to 2 x ``--rank``)."""
+    from jlora.models.llama import REMAT_POLICIES  # here, not at import: this module imports no JAX then
+
     ap = argparse.ArgumentParser(
         prog="jlora-sft", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -359,7 +357,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="split each batch into this many slices, one forward and backward each, gradients "
                          "summed before the optimizer step (gradient accumulation: the same step, without "
                          "dropout exactly, one slice's activations at a time); must divide --batch")
-    ap.add_argument("--remat", default="auto", choices=("auto", "none", *REMAT_NAMES),
+    ap.add_argument("--remat", default="auto", choices=("auto", "none", *REMAT_POLICIES),
                     help="what each layer keeps for the backward pass (LlamaConfig.remat; 'attention' with "
                          "--microbatches fits a Llama-3-8B step beside its base in Unsloth's memory)")
     ap.add_argument("--compile-cache", default=None,
@@ -572,12 +570,13 @@ def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool, microb
         mean = apply(jlora.combine(adapters, base), ids, labels=labels, loss_mask=w, lora_rng=rng)
         return mean * count, count
 
-    def loss_fn(adapters, base, ids, weights, key):
-        total, count = loss_sums(adapters, base, ids, weights, key)
-        return total / jnp.maximum(count, 1.0)
+    sums = jax.value_and_grad(loss_sums, has_aux=True)
 
-    def accumulated(adapters, base, ids, weights, key):
-        sums = jax.value_and_grad(loss_sums, has_aux=True)
+    def summed(adapters, base, ids, weights, key):
+        """The batch's loss sum, weight and gradient of the sum, over ``microbatches`` slices."""
+        if microbatches == 1:
+            (total, count), grads = sums(adapters, base, ids, weights, key)
+            return total, count, grads
         split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])  # noqa: E731
 
         def body(carry, xs):
@@ -585,20 +584,17 @@ def _step_functions(apply: Any, tx: Any, *, dropout: float, donate: bool, microb
             (t, c), g = sums(adapters, base, *xs)
             return (total + t, count + c, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)), None
 
-        keys = jax.random.split(key, microbatches)
         zero = jnp.zeros((), jnp.float32)
         init = (zero, zero, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), adapters))  # summed in float32
-        (total, count, grads), _ = jax.lax.scan(body, init, (split(ids), split(weights), keys))
-        count = jnp.maximum(count, 1.0)
-        return total / count, jax.tree.map(lambda g, a: (g / count).astype(a.dtype), grads, adapters)
+        keys = jax.random.split(key, microbatches)
+        return jax.lax.scan(body, init, (split(ids), split(weights), keys))[0]
 
     def train_step(adapters, opt_state, base, ids, weights, key):
-        if microbatches == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(adapters, base, ids, weights, key)
-        else:
-            loss, grads = accumulated(adapters, base, ids, weights, key)
+        total, count, grads = summed(adapters, base, ids, weights, key)
+        count = jnp.maximum(count, 1.0)  # the mean over the answer tokens, and its gradient
+        grads = jax.tree.map(lambda g, a: (g / count).astype(a.dtype), grads, adapters)
         updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
+        return optax.apply_updates(adapters, updates), opt_state, total / count
 
     # The frozen base is an argument, not a closure (closed-over arrays become constants).
     step_fn = jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
