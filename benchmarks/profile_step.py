@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--steps", type=int, default=2, help="profiled steps per variant")
     m.add_argument("--top", type=int, default=25, help="rows of the per-kernel and diff tables")
     m.add_argument("--diff", default="auto",
-                   help="'A,B' (e.g. scan:jlora_fused,scan:jlora) or 'auto': jlora_fused vs jlora per mode")
+                   help="'A,B' (e.g. scan:jlora_fused,scan:jlora), several separated by ';', or 'auto': "
+                        "jlora_fused vs jlora per mode")
     m.add_argument("--stand-in", default="auto", choices=("auto", "none", "xla", "opaque"),
                    help="replace the fused kernel call (auto: none on an sm_90 GPU, else xla; opaque: a host "
                         "callback custom call, for --hlo)")
@@ -498,7 +499,7 @@ def install_stand_in(kind: str) -> str:
 
     def host(x, w, u, v, *, w_t):
         f = lambda t: np.asarray(t, np.float32)
-        return (f(x) @ (f(w).T if w_t else f(w)) + f(u) @ f(v)).astype(x.dtype)
+        return (f(x) @ (f(w).T if w_t else f(w)) + f(u) @ (f(v).T if w_t else f(v))).astype(x.dtype)
 
     def opaque_call(x, w, u, v, *, tiles, w_t=False):
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if w_t else w.shape[1]), x.dtype)
@@ -602,7 +603,7 @@ def main(argv=None) -> int:
     for key, agg in profiles.items():
         print_profile(key, agg, a.top)
     if profiles:
-        pairs_ = ([tuple(a.diff.split(","))] if a.diff != "auto"
+        pairs_ = ([tuple(d.split(",")) for d in a.diff.split(";")] if a.diff != "auto"
                   else [(f"{m}:jlora_fused", f"{m}:jlora") for m in a.modes])
         if a.diff == "auto" and len(a.modes) > 1:
             pairs_ += [("scan:jlora", "unrolled:jlora")] if "jlora" in a.variants else []

@@ -81,9 +81,10 @@ class Tiles(NamedTuple):
 def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
     """``x·w + u·v`` on Hopper: a persistent, warp-specialized wgmma matmul whose accumulator gets
     one more wgmma, ``u_tile · v_tile`` (K = r), before the epilogue stores it. All 2-D, bf16/f16,
-    ``r`` a multiple of 16, shapes divisible by the tiles. With ``w_t``, ``w`` is ``(N, K)`` and the
-    kernel computes ``x·wᵀ + u·v``: its tiles of ``w`` are loaded as stored (K-minor) and handed to
-    wgmma through a transposed view, so no transposed copy of ``w`` is ever written.
+    ``r`` a multiple of 16, shapes divisible by the tiles. With ``w_t``, ``w`` is ``(N, K)`` and ``v``
+    is ``(N, r)``, and the kernel computes ``x·wᵀ + u·vᵀ``: its tiles of both are loaded as stored
+    and handed to wgmma through transposed views, so no transposed copy is ever written (the
+    backward's ``dy·W0ᵀ + (dy·Bᵀ)·Aᵀ`` takes ``W0`` and ``A`` as they are).
 
     Longer than the project's 60 lines, on purpose: a Pallas Mosaic GPU kernel is one closure over
     its tiles, scoped allocations and barriers (the nested ``jlora_fused_matmul`` body is the
@@ -126,7 +127,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
             pl.run_scoped,
             allocs=pipeline(nothing, nothing).get_allocations(x_gmem, w_gmem),
             u_smem=plgpu.SMEM((2, tm, r), dtype, transforms=low_tf),
-            v_smem=plgpu.SMEM((2, r, tn), dtype, transforms=low_tf),
+            v_smem=plgpu.SMEM((2, tn, r) if w_t else (2, r, tn), dtype, transforms=low_tf),
             out_smem=plgpu.SMEM((2, tiles.slots, epi, epi), dtype, transforms=out_tf),
             bars=plgpu.Barrier(num_barriers=4),
             collective_axes="wg",
@@ -147,12 +148,13 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
                     def acc_scope(acc):
                         # this tile's u rows and v columns arrive while the main loop runs
                         plgpu.copy_gmem_to_smem(u_gmem.at[rows], u_smem.at[wg], bars.at[2 * wg])
-                        plgpu.copy_gmem_to_smem(v_gmem.at[:, wg_cols], v_smem.at[wg],
-                                                bars.at[2 * wg + 1])
+                        plgpu.copy_gmem_to_smem(v_gmem.at[wg_cols, :] if w_t else v_gmem.at[:, wg_cols],
+                                                v_smem.at[wg], bars.at[2 * wg + 1])
                         run(acc)  # acc = x_tile · w_tile over all of K
                         plgpu.barrier_wait(bars.at[2 * wg])
                         plgpu.barrier_wait(bars.at[2 * wg + 1])
-                        plgpu.wgmma(acc, u_smem.at[wg], v_smem.at[wg])  # acc += u_tile · v_tile
+                        v_tile = plgpu.transpose_ref(v_smem.at[wg], (1, 0)) if w_t else v_smem.at[wg]
+                        plgpu.wgmma(acc, u_smem.at[wg], v_tile)  # acc += u_tile · v_tile
                         plgpu.wgmma_wait(0)
                         res = acc[...].astype(dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -235,8 +237,8 @@ def _takes(m: int, k: int, n: int, dtype, tiles: Tiles) -> bool:
 
 def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w_t: bool = False,
                          k_axes: tuple = ()):
-    """``x·w + scale·u·v`` (all 2-D; ``x·wᵀ + …`` with ``w_t``) on one device's blocks, in the kernel
-    or in plain XLA.
+    """``x·w + scale·u·v`` (all 2-D; ``x·wᵀ + scale·u·vᵀ`` with ``w_t``, ``w`` then ``(N, K)`` and ``v``
+    ``(N, r)``) on one device's blocks, in the kernel or in plain XLA.
 
     ``k_axes``: mesh axes over which the contracted K is split (x's columns and w's rows): each
     device then adds its partial product and ``u·v`` is added on the first of them only. A block
@@ -247,12 +249,13 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
     if impl == "xla" or not _takes(x.shape[0], x.shape[1], n, x.dtype, tiles):
         base = jax.lax.dot_general(x, w, (((1,), (1 if w_t else 0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
-        low = jnp.dot(u, v, preferred_element_type=jnp.float32)
-        y = (base + scale * low).astype(x.dtype)
-    else:
-        us = (u.astype(jnp.float32) * scale).astype(x.dtype)  # M × r: folding s here is free
-        # with w_t the kernel reads w (N, K) as stored and transposes each tile in shared memory
-        y = _mosaic_call(x, w, _pad_rank(us, 1, tiles.r_align), _pad_rank(v, 0, tiles.r_align),
+        low = jax.lax.dot_general(u, v, (((1,), (1 if w_t else 0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        y = (base + low if scale == 1.0 else base + scale * low).astype(x.dtype)
+    else:  # jlora's own calls pass u pre-scaled (scale 1: no M × r pass here)
+        us = u if scale == 1.0 else (u.astype(jnp.float32) * scale).astype(x.dtype)
+        # with w_t the kernel reads w (N, K) and v (N, r) as stored and transposes tiles in shared memory
+        y = _mosaic_call(x, w, _pad_rank(us, 1, tiles.r_align), _pad_rank(v, 1 if w_t else 0, tiles.r_align),
                          tiles=tiles, w_t=w_t)
         # One consumer for the call: inside a loop body XLA:GPU wraps a custom call that reads a
         # slice of a stacked weight into a dynamic-slice fusion, and then duplicated that fusion
@@ -320,7 +323,8 @@ def _partition(scale, impl, tiles, w_t, mesh, arg_shapes, result_shape):
                                            w_t=w_t), rep, (rep,) * 4
     m, k, n = plan
     named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
-    args = (named(m, k), named(n, k) if w_t else named(k, n), named(m, ()), named((), n))
+    args = (named(m, k), named(n, k) if w_t else named(k, n), named(m, ()),
+            named(n, ()) if w_t else named((), n))
     lower = functools.partial(_local_plus_low_rank, scale=scale, impl=impl, tiles=tiles, w_t=w_t, k_axes=k)
     return mesh, lower, named(m, n), args
 
@@ -346,8 +350,8 @@ def _rule(scale, impl, tiles, w_t, mesh, operand_types, result_types):
     """Shardy's factors: m (rows of x, u, the result), n (columns of w or rows of wᵀ, of v, of the
     result), k and r contracted. Shardy never proposes a split of k or r (``need_replication``); the
     partition callback still keeps a K split that x already has."""
-    w = "n k" if w_t else "k n"
-    rule = f"m k, {w}, m r, r n -> m n"
+    w, v = ("n k", "n r") if w_t else ("k n", "r n")
+    rule = f"m k, {w}, m r, {v} -> m n"
     if not jax_compat.shardy_rule_takes_options():  # JAX < 0.8: a plain einsum string; the partition callback copes
         return rule
     return rule, {"need_replication_factors": ("k", "r")}
@@ -395,8 +399,8 @@ _partitioned_call = jax.jit(_partitioned_batchable, static_argnums=(4, 5, 6, 7))
 
 
 def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w_t: bool = False):
-    """``x·w + scale·u·v`` (``x·wᵀ + …`` with ``w_t``), all 2-D, in the kernel or in plain XLA;
-    partitionable under SPMD."""
+    """``x·w + scale·u·v`` (``x·wᵀ + scale·u·vᵀ`` with ``w_t``), all 2-D, in the kernel or in plain
+    XLA; partitionable under SPMD."""
     return _partitioned_call(x, w, u, v, float(scale), impl, tiles, w_t)
 
 
@@ -409,6 +413,11 @@ def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, 
 # and under a policy the backward re-ran x·A for every adapted matmul. The VJP gives x and A their
 # whole gradients (through x·A too) and xa none, so the outer x·A adds nothing to them (a symbolic
 # zero: its transpose is never computed).
+#
+# The scale s rides in the two thin matmuls' epilogues: xa is s·(x·A) and the backward's u is
+# s·(dy·Bᵀ), so the kernel calls take s = 1 and neither an M × r scaling pass nor Aᵀ is ever a
+# kernel of its own (the step launches about 3 fewer kernels per adapted matmul; on the H200 the
+# idle gaps between kernels cost a step about as much as the thin matmuls do).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _lora_matmul(x, xa, w0, a, b, scale, impl, tiles):
     return _fwd(x, xa, w0, a, b, scale, impl, tiles)[0]
@@ -416,18 +425,19 @@ def _lora_matmul(x, xa, w0, a, b, scale, impl, tiles):
 
 def _fwd(x, xa, w0, a, b, scale, impl, tiles):
     x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
-    y = _matmul_plus_low_rank(x2, w0, xa2, b, scale=scale, impl=impl, tiles=tiles)
+    y = _matmul_plus_low_rank(x2, w0, xa2, b, scale=1.0, impl=impl, tiles=tiles)  # xa is s·(x·A)
     return y.reshape(*x.shape[:-1], y.shape[-1]), (x, w0, a, b, xa)
 
 
 def _bwd(scale, impl, tiles, res, g):
-    x, w0, a, b, xa = res
+    x, w0, a, b, xa = res  # xa is s·(x·A)
     f32 = jnp.float32
     x2, g2, xa2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), xa.reshape(-1, xa.shape[-1])
-    gb = jnp.dot(g2, b.T, preferred_element_type=f32).astype(g.dtype)  # dy·Bᵀ  (M, r)
-    dx = _matmul_plus_low_rank(g2, w0, gb, a.T, scale=scale, impl=impl, tiles=tiles, w_t=True)
-    da = (scale * jnp.dot(x2.T, gb, preferred_element_type=f32)).astype(a.dtype)
-    db = (scale * jnp.dot(xa2.T, g2, preferred_element_type=f32)).astype(b.dtype)
+    gb = (scale * jnp.dot(g2, b.T, preferred_element_type=f32)).astype(g.dtype)  # s·dy·Bᵀ  (M, r)
+    # dy·W0ᵀ + gb·Aᵀ with W0 and A read as stored
+    dx = _matmul_plus_low_rank(g2, w0, gb, a, scale=1.0, impl=impl, tiles=tiles, w_t=True)
+    da = jnp.dot(x2.T, gb, preferred_element_type=f32).astype(a.dtype)
+    db = jnp.dot(xa2.T, g2, preferred_element_type=f32).astype(b.dtype)
     # W0 is frozen: no gradient, not even one XLA drops; xa: none (x and A got its share above)
     return dx.reshape(x.shape), None, None, da, db
 
@@ -481,5 +491,5 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
 
     dt = x.dtype
     a = a.astype(dt)
-    xa = checkpoint_name(jnp.dot(x, a, preferred_element_type=jnp.float32).astype(dt), XA_NAME)
+    xa = checkpoint_name((scale * jnp.dot(x, a, preferred_element_type=jnp.float32)).astype(dt), XA_NAME)
     return _lora_matmul_jit(x, xa, w0.astype(dt), a, b.astype(dt), float(scale), impl, tiles or DEFAULT_TILES)

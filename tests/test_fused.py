@@ -154,10 +154,11 @@ def fake_hopper(monkeypatch):
     calls.read_as_stored = []  # the stored shapes of the w's the kernel multiplied by their transpose
 
     def fake_call(x, w, u, v, *, tiles, w_t=False):
-        assert u.shape[1] % tiles.r_align == 0 and v.shape[0] == u.shape[1]  # rank padded
-        if w_t:  # the kernel reads w (N, K) as stored and multiplies by its transpose
+        assert u.shape[1] % tiles.r_align == 0  # rank padded
+        if w_t:  # the kernel reads w (N, K) and v (N, r) as stored and multiplies by their transposes
             calls.read_as_stored.append(w.shape)
-            w = w.T
+            w, v = w.T, v.T
+        assert v.shape[0] == u.shape[1]
         calls.append((x.shape, w.shape))
         return fake_kernel(x, w, u, v)
 
