@@ -74,10 +74,14 @@ class LoraBank:
         self.dropouts = tuple(float(d) for d in (dropouts if dropouts is not None else [0.0] * len(self.names)))
         self.rslora = tuple(bool(x) for x in (rslora if rslora is not None else [False] * len(self.names)))
 
+    def tree_flatten(self):  # keyless, for jitted calls (see LoraKernel.tree_flatten)
+        return (self.w0, self.a, self.b), (self.layout, self.names, self.ranks, self.scales, self.dropouts,
+                                           self.rslora)
+
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
-        children = ((ga("w0"), self.w0), (ga("a"), self.a), (ga("b"), self.b))
-        return children, (self.layout, self.names, self.ranks, self.scales, self.dropouts, self.rslora)
+        children, aux = self.tree_flatten()
+        return tuple(zip(map(ga, ("w0", "a", "b")), children)), aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):

@@ -219,16 +219,22 @@ class LoraKernel:
         self.base_sha256 = base_sha256
 
     # -- pytree protocol -----------------------------------------------------------------------
+    # ``tree_flatten`` is the keyless form JAX calls on every jitted call (a training step flattens
+    # params and optimizer state each time): without it JAX derives one from the keyed form below and
+    # builds key objects per node per call, about 3× the host time (benchmarks/RESULTS.md).
+    def tree_flatten(self):
+        has_m, has_init = self.m is not None, self.a0 is not None or self.b0 is not None
+        aux = (self.layout, self.scale, self.dropout, has_m, has_init, self.rslora, self.init, self.base_sha256)
+        if not (has_m or has_init):
+            return (self.w0, self.a, self.b), aux
+        children = [self.w0, self.a, self.b] + ([self.m] if has_m else []) + ([self.a0, self.b0] if has_init else [])
+        return tuple(children), aux
+
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
-        has_m, has_init = self.m is not None, self.a0 is not None or self.b0 is not None
-        children = [(ga("w0"), self.w0), (ga("a"), self.a), (ga("b"), self.b)]
-        if has_m:
-            children.append((ga("m"), self.m))
-        if has_init:
-            children += [(ga("a0"), self.a0), (ga("b0"), self.b0)]
-        aux = (self.layout, self.scale, self.dropout, has_m, has_init, self.rslora, self.init, self.base_sha256)
-        return tuple(children), aux
+        children, aux = self.tree_flatten()
+        names = ("w0", "a", "b") + (("m",) if aux[3] else ()) + (("a0", "b0") if aux[4] else ())
+        return tuple(zip(map(ga, names), children)), aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -321,6 +327,9 @@ class Trainable:
 
     def __init__(self, value):
         self.value = value
+
+    def tree_flatten(self):  # keyless, for jitted calls (see LoraKernel.tree_flatten)
+        return (self.value,), None
 
     def tree_flatten_with_keys(self):
         return ((jax.tree_util.GetAttrKey("value"), self.value),), None

@@ -338,10 +338,13 @@ class QuantizedKernel:
             setattr(self, name, value)
 
     # -- pytree protocol ---------------------------------------------------------------------------
+    def tree_flatten(self):  # keyless, for jitted calls (see LoraKernel.tree_flatten)
+        return tuple(self._child_values()), tuple(getattr(self, n) for n in self._aux)
+
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
-        children = tuple(zip(map(ga, self._child_names()), self._child_values()))
-        return children, tuple(getattr(self, n) for n in self._aux)
+        children, aux = self.tree_flatten()
+        return tuple(zip(map(ga, self._child_names()), children)), aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):

@@ -647,3 +647,44 @@ def test_rank_r_product_is_named_for_remat_policies(capsys):
         out = capsys.readouterr().out
         # x·A is the only (batch, rank) array; JAX versions word its line differently
         assert sum(line.startswith("f32[5,3] ") for line in out.splitlines()) == expected, out
+
+
+# -- the nodes' keyless flatten (what every jitted call runs) -------------------------------------------
+
+
+def _every_node_kind():
+    lay = jlora.Layout((), (0,), (1,))
+    w = jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64) / 4096
+    a, b = jnp.ones((64, 2)), jnp.full((2, 64), 0.5)
+    plain = jlora.LoraKernel(w, a, b, layout=lay, scale=2.0, rslora=True)
+    return {
+        "plain": plain,
+        "dora": plain.replace(m=jnp.ones(64)),
+        "pissa": plain.replace(a0=a * 2, b0=b * 3, init="pissa"),
+        "dora_pissa": plain.replace(m=jnp.ones(64), a0=a, b0=b),
+        "nf4": plain.replace(w0=jlora.NF4Tensor.from_array(w)),
+        "int8": jlora.Int8Tensor.from_array(w),
+        "full": jlora.Trainable(jnp.ones(3)),
+        "bank": jlora.LoraBank(w, jnp.ones((64, 2, 2)), jnp.ones((2, 2, 64)), layout=lay, names=("x", "y"),
+                               ranks=(2, 1), scales=(1.0, 2.0)),
+    }
+
+
+def test_keyless_flatten_is_the_keyed_one():
+    """Each node's fast ``tree_flatten`` gives the keyed form's leaves in the same order and the same
+    treedef, so paths (checkpoints, optimizer masks) and jitted calls see one structure."""
+    for name, node in _every_node_kind().items():
+        leaves, treedef = jax.tree_util.tree_flatten(node)
+        with_path, treedef_k = jax.tree_util.tree_flatten_with_path(node)
+        assert treedef == treedef_k, name
+        assert len(leaves) == len(with_path), name
+        assert all(x is y for x, (_, y) in zip(leaves, with_path)), name
+        back = jax.tree_util.tree_unflatten(treedef, leaves)
+        assert type(back) is type(node) and jax.tree_util.tree_structure(back) == treedef, name
+    keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(_every_node_kind()["dora_pissa"])[0]]
+    assert keys == [".w0", ".a", ".b", ".m", ".a0", ".b0"]
+    # and a jitted call takes them: the same values come back
+    tree = _every_node_kind()
+    out = jax.jit(lambda t: jax.tree.map(lambda x: x + 0, t))(tree)
+    for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(out)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
