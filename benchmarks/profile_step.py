@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--hlo", action="store_true", help="census of each step's optimized HLO")
     m.add_argument("--profile", action="store_true", help="device-kernel profile of --steps steps")
     m.add_argument("--steps", type=int, default=2, help="profiled steps per variant")
+    m.add_argument("--host", action="store_true",
+                   help="with --profile: the host's share (launch → first kernel, gaps inside steps, top host events)")
     m.add_argument("--top", type=int, default=25, help="rows of the per-kernel and diff tables")
     m.add_argument("--diff", default="auto",
                    help="'A,B' (e.g. scan:jlora_fused,scan:jlora), several separated by ';', or 'auto': "
@@ -447,6 +449,63 @@ def aggregate_trace(path: str, steps: int) -> dict:
             "processes": processes}
 
 
+def host_timeline(path: str, top: int = 12) -> dict:
+    """The host's share of the profiled steps (a GPU trace): for each launch of the step's executable
+    (a host event named ``...LoadedExecutable::Execute``), the delay until the first device kernel
+    after it; the idle gaps between device kernels inside steps (a step's kernels end where the next
+    launch begins); and the host events that take the most time per launch (Python flattening of the
+    arguments, the runtime's argument handling, graph launch). Empty where there is no device line."""
+    with gzip.open(path, "rt") as fh:
+        trace = json.load(fh)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev_pids = {pid for pid, n in procs.items() if n.startswith("/device:")}
+    dev, _, _ = trace_events(path)
+    host = [e for e in events if e.get("ph") == "X" and e.get("pid") not in dev_pids]
+    if not dev or not any(pid in dev_pids for pid in (e.get("pid") for e in dev)):
+        return {}
+    launches = sorted(float(e["ts"]) for e in host if str(e.get("name", "")).endswith("LoadedExecutable::Execute")
+                      and not str(e.get("name", "")).startswith("PjRtCApi"))
+    if not launches:
+        return {}
+    dev = sorted(dev, key=lambda e: float(e["ts"]))
+    starts = [float(e["ts"]) for e in dev]
+    delays, gaps = [], 0.0
+    for i, t in enumerate(launches):
+        nxt = launches[i + 1] if i + 1 < len(launches) else math.inf
+        step = [e for e, ts in zip(dev, starts) if t <= ts < nxt]
+        if not step:
+            continue
+        delays.append((float(step[0]["ts"]) - t) / 1e3)
+        end = float(step[0]["ts"])
+        for e in step:
+            ts = float(e["ts"])
+            gaps += max(0.0, ts - end)
+            end = max(end, ts + float(e.get("dur", 0.0)))
+    per_name: collections.Counter = collections.Counter()
+    for e in host:
+        per_name[base_name(str(e.get("name", "?")))[:80]] += float(e.get("dur", 0.0))
+    n = max(len(launches), 1)
+    return {"launches": len(launches), "first_kernel_delay_ms": delays,
+            "gaps_ms_per_step": gaps / 1e3 / max(len(delays), 1),
+            "host_top": [(k, us / 1e3 / n) for k, us in per_name.most_common(top)]}
+
+
+def print_host(name: str, tl: dict) -> None:
+    if not tl:
+        print(f"\n## {name}: no host timeline (no device kernels or no executable launch in the trace)")
+        return
+    d = ", ".join(f"{x:.2f}" for x in tl["first_kernel_delay_ms"])
+    print(f"\n## {name}: host side, {tl['launches']} launches\n")
+    print(f"launch → first device kernel: {d} ms; idle gaps between kernels inside a step: "
+          f"{tl['gaps_ms_per_step']:.3f} ms/step")
+    print("\n| host event (nested events overlap; under the profiler Python runs slower) | ms per launch |\n"
+          "| --- | ---: |")
+    for k, ms in tl["host_top"]:
+        print(f"| {k} | {ms:.3f} |")
+
+
 def print_profile(name: str, agg: dict, top: int) -> None:
     print(f"\n## {name}: kernel time per step ({agg['path']})\n")
     if not agg["events"]:
@@ -544,6 +603,7 @@ def main(argv=None) -> int:
     tx = optax.adamw(1e-4)
     census: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
+    hosts: dict[str, dict] = {}
     runs_first: dict[str, Any] = {}
     failed = []
     for mode in a.modes:
@@ -580,6 +640,8 @@ def main(argv=None) -> int:
                         print(f"{key}: the profiler wrote no trace under {log_dir}", flush=True)
                     else:
                         profiles[key] = aggregate_trace(path, a.steps)
+                        if a.host:
+                            hosts[key] = host_timeline(path)
                         print(f"{key}: profiled {a.steps} steps in {time.perf_counter() - t0:.1f} s", flush=True)
                 # free the device memory before the next variant (the first step's loss and grads stay)
                 run.compiled, run.state, run.const, run.step, run.apply = None, None, None, None, None
@@ -602,6 +664,8 @@ def main(argv=None) -> int:
         print_census_table(census)
     for key, agg in profiles.items():
         print_profile(key, agg, a.top)
+        if key in hosts:
+            print_host(key, hosts[key])
     if profiles:
         pairs_ = ([tuple(d.split(",")) for d in a.diff.split(";")] if a.diff != "auto"
                   else [(f"{m}:jlora_fused", f"{m}:jlora") for m in a.modes])

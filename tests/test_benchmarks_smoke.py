@@ -322,3 +322,45 @@ def test_decode_profile_smoke():
     assert re.search(r"^one: median [0-9.]+ ms$", r.stdout, re.M) and re.search(r"^dense: median", r.stdout, re.M), log
     assert "| one |" in r.stdout and "| dense |" in r.stdout, log
     assert "## diff: dense − one" in r.stdout, log
+
+
+def test_host_timeline_of_a_gpu_shaped_trace(tmp_path):
+    """profile_step.host_timeline on a hand-made trace in the GPU profiler's shape: each launch's delay
+    to its first kernel, the idle gaps between kernels inside a step, and the host events per launch."""
+    import gzip
+    import json
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from profile_step import host_timeline
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #1(Compute)"}}]
+    host = [{"ph": "X", "pid": 1, "tid": 1, "name": "[0] PjRtStreamExecutorRawLoadedExecutable::Execute",
+             "ts": t, "dur": 50} for t in (0, 1000)]
+    host += [{"ph": "X", "pid": 1, "tid": 1, "name": "PjRtCApiLoadedExecutable::Execute", "ts": t, "dur": 60}
+             for t in (0, 1000)]  # the C API's wrapper of the same launch: not a second one
+    dev = [{"ph": "X", "pid": 2, "tid": 7, "name": n, "ts": ts, "dur": d}
+           for n, ts, d in (("gemm_1", 100, 200), ("fusion_2", 305, 195), ("gemm_1", 1200, 200))]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": meta + host + dev}, fh)
+    tl = host_timeline(str(path))
+    assert tl["launches"] == 2
+    assert tl["first_kernel_delay_ms"] == pytest.approx([0.1, 0.2])
+    assert tl["gaps_ms_per_step"] == pytest.approx(0.005 / 2)
+    assert dict(tl["host_top"])["PjRtCApiLoadedExecutable::Execute"] == pytest.approx(0.06)
+
+
+def test_fused_parts_smoke():
+    """fused_parts.py at a tiny shape on the CPU (the kernel call in its plain-XLA form): every part is
+    timed, and both kernel calls match their float32 references."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "fused_parts.py"), "--m", "256", "--shapes", "256x512",
+         "--calls", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), log
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| part")]
+    assert len([r for r in rows if "---" not in r]) == 11, log
+    assert proc.stdout.count("rel. error") == 2, log
