@@ -12,7 +12,7 @@ On an H100/H200 (about 1 minute)::
     python benchmarks/fused_parts.py
 
 Elsewhere the kernel call runs its plain-XLA form and the profile has host events instead (a smoke
-run: ``--m 256 --shapes 256x256``).
+run: ``--m 256 --shapes 256x512``).
 """
 
 from __future__ import annotations

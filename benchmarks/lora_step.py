@@ -694,6 +694,8 @@ def _time_pipelined(a, runs: dict[str, Run], tokens) -> None:
     loop that does not read the loss every step runs them: the host's per-step work (flattening the
     state, handing ~10³ buffers to the runtime, launching) then overlaps the device's instead of
     adding to it. ``res["pipelined_ms"]``: the mean step."""
+    if a.steps < 1:
+        return
     for name, run in runs.items():
         jax.block_until_ready(run.state)
         t0 = time.perf_counter()

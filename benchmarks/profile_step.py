@@ -553,16 +553,18 @@ def install_stand_in(kind: str) -> str:
     if kind == "none":
         return f"the Mosaic GPU kernel ({_fused.unavailable() or 'available'})"
 
-    def jnp_call(x, w, u, v, *, tiles, w_t=False):  # the plain-XLA form of the same call (u is pre-scaled)
+    def jnp_call(x, w, u, v, *, tiles, w_t=False, v_t=None):  # the plain-XLA form of the same call
+        v = v.T if w_t and v_t is False else v  # (r, N) handed to a w_t call: the XLA form wants (N, r)
         return _fused._local_plus_low_rank(x, w, u, v, scale=1.0, impl="xla", tiles=tiles, w_t=w_t)
 
-    def host(x, w, u, v, *, w_t):
+    def host(x, w, u, v, *, w_t, v_t):
         f = lambda t: np.asarray(t, np.float32)
-        return (f(x) @ (f(w).T if w_t else f(w)) + f(u) @ (f(v).T if w_t else f(v))).astype(x.dtype)
+        return (f(x) @ (f(w).T if w_t else f(w)) + f(u) @ (f(v).T if v_t else f(v))).astype(x.dtype)
 
-    def opaque_call(x, w, u, v, *, tiles, w_t=False):
+    def opaque_call(x, w, u, v, *, tiles, w_t=False, v_t=None):
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if w_t else w.shape[1]), x.dtype)
-        return jax.pure_callback(functools.partial(host, w_t=w_t), out, x, w, u, v)
+        return jax.pure_callback(functools.partial(host, w_t=w_t, v_t=w_t if v_t is None else v_t),
+                                 out, x, w, u, v)
 
     _fused.unavailable = lambda: None
     _fused._mosaic_call = jnp_call if kind == "xla" else opaque_call

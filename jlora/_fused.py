@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,13 +78,15 @@ class Tiles(NamedTuple):
     r_align: int = 16  # the rank is zero-padded to a multiple of this (wgmma's K step)
 
 
-def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
+def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optional[bool] = None):
     """``x·w + u·v`` on Hopper: a persistent, warp-specialized wgmma matmul whose accumulator gets
     one more wgmma, ``u_tile · v_tile`` (K = r), before the epilogue stores it. All 2-D, bf16/f16,
     ``r`` a multiple of 16, shapes divisible by the tiles. With ``w_t``, ``w`` is ``(N, K)`` and ``v``
     is ``(N, r)``, and the kernel computes ``x·wᵀ + u·vᵀ``: its tiles of both are loaded as stored
     and handed to wgmma through transposed views, so no transposed copy is ever written (the
-    backward's ``dy·W0ᵀ + (dy·Bᵀ)·Aᵀ`` takes ``W0`` and ``A`` as they are).
+    backward's ``dy·W0ᵀ + s·(dy·Bᵀ)·Aᵀ`` takes ``W0`` and ``A`` as they are). ``v_t`` (default: ``w_t``)
+    says separately whether ``v`` is given ``(N, r)``; ``w_t`` with ``v_t=False`` takes ``v`` as
+    ``(r, N)``.
 
     Longer than the project's 60 lines, on purpose: a Pallas Mosaic GPU kernel is one closure over
     its tiles, scoped allocations and barriers (the nested ``jlora_fused_matmul`` body is the
@@ -96,6 +98,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
     m, k = x.shape
     n = w.shape[0] if w_t else w.shape[1]
     r = u.shape[1]
+    v_t = w_t if v_t is None else v_t
     dtype = x.dtype
     tm, tn, tk, epi = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi
     ctn = 2 * tn
@@ -127,7 +130,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
             pl.run_scoped,
             allocs=pipeline(nothing, nothing).get_allocations(x_gmem, w_gmem),
             u_smem=plgpu.SMEM((2, tm, r), dtype, transforms=low_tf),
-            v_smem=plgpu.SMEM((2, tn, r) if w_t else (2, r, tn), dtype, transforms=low_tf),
+            v_smem=plgpu.SMEM((2, tn, r) if v_t else (2, r, tn), dtype, transforms=low_tf),
             out_smem=plgpu.SMEM((2, tiles.slots, epi, epi), dtype, transforms=out_tf),
             bars=plgpu.Barrier(num_barriers=4),
             collective_axes="wg",
@@ -148,12 +151,12 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False):
                     def acc_scope(acc):
                         # this tile's u rows and v columns arrive while the main loop runs
                         plgpu.copy_gmem_to_smem(u_gmem.at[rows], u_smem.at[wg], bars.at[2 * wg])
-                        plgpu.copy_gmem_to_smem(v_gmem.at[wg_cols, :] if w_t else v_gmem.at[:, wg_cols],
+                        plgpu.copy_gmem_to_smem(v_gmem.at[wg_cols, :] if v_t else v_gmem.at[:, wg_cols],
                                                 v_smem.at[wg], bars.at[2 * wg + 1])
                         run(acc)  # acc = x_tile · w_tile over all of K
                         plgpu.barrier_wait(bars.at[2 * wg])
                         plgpu.barrier_wait(bars.at[2 * wg + 1])
-                        v_tile = plgpu.transpose_ref(v_smem.at[wg], (1, 0)) if w_t else v_smem.at[wg]
+                        v_tile = plgpu.transpose_ref(v_smem.at[wg], (1, 0)) if v_t else v_smem.at[wg]
                         plgpu.wgmma(acc, u_smem.at[wg], v_tile)  # acc += u_tile · v_tile
                         plgpu.wgmma_wait(0)
                         res = acc[...].astype(dtype)
@@ -240,7 +243,7 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
     """``x·w + scale·u·v`` (all 2-D; ``x·wᵀ + scale·u·vᵀ`` with ``w_t``, ``w`` then ``(N, K)`` and ``v``
     ``(N, r)``) on one device's blocks, in the kernel or in plain XLA.
 
-    ``k_axes``: mesh axes over which the contracted K is split (x's columns and w's rows): each
+    ``k_axes``: mesh axes over which the contracted K is split (x's columns and w's K axis): each
     device then adds its partial product and ``u·v`` is added on the first of them only. A block
     whose shape does not fit the tiles (a batch split too finely) takes the plain XLA form."""
     if k_axes:  # u·v once in the sum over the K shards
@@ -254,9 +257,13 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
         y = (base + low if scale == 1.0 else base + scale * low).astype(x.dtype)
     else:  # jlora's own calls pass u pre-scaled (scale 1: no M × r pass here)
         us = u if scale == 1.0 else (u.astype(jnp.float32) * scale).astype(x.dtype)
-        # with w_t the kernel reads w (N, K) and v (N, r) as stored and transposes tiles in shared memory
-        y = _mosaic_call(x, w, _pad_rank(us, 1, tiles.r_align), _pad_rank(v, 1 if w_t else 0, tiles.r_align),
-                         tiles=tiles, w_t=w_t)
+        # with w_t the kernel reads w (N, K) and v (N, r) as stored and transposes tiles in shared memory;
+        # the transposed low-rank tile is checked on the H200 at a padded rank of 16 only (a 32-byte
+        # swizzle), so other ranks hand the kernel vᵀ, the form checked since the second session
+        us = _pad_rank(us, 1, tiles.r_align)
+        v_t = w_t and us.shape[1] == _V_T_RANK
+        v = v.T if w_t and not v_t else v
+        y = _mosaic_call(x, w, us, _pad_rank(v, 1 if v_t else 0, tiles.r_align), tiles=tiles, w_t=w_t, v_t=v_t)
         # One consumer for the call: inside a loop body XLA:GPU wraps a custom call that reads a
         # slice of a stacked weight into a dynamic-slice fusion, and then duplicated that fusion
         # into its consumers, running the kernel twice (3 of 7 projections a layer, H200,
@@ -267,7 +274,8 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
 
 # A jitted wrapper, so that every call with the same shapes is one traced jaxpr: JAX then lowers the
 # kernel once per shape in a whole model (a 16-layer unrolled model has 224 call sites, 3 shapes).
-_mosaic_call = jax.jit(_mosaic_fused, static_argnames=("tiles", "w_t"))
+_mosaic_call = jax.jit(_mosaic_fused, static_argnames=("tiles", "w_t", "v_t"))
+_V_T_RANK = 16  # the padded rank at which the kernel reads v (N, r) as stored
 
 
 # -- the kernel call under SPMD partitioning ---------------------------------------------------------------
@@ -416,8 +424,7 @@ def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, 
 #
 # The scale s rides in the two thin matmuls' epilogues: xa is s·(x·A) and the backward's u is
 # s·(dy·Bᵀ), so the kernel calls take s = 1 and neither an M × r scaling pass nor Aᵀ is ever a
-# kernel of its own (the step launches about 3 fewer kernels per adapted matmul; on the H200 the
-# idle gaps between kernels cost a step about as much as the thin matmuls do).
+# kernel of its own (about 2 fewer kernels per adapted matmul a step; benchmarks/RESULTS.md).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _lora_matmul(x, xa, w0, a, b, scale, impl, tiles):
     return _fwd(x, xa, w0, a, b, scale, impl, tiles)[0]

@@ -317,7 +317,9 @@ class QuantizedKernel:
     order; the first one has the stack dims then one more axis) and its static data as
     attributes named by ``_aux`` (which includes ``_dtype``, what :meth:`dequantize` returns);
     it defines ``slice_shape`` and ``dequantize()`` and registers itself with
-    ``jax.tree_util.register_pytree_with_keys_class``. ``jlora.inject`` and ``apply`` accept any
+    ``jax.tree_util.register_pytree_with_keys_class``. A subclass whose children are not plain
+    attributes overrides ``_child_names``/``_child_values``/``_set_children``, not the flatten methods:
+    the keyless ``tree_flatten`` (what jitted calls use) and the keyed one are both built on them. ``jlora.inject`` and ``apply`` accept any
     such node in place of a kernel.
     """
 

@@ -70,7 +70,7 @@ def test_lora_step_runs_every_variant(runs, config):
     assert res["env"]["jax"] and res["env"]["device_kind"] and res["env"]["date"]
     for v in ("handwritten", "merged", "full"):
         assert res["results"][v]["status"] == "ok"
-        assert res["results"][v]["step_ms"] > 0
+        assert res["results"][v]["step_ms"] > 0 and res["results"][v]["pipelined_ms"] > 0
     # floor and full run the unadapted model: the same loss
     for v in ("floor", "full", *JLORA_VARIANTS, "merged"):
         assert res["results"][v]["check"]["ok"], (v, res["results"][v]["check"])

@@ -152,12 +152,17 @@ def fake_hopper(monkeypatch):
     """Pretend to be on an H100/H200: the kernel call becomes ``x·w + u·v`` in float32."""
     calls = KernelCalls()
     calls.read_as_stored = []  # the stored shapes of the w's the kernel multiplied by their transpose
+    calls.v_t = []  # per call: whether v was read as stored (N, r)
 
-    def fake_call(x, w, u, v, *, tiles, w_t=False):
+    def fake_call(x, w, u, v, *, tiles, w_t=False, v_t=None):
         assert u.shape[1] % tiles.r_align == 0  # rank padded
-        if w_t:  # the kernel reads w (N, K) and v (N, r) as stored and multiplies by their transposes
+        v_t = w_t if v_t is None else v_t
+        calls.v_t.append(v_t)
+        if w_t:  # the kernel reads w (N, K) as stored and multiplies by its transpose
             calls.read_as_stored.append(w.shape)
-            w, v = w.T, v.T
+            w = w.T
+        if v_t:  # and v (N, r) too
+            v = v.T
         assert v.shape[0] == u.shape[1]
         calls.append((x.shape, w.shape))
         return fake_kernel(x, w, u, v)
@@ -242,10 +247,14 @@ def test_fused_report_on_cpu():
     assert plain.fused_report is None
 
 
-def test_fused_gradients_equal_plain_path(fake_hopper):
+@pytest.mark.parametrize("rank", [4, 20])
+def test_fused_gradients_equal_plain_path(fake_hopper, rank):
+    """The forward and backward kernel calls against the plain path. Rank 4 pads to 16, where the dx
+    call reads A as stored; rank 20 pads to 32, where it is handed Aᵀ (the transposed low-rank tile
+    is checked on the GPU at 16 only)."""
     base_params = _mlp_params()
-    params, plain = jlora.inject(base_params, mlp, rank=4, alpha=8.0, targets=["up", "down"])
-    _, fused = jlora.inject(base_params, mlp, rank=4, alpha=8.0, targets=["up", "down"], matmul="pallas")
+    params, plain = jlora.inject(base_params, mlp, rank=rank, alpha=8.0, targets=["up", "down"])
+    _, fused = jlora.inject(base_params, mlp, rank=rank, alpha=8.0, targets=["up", "down"], matmul="pallas")
     params = randomize(params, scale=0.05)
     x = _x()
     l0, g0 = _loss_and_grads(plain, params, x)
@@ -256,6 +265,7 @@ def test_fused_gradients_equal_plain_path(fake_hopper):
     assert ((128, D), (D, H)) in fake_hopper and ((128, H), (H, D)) in fake_hopper  # the dx calls
     # ... which read W0 as stored (no transposed copy of a kernel is made for the backward pass)
     assert sorted(fake_hopper.read_as_stored) == sorted([(D, H), (H, D)])
+    assert fake_hopper.v_t.count(True) == (2 if rank == 4 else 0)  # forward calls never transpose v
     assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         assert _rel(a, b) < 3e-2  # bf16 rounding differs: the kernel adds in float32 before rounding

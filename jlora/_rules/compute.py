@@ -28,7 +28,7 @@ from jlora._value import LoraValue, Role, subscripts
 __all__ = ["RULES", "XA_NAME", "MIXED_DENSE_MAX", "MIXED_FORM_ENV", "gather_form", "mixed_form", "shared_input_groups",
            "fuse_shared_input"]
 
-XA_NAME = "jlora_xa"  # jax.ad_checkpoint name of every adapter's rank-r product x·A
+XA_NAME = "jlora_xa"  # jax.ad_checkpoint name of every adapter's rank-r product x·A (s·x·A on the fused path)
 
 #: Mixed batches: a matmul over a bank keeps all N adapters and masks the rank product when
 #: (rows of x per example) × N is at most this, else it gathers each example's own A and B.
