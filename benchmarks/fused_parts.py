@@ -69,10 +69,10 @@ def parts(x, dy, w, a, b, *, s: float, impl: str) -> dict:
     return {
         "base x·W0": (lambda x, w: x @ w, x, w),
         "base dy·W0ᵀ": (lambda dy, w: dy @ w.T, dy, w),
-        "kernel forward": (lambda x, w, xa, b: F._matmul_plus_low_rank(x, w, xa, b, scale=1.0, impl=impl, tiles=t),
+        "kernel forward": (lambda x, w, xa, b: F._matmul_plus_low_rank(x, w, xa, b, impl=impl, tiles=t),
                            x, w, xa, b),
         "kernel dx (W0, A as stored)": (lambda dy, w, gb, a: F._matmul_plus_low_rank(
-            dy, w, gb, a, scale=1.0, impl=impl, tiles=t, w_t=True), dy, w, gb, a),
+            dy, w, gb, a, impl=impl, tiles=t, w_t=True), dy, w, gb, a),
         "s·x·A": (lambda x, a: (s * dot(x, a)).astype(BF16), x, a),
         "x·[A1 A2 A3] (3 adapters)": (lambda x, a3: dot(x, a3).astype(BF16), x, a3),
         "s·dy·Bᵀ": (lambda dy, b: (s * dot(dy, b.T)).astype(BF16), dy, b),

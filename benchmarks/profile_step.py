@@ -94,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     a.modes = [v.strip() for v in a.modes.split(",") if v.strip()]
+    if a.diff != "auto" and any(len(d.split(",")) != 2 for d in a.diff.split(";")):
+        p.error(f"--diff {a.diff!r}: give pairs 'A,B' (several separated by ';'), or 'auto'")
     if bad := [v for v in a.variants if v not in VARIANTS]:
         p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
     if bad := [v for v in a.modes if v not in ("unrolled", "scan")]:
@@ -394,9 +396,16 @@ def trace_events(path: str) -> tuple[list[dict], bool, list[str]]:
     Device events are those of a process named ``/device:...`` on lines named ``Stream ...`` (the
     GPU's kernels and copies), or else on its ``XLA Ops`` line. Without any, the host threads'
     events other than Python's are returned instead (a CPU run), with ``device`` False."""
+    return _device_events(_read_trace(path))
+
+
+def _read_trace(path: str) -> list[dict]:
     with gzip.open(path, "rt") as fh:
         trace = json.load(fh)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def _device_events(events: list[dict]) -> tuple[list[dict], bool, list[str]]:
     procs, threads = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -455,16 +464,13 @@ def host_timeline(path: str, top: int = 12) -> dict:
     after it; the idle gaps between device kernels inside steps (a step's kernels end where the next
     launch begins); and the host events that take the most time per launch (Python flattening of the
     arguments, the runtime's argument handling, graph launch). Empty where there is no device line."""
-    with gzip.open(path, "rt") as fh:
-        trace = json.load(fh)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    procs = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    dev_pids = {pid for pid, n in procs.items() if n.startswith("/device:")}
-    dev, _, _ = trace_events(path)
-    host = [e for e in events if e.get("ph") == "X" and e.get("pid") not in dev_pids]
-    if not dev or not any(pid in dev_pids for pid in (e.get("pid") for e in dev)):
+    events = _read_trace(path)
+    dev, on_device, _ = _device_events(events)
+    if not on_device:
         return {}
+    dev_pids = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    host = [e for e in events if e.get("ph") == "X" and e.get("pid") not in dev_pids]
     launches = sorted(float(e["ts"]) for e in host if str(e.get("name", "")).endswith("LoadedExecutable::Execute")
                       and not str(e.get("name", "")).startswith("PjRtCApi"))
     if not launches:
@@ -555,7 +561,7 @@ def install_stand_in(kind: str) -> str:
 
     def jnp_call(x, w, u, v, *, tiles, w_t=False, v_t=None):  # the plain-XLA form of the same call
         v = v.T if w_t and v_t is False else v  # (r, N) handed to a w_t call: the XLA form wants (N, r)
-        return _fused._local_plus_low_rank(x, w, u, v, scale=1.0, impl="xla", tiles=tiles, w_t=w_t)
+        return _fused._local_plus_low_rank(x, w, u, v, impl="xla", tiles=tiles, w_t=w_t)
 
     def host(x, w, u, v, *, w_t, v_t):
         f = lambda t: np.asarray(t, np.float32)

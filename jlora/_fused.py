@@ -238,10 +238,9 @@ def _takes(m: int, k: int, n: int, dtype, tiles: Tiles) -> bool:
             and m % tiles.tile_m == 0 and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0)
 
 
-def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w_t: bool = False,
-                         k_axes: tuple = ()):
-    """``x·w + scale·u·v`` (all 2-D; ``x·wᵀ + scale·u·vᵀ`` with ``w_t``, ``w`` then ``(N, K)`` and ``v``
-    ``(N, r)``) on one device's blocks, in the kernel or in plain XLA.
+def _local_plus_low_rank(x, w, u, v, *, impl: str, tiles: Tiles, w_t: bool = False, k_axes: tuple = ()):
+    """``x·w + u·v`` (all 2-D; ``x·wᵀ + u·vᵀ`` with ``w_t``, ``w`` then ``(N, K)`` and ``v`` ``(N, r)``)
+    on one device's blocks, in the kernel or in plain XLA. The LoRA scale is already in ``u``.
 
     ``k_axes``: mesh axes over which the contracted K is split (x's columns and w's K axis): each
     device then adds its partial product and ``u·v`` is added on the first of them only. A block
@@ -254,13 +253,12 @@ def _local_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w
                                    preferred_element_type=jnp.float32)
         low = jax.lax.dot_general(u, v, (((1,), (1 if w_t else 0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
-        y = (base + low if scale == 1.0 else base + scale * low).astype(x.dtype)
-    else:  # jlora's own calls pass u pre-scaled (scale 1: no M × r pass here)
-        us = u if scale == 1.0 else (u.astype(jnp.float32) * scale).astype(x.dtype)
+        y = (base + low).astype(x.dtype)
+    else:
         # with w_t the kernel reads w (N, K) and v (N, r) as stored and transposes tiles in shared memory;
         # the transposed low-rank tile is checked on the H200 at a padded rank of 16 only (a 32-byte
         # swizzle), so other ranks hand the kernel vᵀ, the form checked since the second session
-        us = _pad_rank(us, 1, tiles.r_align)
+        us = _pad_rank(u, 1, tiles.r_align)
         v_t = w_t and us.shape[1] == _V_T_RANK
         v = v.T if w_t and not v_t else v
         y = _mosaic_call(x, w, us, _pad_rank(v, 1 if v_t else 0, tiles.r_align), tiles=tiles, w_t=w_t, v_t=v_t)
@@ -322,18 +320,17 @@ def _plan(x, w, out, w_t: bool) -> tuple[tuple, tuple, tuple] | None:
     return m, k, n
 
 
-def _partition(scale, impl, tiles, w_t, mesh, arg_shapes, result_shape):
+def _partition(impl, tiles, w_t, mesh, arg_shapes, result_shape):
     x, w, u, v = (a.sharding for a in arg_shapes)
     plan = _plan(x, w, result_shape.sharding, w_t)
     if plan is None:  # shardings without axis names: the whole call on every device (correct, slow)
         rep = _replicated_like(x)
-        return rep.mesh, functools.partial(_local_plus_low_rank, scale=scale, impl=impl, tiles=tiles,
-                                           w_t=w_t), rep, (rep,) * 4
+        return rep.mesh, functools.partial(_local_plus_low_rank, impl=impl, tiles=tiles, w_t=w_t), rep, (rep,) * 4
     m, k, n = plan
     named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
     args = (named(m, k), named(n, k) if w_t else named(k, n), named(m, ()),
             named(n, ()) if w_t else named((), n))
-    lower = functools.partial(_local_plus_low_rank, scale=scale, impl=impl, tiles=tiles, w_t=w_t, k_axes=k)
+    lower = functools.partial(_local_plus_low_rank, impl=impl, tiles=tiles, w_t=w_t, k_axes=k)
     return mesh, lower, named(m, n), args
 
 
@@ -344,7 +341,7 @@ def _replicated_like(sharding):
     return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("_all",)), jax.sharding.PartitionSpec())
 
 
-def _infer(scale, impl, tiles, w_t, mesh, arg_shapes, result_shape):
+def _infer(impl, tiles, w_t, mesh, arg_shapes, result_shape):
     """The result's sharding from the operands' (XLA's GSPMD propagation; Shardy, JAX's default,
     reads the ``sharding_rule`` instead)."""
     plan = _plan(arg_shapes[0].sharding, arg_shapes[1].sharding, None, w_t)
@@ -354,7 +351,7 @@ def _infer(scale, impl, tiles, w_t, mesh, arg_shapes, result_shape):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_entry(m), _entry(n)))
 
 
-def _rule(scale, impl, tiles, w_t, mesh, operand_types, result_types):
+def _rule(impl, tiles, w_t, mesh, operand_types, result_types):
     """Shardy's factors: m (rows of x, u, the result), n (columns of w or rows of wᵀ, of v, of the
     result), k and r contracted. Shardy never proposes a split of k or r (``need_replication``); the
     partition callback still keeps a K split that x already has."""
@@ -365,29 +362,29 @@ def _rule(scale, impl, tiles, w_t, mesh, operand_types, result_types):
     return rule, {"need_replication_factors": ("k", "r")}
 
 
-def _plus_low_rank_whole(x, w, u, v, scale, impl, tiles, w_t):
-    return _local_plus_low_rank(x, w, u, v, scale=scale, impl=impl, tiles=tiles, w_t=w_t)
+def _plus_low_rank_whole(x, w, u, v, impl, tiles, w_t):
+    return _local_plus_low_rank(x, w, u, v, impl=impl, tiles=tiles, w_t=w_t)
 
 
-_partitioned = custom_partitioning(_plus_low_rank_whole, static_argnums=(4, 5, 6, 7))
+_partitioned = custom_partitioning(_plus_low_rank_whole, static_argnums=(4, 5, 6))
 _partitioned.def_partition(_partition, infer_sharding_from_operands=_infer, sharding_rule=_rule)
 
 
 @functools.lru_cache(maxsize=None)
-def _row_batched(scale: float, impl: str, tiles: Tiles, w_t: bool):
+def _row_batched(impl: str, tiles: Tiles, w_t: bool):
     """The partitioned call under ``jax.vmap``: ``custom_partitioning`` has no batching rule, but the
     call is row-wise in x and u, so a batch of them is more rows; a batch of kernels (w or v batched)
     takes the plain XLA form, batched by JAX."""
 
     @jax.custom_batching.custom_vmap
     def call(x, w, u, v):
-        return _partitioned(x, w, u, v, scale, impl, tiles, w_t)
+        return _partitioned(x, w, u, v, impl, tiles, w_t)
 
     @call.def_vmap
     def rule(axis_size, in_batched, x, w, u, v):
         xb, wb, ub, vb = in_batched
         if wb or vb:
-            plain = functools.partial(_local_plus_low_rank, scale=scale, impl="xla", tiles=tiles, w_t=w_t)
+            plain = functools.partial(_local_plus_low_rank, impl="xla", tiles=tiles, w_t=w_t)
             return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, w, u, v), True
         x = x if xb else jnp.broadcast_to(x, (axis_size, *x.shape))
         u = u if ub else jnp.broadcast_to(u, (axis_size, *u.shape))
@@ -397,19 +394,19 @@ def _row_batched(scale: float, impl: str, tiles: Tiles, w_t: bool):
     return call
 
 
-def _partitioned_batchable(x, w, u, v, scale, impl, tiles, w_t):
-    return _row_batched(scale, impl, tiles, w_t)(x, w, u, v)
+def _partitioned_batchable(x, w, u, v, impl, tiles, w_t):
+    return _row_batched(impl, tiles, w_t)(x, w, u, v)
 
 
-# One jitted wrapper per (shapes, scale, impl, tiles, w_t): every call site with the same shapes reuses
-# one traced jaxpr (``custom_partitioning`` traces its function again at each call otherwise).
-_partitioned_call = jax.jit(_partitioned_batchable, static_argnums=(4, 5, 6, 7))
+# One jitted wrapper per (shapes, impl, tiles, w_t): every call site with the same shapes reuses one
+# traced jaxpr (``custom_partitioning`` traces its function again at each call otherwise).
+_partitioned_call = jax.jit(_partitioned_batchable, static_argnums=(4, 5, 6))
 
 
-def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, w_t: bool = False):
-    """``x·w + scale·u·v`` (``x·wᵀ + scale·u·vᵀ`` with ``w_t``), all 2-D, in the kernel or in plain
-    XLA; partitionable under SPMD."""
-    return _partitioned_call(x, w, u, v, float(scale), impl, tiles, w_t)
+def _matmul_plus_low_rank(x, w, u, v, *, impl: str, tiles: Tiles, w_t: bool = False):
+    """``x·w + u·v`` (``x·wᵀ + u·vᵀ`` with ``w_t``), all 2-D, in the kernel or in plain XLA;
+    partitionable under SPMD. Callers fold the LoRA scale into ``u``."""
+    return _partitioned_call(x, w, u, v, impl, tiles, w_t)
 
 
 # The custom VJP takes x with its leading axes (reshaped to 2-D inside): its residual is then the very
@@ -423,7 +420,7 @@ def _matmul_plus_low_rank(x, w, u, v, *, scale: float, impl: str, tiles: Tiles, 
 # zero: its transpose is never computed).
 #
 # The scale s rides in the two thin matmuls' epilogues: xa is s·(x·A) and the backward's u is
-# s·(dy·Bᵀ), so the kernel calls take s = 1 and neither an M × r scaling pass nor Aᵀ is ever a
+# s·(dy·Bᵀ), so the kernel calls carry no scale and neither an M × r scaling pass nor Aᵀ is ever a
 # kernel of its own (about 2 fewer kernels per adapted matmul a step; benchmarks/RESULTS.md).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _lora_matmul(x, xa, w0, a, b, scale, impl, tiles):
@@ -432,7 +429,7 @@ def _lora_matmul(x, xa, w0, a, b, scale, impl, tiles):
 
 def _fwd(x, xa, w0, a, b, scale, impl, tiles):
     x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
-    y = _matmul_plus_low_rank(x2, w0, xa2, b, scale=1.0, impl=impl, tiles=tiles)  # xa is s·(x·A)
+    y = _matmul_plus_low_rank(x2, w0, xa2, b, impl=impl, tiles=tiles)  # xa is s·(x·A)
     return y.reshape(*x.shape[:-1], y.shape[-1]), (x, w0, a, b, xa)
 
 
@@ -442,7 +439,7 @@ def _bwd(scale, impl, tiles, res, g):
     x2, g2, xa2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), xa.reshape(-1, xa.shape[-1])
     gb = (scale * jnp.dot(g2, b.T, preferred_element_type=f32)).astype(g.dtype)  # s·dy·Bᵀ  (M, r)
     # dy·W0ᵀ + gb·Aᵀ with W0 and A read as stored
-    dx = _matmul_plus_low_rank(g2, w0, gb, a, scale=1.0, impl=impl, tiles=tiles, w_t=True)
+    dx = _matmul_plus_low_rank(g2, w0, gb, a, impl=impl, tiles=tiles, w_t=True)
     da = jnp.dot(x2.T, gb, preferred_element_type=f32).astype(a.dtype)
     db = jnp.dot(xa2.T, g2, preferred_element_type=f32).astype(b.dtype)
     # W0 is frozen: no gradient, not even one XLA drops; xa: none (x and A got its share above)

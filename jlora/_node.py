@@ -225,10 +225,7 @@ class LoraKernel:
     def tree_flatten(self):
         has_m, has_init = self.m is not None, self.a0 is not None or self.b0 is not None
         aux = (self.layout, self.scale, self.dropout, has_m, has_init, self.rslora, self.init, self.base_sha256)
-        if not (has_m or has_init):
-            return (self.w0, self.a, self.b), aux
-        children = [self.w0, self.a, self.b] + ([self.m] if has_m else []) + ([self.a0, self.b0] if has_init else [])
-        return tuple(children), aux
+        return (self.w0, self.a, self.b) + ((self.m,) if has_m else ()) + ((self.a0, self.b0) if has_init else ()), aux
 
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
