@@ -8,8 +8,10 @@ performance model in docs/architecture.md). Here one kernel computes each output
 adds ``u_tile · v_tile`` with ``u = s·(x·A)`` (``M × r``) and ``v = B``: one more tensor-core
 instruction per tile and an ``M × r`` read. The backward's ``dx = dy·W0ᵀ + s·(dy·Bᵀ)·Aᵀ`` is the same
 kernel reading ``W0`` as stored (a transposed view of each shared-memory tile, so no ``W0ᵀ`` copy is
-ever written: inside a scanned model XLA kept such copies for the whole backward). ``x·A``, ``dy·Bᵀ``,
-``dA`` and ``dB`` stay XLA matmuls: they are thin.
+ever written: inside a scanned model XLA kept such copies for the whole backward). ``x·A`` and ``dA``
+stay XLA matmuls: they are thin (and XLA merges those of adapters that read the same ``x``). The
+backward's two products of ``dy``, ``s·dy·Bᵀ`` and ``dB``, are one Pallas Triton kernel that reads
+``dy`` once (:mod:`jlora._dy_pass`; ``Tiles.dy_pass``).
 
 The kernel is a Pallas Mosaic GPU kernel (wgmma, TMA copies, warp-specialized, persistent), so it
 needs an sm_90 GPU (H100/H200) and shapes divisible by its tiles (:func:`supported`).
@@ -34,6 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.custom_partitioning import custom_partitioning
 
 from jlora import _compat as jax_compat
+from jlora import _dy_pass
 
 __all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
 
@@ -76,6 +79,9 @@ class Tiles(NamedTuple):
     slots: int = 2  # epilogue store buffers per warpgroup
     width: int = 4  # output tiles walked in bands this wide (L2 reuse)
     r_align: int = 16  # the rank is zero-padded to a multiple of this (wgmma's K step)
+    # the backward's s·dy·Bᵀ and dB: "auto" (one pass over dy, jlora._dy_pass, with the Mosaic kernel on
+    # one CUDA device; else two XLA matmuls), "triton", "interpret" (tests) or "xla"
+    dy_pass: str = "auto"
 
 
 def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optional[bool] = None):
@@ -437,16 +443,42 @@ def _bwd(scale, impl, tiles, res, g):
     x, w0, a, b, xa = res  # xa is s·(x·A)
     f32 = jnp.float32
     x2, g2, xa2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), xa.reshape(-1, xa.shape[-1])
-    gb = (scale * jnp.dot(g2, b.T, preferred_element_type=f32)).astype(g.dtype)  # s·dy·Bᵀ  (M, r)
+    gb, db = _dy_products(g2, b, xa2, scale, impl, tiles)  # s·dy·Bᵀ (M, r) and xaᵀ·dy (r, N)
     # dy·W0ᵀ + gb·Aᵀ with W0 and A read as stored
     dx = _matmul_plus_low_rank(g2, w0, gb, a, impl=impl, tiles=tiles, w_t=True)
     da = jnp.dot(x2.T, gb, preferred_element_type=f32).astype(a.dtype)
-    db = jnp.dot(xa2.T, g2, preferred_element_type=f32).astype(b.dtype)
     # W0 is frozen: no gradient, not even one XLA drops; xa: none (x and A got its share above)
     return dx.reshape(x.shape), None, None, da, db
 
 
 _lora_matmul.defvjp(_fwd, _bwd)
+
+
+def _dy_pass_form(impl: str, tiles: Tiles) -> str:
+    """How the backward computes its two products of dy: ``"triton"``, ``"interpret"`` or ``"xla"``."""
+    if tiles.dy_pass not in ("auto", "triton", "interpret", "xla"):
+        raise ValueError(f"Tiles.dy_pass={tiles.dy_pass!r}: use 'auto', 'triton', 'interpret' or 'xla'.")
+    if tiles.dy_pass != "auto":
+        return tiles.dy_pass
+    # One device only: the Triton call has no partitioning rule, so under SPMD sharding XLA would
+    # gather dy onto every device for it; there the two XLA matmuls stay (they partition).
+    if impl == "mosaic" and jax.device_count() == 1 and _dy_pass.triton_unavailable() is None:
+        return "triton"
+    return "xla"
+
+
+def _dy_products(g2, b, xa2, scale, impl: str, tiles: Tiles):
+    """``(s·dy·Bᵀ, xaᵀ·dy)`` in one pass over dy where :func:`_dy_pass_form` says so and the shapes
+    fit (the rank zero-padded to a power of two ≥ 16, Triton's smallest dot), else two matmuls."""
+    form = _dy_pass_form(impl, tiles)
+    r = b.shape[0]
+    rp = max(16, 1 << (r - 1).bit_length())
+    if form == "xla" or not _dy_pass.takes(g2.shape[0], g2.shape[1], rp, g2.dtype):
+        return _dy_pass.dy_products(g2, b, xa2, scale=scale, impl="xla")
+    if rp != r:
+        b, xa2 = jnp.pad(b, ((0, rp - r), (0, 0))), jnp.pad(xa2, ((0, 0), (0, rp - r)))
+    u, db = _dy_pass.dy_products(g2, b, xa2, scale=scale, impl=form)
+    return u[:, :r], db[:r]
 
 # The custom VJP behind one jax.jit per (shapes, scale, impl, tiles): a model's call sites of one shape
 # then share one traced jaxpr, and JAX's differentiation of it (the forward rule, the split into
