@@ -5,7 +5,8 @@ For each projection shape of the reference model (M tokens; K → N), every part
 and the device busy time per call is printed with its top kernels: the base matmul and ``dy·W0ᵀ``
 (cuBLAS), the fused kernel forward and ``dx`` (``w_t``: ``W0`` and ``A`` read as stored), the four
 thin rank-r matmuls (``s·x·A``, ``s·dy·Bᵀ``, ``dA``, ``dB``), ``x·A`` for three adapters at once (what
-a shared input could read once), and the whole backward of ``lora_matmul`` against the base's.
+XLA merges adapters that read the same input into), ``s·dy·Bᵀ`` and ``dB`` in one pass over ``dy``
+(:mod:`jlora._dy_pass`, checked against float32 too), and the whole backward of ``lora_matmul`` against the base's.
 
 On an H100/H200 (about 1 minute)::
 
@@ -31,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import profile_step as P  # noqa: E402
-from jlora import _fused as F  # noqa: E402
+from jlora import _dy_pass as D, _fused as F  # noqa: E402
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -60,7 +61,7 @@ def device_ms(f, args, calls: int) -> tuple[float, str]:
     return agg["busy_ms"], "; ".join(f"{n[:40]} {ms * 1e3:.0f} µs ×{c:g}" for n, (ms, c) in names)
 
 
-def parts(x, dy, w, a, b, *, s: float, impl: str) -> dict:
+def parts(x, dy, w, a, b, *, s: float, impl: str, dy_impl: str) -> dict:
     t = F.DEFAULT_TILES
     dot = lambda p, q: jnp.dot(p, q, preferred_element_type=F32)
     xa = (s * dot(x, a)).astype(BF16)
@@ -78,6 +79,8 @@ def parts(x, dy, w, a, b, *, s: float, impl: str) -> dict:
         "s·dy·Bᵀ": (lambda dy, b: (s * dot(dy, b.T)).astype(BF16), dy, b),
         "dA = xᵀ·u": (lambda x, gb: dot(x.T, gb).astype(BF16), x, gb),
         "dB = xaᵀ·dy": (lambda xa, dy: dot(xa.T, dy).astype(BF16), xa, dy),
+        f"s·dy·Bᵀ and dB, one pass over dy ({dy_impl})": (
+            lambda dy, b, xa: D.dy_products(dy, b, xa, scale=s, impl=dy_impl), dy, b, xa),
         "base backward (dx)": (lambda x, w, dy: jax.vjp(lambda x: x @ w, x)[1](dy), x, w, dy),
         "lora_matmul backward (dx, dA, dB)": (lambda x, w, a, b, dy: jax.vjp(
             lambda x, a, b: F.lora_matmul(x, w, a, b, scale=s, impl=impl), x, a, b)[1](dy), x, w, a, b, dy),
@@ -87,8 +90,9 @@ def parts(x, dy, w, a, b, *, s: float, impl: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     impl = "mosaic" if F.unavailable() is None else "xla"
-    print(f"# fused_parts  jax {jax.__version__}  {jax.devices()[0].device_kind}  impl {impl}  M {args.m}  "
-          f"r {args.rank}", flush=True)
+    dy_impl = "triton" if D.triton_unavailable() is None else "interpret"
+    print(f"# fused_parts  jax {jax.__version__}  {jax.devices()[0].device_kind}  impl {impl}  dy pass {dy_impl}  "
+          f"M {args.m}  r {args.rank}", flush=True)
     bad = False
     for shape in args.shapes.split(","):
         k_, n_ = map(int, shape.split("x"))
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
         a = (jax.random.normal(ks[3], (k_, args.rank), F32) / k_ ** 0.5).astype(BF16)
         b = (jax.random.normal(ks[4], (args.rank, n_), F32) * 0.1).astype(BF16)
         print(f"\n## {k_} → {n_}\n\n| part | device µs per call | top kernels |\n| --- | ---: | --- |", flush=True)
-        table = parts(x, dy, w, a, b, s=args.scale, impl=impl)
+        table = parts(x, dy, w, a, b, s=args.scale, impl=impl, dy_impl=dy_impl)
         for name, (fn, *ops) in table.items():
             ms, top = device_ms(fn, ops, args.calls)
             print(f"| {name} | {ms * 1e3:.1f} | {top} |", flush=True)
@@ -109,6 +113,13 @@ def main(argv=None) -> int:
                           ("kernel dx (W0, A as stored)", f(dy) @ f(w).T + f(table["kernel dx (W0, A as stored)"][3]) @ f(a).T)):
             fn, *ops = table[name]
             err = float(jnp.linalg.norm(f(jax.jit(fn)(*ops)) - ref) / jnp.linalg.norm(ref))
+            print(f"{name}: rel. error {err:.1e} against float32", flush=True)
+            bad = bad or not err < 1e-2
+        # the one-pass products against float32 references (s·dy·Bᵀ, xaᵀ·dy)
+        fn, *ops = table[f"s·dy·Bᵀ and dB, one pass over dy ({dy_impl})"]
+        u, db = jax.jit(fn)(*ops)
+        for name, got, ref in (("one pass s·dy·Bᵀ", u, args.scale * f(dy) @ f(b).T), ("one pass dB", db, f(ops[2]).T @ f(dy))):
+            err = float(jnp.linalg.norm(f(got) - ref) / jnp.linalg.norm(ref))
             print(f"{name}: rel. error {err:.1e} against float32", flush=True)
             bad = bad or not err < 1e-2
     print("MISMATCH" if bad else "OK")
