@@ -21,7 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DyTiles", "dy_products", "takes"]
+__all__ = ["DEFAULT_DY_TILES", "DyTiles", "dy_products", "is_16bit_float", "products_f32", "takes",
+           "triton_unavailable"]
 
 
 class DyTiles(NamedTuple):
@@ -31,7 +32,7 @@ class DyTiles(NamedTuple):
     rows: int = 64  # rows of one dy block (a power of two)
     cols: int = 256  # columns of one dy block (a power of two)
     band: int = 1  # dy blocks side by side in one program's column band
-    programs: int = 132  # aim for about this many programs (one per H200 SM)
+    programs: int = 132  # the grid keeps at least this many programs where the rows allow (H200: 132 SMs)
     warps: int = 4
     stages: int = 3
 
@@ -39,11 +40,16 @@ class DyTiles(NamedTuple):
 DEFAULT_DY_TILES = DyTiles()
 
 
-def takes(m: int, n: int, r: int, dtype, tiles: DyTiles | None = None) -> bool:
+def is_16bit_float(dtype) -> bool:
+    """bf16 or f16: the dtypes jlora's GPU kernels take."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def takes(m: int, n: int, r: int, dtype, *, tiles: DyTiles | None = None) -> bool:
     """Whether the kernel takes ``dy (m, n)`` with rank ``r``: 16-bit floats, ``r`` a power of two
     from 16 to 128 (Triton's dot), and ``m``, ``n`` multiples of the blocks."""
     tiles = tiles or DEFAULT_DY_TILES
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and r in (16, 32, 64, 128)
+    return (is_16bit_float(dtype) and r in (16, 32, 64, 128)
             and m % tiles.rows == 0 and n % (tiles.cols * tiles.band) == 0)
 
 
@@ -55,8 +61,9 @@ def _rows_per_program(m: int, bands: int, tiles: DyTiles) -> int:
     return blocks
 
 
-def _triton_products(dy, b, xa, *, tiles: DyTiles, interpret: bool = False):
-    """The kernel: ``(Σ_bands u partials (bands, M, r), Σ_groups dB partials (groups, r, N))``."""
+def _triton_products(dy, b, xa, *, tiles: DyTiles, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The kernel, returning float32 partial sums: ``u``'s per column band ``(bands, M, r)`` and
+    ``dB``'s per row group ``(groups, r, N)`` (the caller adds them up)."""
     from jax.experimental import pallas as pl
 
     m, n = dy.shape
@@ -101,6 +108,24 @@ def _triton_products(dy, b, xa, *, tiles: DyTiles, interpret: bool = False):
         **kwargs)(dy, b, xa)
 
 
+def products_f32(dy: jax.Array, b: jax.Array, xa: jax.Array, *, impl: str = "xla",
+                 tiles: DyTiles | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(dy·Bᵀ, xaᵀ·dy)`` in float32, unscaled: the kernel where ``impl`` asks for it and it
+    :func:`takes` the shapes, else two XLA matmuls. The sharded call runs this on each device's
+    blocks (``jlora._fused``), so a block too small for the kernel still gets a result."""
+    if impl not in ("triton", "interpret", "xla"):
+        raise ValueError(f"impl must be 'triton', 'interpret' or 'xla', got {impl!r}")
+    tiles = tiles or DEFAULT_DY_TILES
+    if impl != "xla" and takes(dy.shape[0], dy.shape[1], b.shape[0], dy.dtype, tiles=tiles):
+        up, dbp = _triton_products(dy, b, xa, tiles=tiles, interpret=impl == "interpret")
+        # one consumer for the call: inside a loop body XLA:GPU once duplicated a custom call that read
+        # a slice of a stacked weight into its consumers (jlora._fused, the same barrier there)
+        up, dbp = jax.lax.optimization_barrier((up, dbp))
+        return up.sum(axis=0), dbp.sum(axis=0)
+    f32 = jnp.float32
+    return jnp.dot(dy, b.T, preferred_element_type=f32), jnp.dot(xa.T, dy, preferred_element_type=f32)
+
+
 def dy_products(dy: jax.Array, b: jax.Array, xa: jax.Array, *, scale: float, impl: str = "xla",
                 tiles: DyTiles | None = None) -> tuple[jax.Array, jax.Array]:
     """``(s·dy·Bᵀ, xaᵀ·dy)``, the LoRA backward's two products of ``dy``, reading ``dy`` once.
@@ -110,8 +135,9 @@ def dy_products(dy: jax.Array, b: jax.Array, xa: jax.Array, *, scale: float, imp
       b: ``B`` as stored, ``(r, N)``, in ``dy``'s dtype.
       xa: ``s·x·A``, ``(M, r)``, in ``dy``'s dtype.
       scale: ``s``, applied to the first product.
-      impl: ``"triton"`` (the one-pass kernel; a GPU, and shapes :func:`takes`), ``"interpret"`` (the
-        same kernel run by Pallas' interpreter, for tests on any device) or ``"xla"`` (two matmuls).
+      impl: ``"triton"`` (the one-pass kernel, on a CUDA GPU), ``"interpret"`` (the same kernel run
+        by Pallas' interpreter, for tests on any device) or ``"xla"`` (two matmuls). Shapes the
+        kernel does not take (:func:`takes`) get the two matmuls whatever ``impl`` says.
       tiles: the kernel's blocking (default :data:`DEFAULT_DY_TILES`).
 
     Returns:
@@ -124,27 +150,18 @@ def dy_products(dy: jax.Array, b: jax.Array, xa: jax.Array, *, scale: float, imp
       >>> u[0].tolist(), db[0].tolist()
       ([1.5, 1.5], [4.0, 4.0, 4.0])
     """
-    f32 = jnp.float32
-    if impl == "xla":
-        u = scale * jnp.dot(dy, b.T, preferred_element_type=f32)
-        db = jnp.dot(xa.T, dy, preferred_element_type=f32)
-    elif impl in ("triton", "interpret"):
-        tiles = tiles or DEFAULT_DY_TILES
-        up, dbp = _triton_products(dy, b, xa, tiles=tiles, interpret=impl == "interpret")
-        u, db = scale * up.sum(axis=0), dbp.sum(axis=0)
-    else:
-        raise ValueError(f"impl must be 'triton', 'interpret' or 'xla', got {impl!r}")
-    return u.astype(dy.dtype), db.astype(b.dtype)
+    u, db = products_f32(dy, b, xa, impl=impl, tiles=tiles)
+    return (scale * u).astype(dy.dtype), db.astype(b.dtype)
 
 
 @functools.lru_cache(maxsize=None)
 def triton_unavailable() -> str | None:
-    """Why the kernel cannot run here (None when it can): it needs a CUDA GPU."""
+    """Why the kernel cannot run here (None when it can): it needs a CUDA GPU (JAX's default
+    device; a ROCm GPU reports another ``platform_version``)."""
     try:
         dev = jax.devices()[0]
-        if dev.platform != "gpu" or "cuda" not in str(getattr(dev.client, "platform_version", "cuda")).lower():
+        if dev.platform != "gpu" or "cuda" not in str(getattr(dev.client, "platform_version", "")).lower():
             return f"no CUDA GPU ({dev.device_kind})"
-        from jax.experimental.pallas import triton  # noqa: F401
-    except Exception as e:
-        return f"Pallas Triton unavailable ({type(e).__name__})"
+    except Exception as e:  # no backend at all
+        return f"no CUDA GPU ({type(e).__name__})"
     return None

@@ -11,7 +11,8 @@ kernel reading ``W0`` as stored (a transposed view of each shared-memory tile, s
 ever written: inside a scanned model XLA kept such copies for the whole backward). ``x·A`` and ``dA``
 stay XLA matmuls: they are thin (and XLA merges those of adapters that read the same ``x``). The
 backward's two products of ``dy``, ``s·dy·Bᵀ`` and ``dB``, are one Pallas Triton kernel that reads
-``dy`` once (:mod:`jlora._dy_pass`; ``Tiles.dy_pass``).
+``dy`` once on a CUDA GPU, at a (padded) rank of 16 and for blocks it takes; elsewhere two XLA
+matmuls (:mod:`jlora._dy_pass`; ``Tiles.dy_pass``).
 
 The kernel is a Pallas Mosaic GPU kernel (wgmma, TMA copies, warp-specialized, persistent), so it
 needs an sm_90 GPU (H100/H200) and shapes divisible by its tiles (:func:`supported`).
@@ -69,7 +70,8 @@ def in_loops() -> bool:
 
 
 class Tiles(NamedTuple):
-    """Tile shape of the Hopper (Mosaic GPU) kernel: two compute warpgroups side by side along N."""
+    """Tile shape of the Hopper (Mosaic GPU) kernel (two compute warpgroups side by side along N), and
+    how the backward computes its two products of ``dy`` (``dy_pass``)."""
 
     tile_m: int = 128
     tile_n: int = 128  # per warpgroup; a CTA computes tile_m × 2·tile_n
@@ -80,7 +82,8 @@ class Tiles(NamedTuple):
     width: int = 4  # output tiles walked in bands this wide (L2 reuse)
     r_align: int = 16  # the rank is zero-padded to a multiple of this (wgmma's K step)
     # the backward's s·dy·Bᵀ and dB: "auto" (one pass over dy, jlora._dy_pass, with the Mosaic kernel on
-    # one CUDA device; else two XLA matmuls), "triton", "interpret" (tests) or "xla"
+    # a CUDA GPU at a padded rank of 16, the rank it was measured at; else two XLA matmuls), "triton"
+    # (the one-pass kernel at any rank up to 128: a CUDA GPU only), "interpret" (tests) or "xla"
     dy_pass: str = "auto"
 
 
@@ -206,7 +209,7 @@ DEFAULT_TILES = Tiles()
 def supported(m: int, k: int, n: int, dtype, *, tiles: Tiles | None = None) -> bool:
     """Whether the kernel takes an ``(m, k)·(k, n)`` LoRA matmul, forward and backward."""
     t = tiles or DEFAULT_TILES
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return (_dy_pass.is_16bit_float(dtype)
             and m % t.tile_m == 0 and n % (2 * t.tile_n) == 0 and k % (2 * t.tile_n) == 0
             and k % t.tile_k == 0 and n % t.tile_k == 0)
 
@@ -240,7 +243,7 @@ def _pad_rank(t, axis: int, align: int):
 
 def _takes(m: int, k: int, n: int, dtype, tiles: Tiles) -> bool:
     """Whether one kernel call ``(m, k)·(k, n)`` fits the tiles (the forward or the dx call alone)."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return (_dy_pass.is_16bit_float(dtype)
             and m % tiles.tile_m == 0 and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0)
 
 
@@ -454,31 +457,117 @@ def _bwd(scale, impl, tiles, res, g):
 _lora_matmul.defvjp(_fwd, _bwd)
 
 
-def _dy_pass_form(impl: str, tiles: Tiles) -> str:
-    """How the backward computes its two products of dy: ``"triton"``, ``"interpret"`` or ``"xla"``."""
+_DY_RANK = 16  # the padded rank at which "auto" takes the one-pass kernel (measured there)
+
+
+def _dy_pass_form(impl: str, tiles: Tiles, rank: int = _DY_RANK) -> str:
+    """How the backward computes its two products of dy: ``"triton"``, ``"interpret"`` or ``"xla"``
+    (``rank``: the padded rank)."""
     if tiles.dy_pass not in ("auto", "triton", "interpret", "xla"):
         raise ValueError(f"Tiles.dy_pass={tiles.dy_pass!r}: use 'auto', 'triton', 'interpret' or 'xla'.")
     if tiles.dy_pass != "auto":
         return tiles.dy_pass
-    # One device only: the Triton call has no partitioning rule, so under SPMD sharding XLA would
-    # gather dy onto every device for it; there the two XLA matmuls stay (they partition).
-    if impl == "mosaic" and jax.device_count() == 1 and _dy_pass.triton_unavailable() is None:
-        return "triton"
-    return "xla"
+    # auto: the rank the kernel's blocking was chosen and checked at on the H200 (16); other ranks
+    # keep the two matmuls until they are measured (a larger dB accumulator may spill)
+    return "triton" if impl == "mosaic" and rank == _DY_RANK and _dy_pass.triton_unavailable() is None else "xla"
 
 
-def _dy_products(g2, b, xa2, scale, impl: str, tiles: Tiles):
-    """``(s·dy·Bᵀ, xaᵀ·dy)`` in one pass over dy where :func:`_dy_pass_form` says so and the shapes
-    fit (the rank zero-padded to a power of two ≥ 16, Triton's smallest dot), else two matmuls."""
-    form = _dy_pass_form(impl, tiles)
+def _padded_rank(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())  # a power of two ≥ 16: Triton's smallest dot
+
+
+def _dy_products(g2: jax.Array, b: jax.Array, xa2: jax.Array, scale: float, impl: str,
+                 tiles: Tiles) -> tuple[jax.Array, jax.Array]:
+    """``(s·dy·Bᵀ, xaᵀ·dy)``: one pass over dy where :func:`_dy_pass_form` says so (the rank
+    zero-padded to :func:`_padded_rank` and cut back), else two matmuls. The one-pass call is
+    partitioned under SPMD like the kernel's (below)."""
     r = b.shape[0]
-    rp = max(16, 1 << (r - 1).bit_length())
-    if form == "xla" or not _dy_pass.takes(g2.shape[0], g2.shape[1], rp, g2.dtype):
+    rp = _padded_rank(r)
+    form = _dy_pass_form(impl, tiles, rp)
+    if form == "xla" or rp > 128:
         return _dy_pass.dy_products(g2, b, xa2, scale=scale, impl="xla")
-    if rp != r:
-        b, xa2 = jnp.pad(b, ((0, rp - r), (0, 0))), jnp.pad(xa2, ((0, 0), (0, rp - r)))
-    u, db = _dy_pass.dy_products(g2, b, xa2, scale=scale, impl=form)
-    return u[:, :r], db[:r]
+    u, db = _dy_call(g2, _pad_rank(b, 0, rp), _pad_rank(xa2, 1, rp), form)  # float32, unscaled
+    return (scale * u[:, :r]).astype(g2.dtype), db[:r].astype(b.dtype)
+
+
+# -- the one-pass dy products under SPMD partitioning ------------------------------------------------------
+#
+# The same reasoning as the kernel call's: a Triton call is opaque to the partitioner, which would
+# gather dy onto every device for it. Each device runs it on its blocks instead: rows of dy and xa as
+# dy's rows are split (u's rows follow, dB is summed over them), columns of dy and B as dy's columns
+# are split (dB's columns follow, u is summed over them); the rank is whole.
+
+
+def _dy_local(dy, b, xa, *, form: str, m_axes: tuple = (), n_axes: tuple = ()):
+    u, db = _dy_pass.products_f32(dy, b, xa, impl=form)
+    if n_axes:
+        u = jax.lax.psum(u, n_axes)
+    if m_axes:
+        db = jax.lax.psum(db, m_axes)
+    return u, db
+
+
+def _dy_whole(dy, b, xa, form):
+    return _dy_local(dy, b, xa, form=form)
+
+
+def _dy_plan(dy_sharding) -> tuple[tuple, tuple] | None:
+    spec = _spec2(dy_sharding)
+    return None if spec is None else (spec[0], tuple(a for a in spec[1] if a not in spec[0]))
+
+
+def _dy_partition(form, mesh, arg_shapes, result_shape):
+    plan = _dy_plan(arg_shapes[0].sharding)
+    if plan is None:  # shardings without axis names: the whole call on every device (correct, slow)
+        rep = _replicated_like(arg_shapes[0].sharding)
+        return rep.mesh, functools.partial(_dy_local, form=form), (rep, rep), (rep,) * 3
+    m, n = plan
+    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
+    lower = functools.partial(_dy_local, form=form, m_axes=m, n_axes=n)
+    return mesh, lower, (named(m, ()), named((), n)), (named(m, n), named((), n), named(m, ()))
+
+
+def _dy_infer(form, mesh, arg_shapes, result_shape):
+    plan = _dy_plan(arg_shapes[0].sharding)
+    if plan is None:
+        rep = _replicated_like(arg_shapes[0].sharding)
+        return rep, rep
+    m, n = plan
+    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
+    return named(m, ()), named((), n)
+
+
+def _dy_rule(form, mesh, operand_types, result_types):
+    """Shardy's factors: m (rows of dy, xa, u), n (columns of dy, B, dB), r whole."""
+    rule = "m n, r n, m r -> m r, r n"
+    if not jax_compat.shardy_rule_takes_options():
+        return rule
+    return rule, {"need_replication_factors": ("r",)}
+
+
+_dy_partitioned = custom_partitioning(_dy_whole, static_argnums=(3,))
+_dy_partitioned.def_partition(_dy_partition, infer_sharding_from_operands=_dy_infer, sharding_rule=_dy_rule)
+
+
+@functools.lru_cache(maxsize=None)
+def _dy_batchable(form: str):
+    """The partitioned call under ``jax.vmap`` (``custom_partitioning`` has no batching rule): a batch
+    of products takes the two XLA matmuls, batched by JAX."""
+
+    @jax.custom_batching.custom_vmap
+    def call(dy, b, xa):
+        return _dy_partitioned(dy, b, xa, form)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, dy, b, xa):
+        plain = functools.partial(_dy_pass.products_f32, impl="xla")
+        return jax.vmap(plain, in_axes=tuple(0 if t else None for t in in_batched))(dy, b, xa), (True, True)
+
+    return call
+
+
+# one traced jaxpr per (shapes, form), as for the kernel call
+_dy_call = jax.jit(lambda dy, b, xa, form: _dy_batchable(form)(dy, b, xa), static_argnums=(3,))
 
 # The custom VJP behind one jax.jit per (shapes, scale, impl, tiles): a model's call sites of one shape
 # then share one traced jaxpr, and JAX's differentiation of it (the forward rule, the split into
@@ -489,9 +578,10 @@ _lora_matmul_jit = jax.jit(_lora_matmul, static_argnums=(5, 6, 7))
 
 def clear_caches() -> None:
     """Forget the traced kernel calls (tests that swap the kernel call for a stand-in use this)."""
-    for f in (_lora_matmul_jit, _partitioned_call, _mosaic_call):
+    for f in (_lora_matmul_jit, _partitioned_call, _mosaic_call, _dy_call):
         getattr(f, "clear_cache", lambda: None)()  # a stand-in may be a plain function
     _row_batched.cache_clear()
+    _dy_batchable.cache_clear()
 
 
 def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scale: float,
@@ -523,6 +613,7 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
     """
     if impl not in ("mosaic", "xla"):
         raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
+    _dy_pass_form(impl, tiles or DEFAULT_TILES)  # a misspelt Tiles.dy_pass fails here, not in the backward
     from jlora._rules.compute import XA_NAME  # the general rule's name for x·A (that module imports this one lazily)
 
     dt = x.dtype

@@ -3,8 +3,8 @@
 The Triton kernel itself runs on a CUDA GPU (checked there against float64 by the H200 sweep,
 ``benchmarks/results/dy_pass_sweep_s9.txt``, and by ``benchmarks/lora_step.py``'s first-step check).
 Here the same kernel body runs in Pallas' interpreter on the CPU, against products written in
-float64, for several blockings: every program's rows and column bands, the float32 partial sums and
-their reduction are exercised.
+float64, for several blockings (several row groups, row blocks per program and column bands), the
+fused backward's rank padding, its gradients, and the call partitioned over 8 simulated devices.
 """
 
 from __future__ import annotations
@@ -50,6 +50,24 @@ def test_kernel_matches_float64(tiles):
     assert _rel(u, u_ref) < 5e-3 and _rel(db, db_ref) < 5e-3  # bf16 outputs of float32 sums
 
 
+def test_kernel_with_row_groups_and_bands():
+    """Several row groups, each of several row blocks, and several column bands of two blocks: every
+    program's offsets differ in both grid axes (the reference model's shapes have all three)."""
+    tiles = _dy_pass.DyTiles(rows=32, cols=64, band=2, programs=4)
+    assert _dy_pass._rows_per_program(512, 2, tiles) == 8  # 16 row blocks: 2 groups of 8, 2 bands
+    dy, b, xa = _operands(512, 256, 32, seed=4)
+    u, db = _dy_pass.dy_products(dy, b, xa, scale=0.5, impl="interpret", tiles=tiles)
+    u_ref, db_ref = _reference(dy, b, xa, 0.5)
+    assert _rel(u, u_ref) < 5e-3 and _rel(db, db_ref) < 5e-3
+
+
+def test_rows_per_program():
+    t = _dy_pass.DEFAULT_DY_TILES  # 64-row blocks, 132 programs
+    assert _dy_pass._rows_per_program(16384, 8, t) == 8  # N = 2048: 32 groups × 8 bands = 256 programs
+    assert _dy_pass._rows_per_program(16384, 22, t) == 32  # N = 5632: 8 × 22 = 176
+    assert _dy_pass._rows_per_program(64, 1, t) == 1  # one block: nothing to group
+
+
 def test_xla_form_matches_float64():
     dy, b, xa = _operands(64, 96, 8)
     u, db = _dy_pass.dy_products(dy, b, xa, scale=0.5, impl="xla")
@@ -71,15 +89,27 @@ def test_unknown_impl():
         _dy_pass.dy_products(*_operands(64, 256, 16), scale=1.0, impl="cuda")
 
 
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="checks the CPU's answer")
 def test_no_triton_here():
     assert _dy_pass.triton_unavailable().startswith("no CUDA GPU")
     # so the fused backward keeps two XLA matmuls on this machine, whatever impl asks
     assert _fused._dy_pass_form("mosaic", _fused.DEFAULT_TILES) == "xla"
 
 
-def test_misspelt_dy_pass_raises():
+def test_auto_takes_the_kernel_at_the_measured_rank_only(monkeypatch):
+    monkeypatch.setattr(_dy_pass, "triton_unavailable", lambda: None)  # as on an H200
+    auto = _fused.DEFAULT_TILES
+    assert _fused._dy_pass_form("mosaic", auto, 16) == "triton"
+    assert _fused._dy_pass_form("mosaic", auto, 32) == "xla"  # not measured yet
+    assert _fused._dy_pass_form("xla", auto, 16) == "xla"  # the kernel's XLA stand-in keeps XLA
+    assert _fused._dy_pass_form("mosaic", _fused.Tiles(dy_pass="triton"), 64) == "triton"  # asked for
+
+
+def test_misspelt_dy_pass_raises_before_the_backward():
+    x, w = jnp.ones((128, 256), BF16), jnp.ones((256, 256), BF16)
+    a, b = jnp.ones((256, 4), BF16), jnp.ones((4, 256), BF16)
     with pytest.raises(ValueError, match="Tiles.dy_pass='trition'"):
-        _fused._dy_pass_form("mosaic", _fused.Tiles(dy_pass="trition"))
+        _fused.lora_matmul(x, w, a, b, scale=1.0, impl="xla", tiles=_fused.Tiles(dy_pass="trition"))
 
 
 @pytest.mark.parametrize("r", [8, 16, 20])
@@ -93,21 +123,27 @@ def test_backward_products_pad_the_rank(r):
         u_ref, db_ref = _reference(dy, b, xa, 2.0)
         assert u.shape == (m, r) and db.shape == (r, n)
         assert _rel(u, u_ref) < 5e-3 and _rel(db, db_ref) < 5e-3
+        jaxpr = jax.make_jaxpr(lambda *t: _fused._dy_products(*t, 2.0, "mosaic", tiles))(dy, b, xa)
+        ranks = [e.invars[1].aval.shape[0] for e in _pallas_calls(jaxpr.jaxpr)]  # B's rows as the kernel sees them
+        assert ranks == ([] if m % 64 else [max(16, 1 << (r - 1).bit_length())]), ranks
+
+
+def _pallas_calls(jaxpr) -> list:
+    """The ``pallas_call`` equations of a jaxpr, nested jaxprs followed."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            out.append(eqn)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _pallas_calls(inner)
+    return out
 
 
 def _count_kernels(closed_jaxpr) -> int:
-    def walk(jaxpr):
-        n = 0
-        for eqn in jaxpr.eqns:
-            n += eqn.primitive.name == "pallas_call"
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (tuple, list)) else [v]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        n += walk(inner)
-        return n
-
-    return walk(closed_jaxpr.jaxpr)
+    return len(_pallas_calls(closed_jaxpr.jaxpr))
 
 
 def test_lora_matmul_backward_through_the_kernel():
@@ -128,3 +164,64 @@ def test_lora_matmul_backward_through_the_kernel():
     want = (g2 @ (w0_ + 2.0 * a_ @ b_).T, 2.0 * x2.T @ g2 @ b_.T, 2.0 * (x2 @ a_).T @ g2)
     for got, w in zip(vjp(g), want):
         assert _rel(np.asarray(got, np.float64).reshape(w.shape), w) < 2e-2  # bf16 inputs and outputs
+
+
+# -- under SPMD sharding (8 simulated CPU devices, conftest) ----------------------------------------------
+
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from helpers import collectives  # noqa: E402
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+# (mesh shape and names, dy spec, B spec): dy's rows split by the batch, its columns by a
+# column-parallel layer's output split (B follows W0's columns there)
+DY_SHARDED = {
+    "rows": (((8,), ("data",)), P("data"), P()),
+    "rows-and-columns": (((2, 4), ("data", "model")), P("data", "model"), P(None, "model")),
+    "columns": (((8,), ("model",)), P(None, "model"), P(None, "model")),
+}
+
+
+@needs8
+@pytest.mark.parametrize("case", sorted(DY_SHARDED))
+def test_partitioned_products_match_float64(case, monkeypatch):
+    """The fused backward's one-pass call on sharded dy: each device runs the kernel on its own blocks
+    (the kernel's calls are recorded), the partial products are summed across the split axis, the
+    results equal the float64 products, and dy is never gathered."""
+    (shape, names), dy_spec, b_spec = DY_SHARDED[case]
+    mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    calls = []
+    kernel = _dy_pass._triton_products
+
+    def recording(dy, b, xa, **kw):
+        calls.append(dy.shape)
+        return kernel(dy, b, xa, **kw)
+
+    monkeypatch.setattr(_dy_pass, "_triton_products", recording)
+    _fused.clear_caches()
+    dy, b, xa = _operands(512, 2048, 16, seed=5)  # every device's block fits the kernel's 64 × 256
+    put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))  # noqa: E731
+    args = (put(dy, dy_spec), put(b, b_spec), put(xa, P(dy_spec[0])))
+    f = jax.jit(lambda dy, b, xa: _fused._dy_products(dy, b, xa, 2.0, "mosaic", _fused.Tiles(dy_pass="interpret")))
+    step = f.lower(*args).compile()
+    u, db = step(*args)
+    _fused.clear_caches()
+    rows = 512 // (shape[0] if dy_spec[0] else 1)
+    cols = 2048 // (shape[-1] if len(dy_spec) > 1 and dy_spec[1] else 1)
+    assert (rows, cols) in calls, calls  # traced for one device's block
+    u_ref, db_ref = _reference(dy, b, xa, 2.0)
+    assert _rel(u, u_ref) < 5e-3 and _rel(db, db_ref) < 5e-3
+    gathers = collectives(step.as_text())["all-gather"]
+    assert all(n < dy.size // 2 for _, n in gathers), f"dy gathered: {gathers}"
+
+
+def test_products_under_vmap():
+    """A batch of products (``jax.vmap`` over the backward) takes two batched matmuls."""
+    dy, b, xa = _operands(3 * 128, 256, 16, seed=6)
+    dy, xa = dy.reshape(3, 128, 256), xa.reshape(3, 128, 16)
+    tiles = _fused.Tiles(dy_pass="interpret")
+    u, db = jax.vmap(lambda d, x: _fused._dy_products(d, b, x, 2.0, "mosaic", tiles))(dy, xa)
+    for i in range(3):
+        u_ref, db_ref = _reference(dy[i], b, xa[i], 2.0)
+        assert _rel(u[i], u_ref) < 5e-3 and _rel(db[i], db_ref) < 5e-3
