@@ -46,10 +46,11 @@ def is_16bit_float(dtype) -> bool:
 
 
 def takes(m: int, n: int, r: int, dtype, *, tiles: DyTiles | None = None) -> bool:
-    """Whether the kernel takes ``dy (m, n)`` with rank ``r``: 16-bit floats, ``r`` a power of two
-    from 16 to 128 (Triton's dot), and ``m``, ``n`` multiples of the blocks."""
+    """Whether the kernel takes ``dy (m, n)`` with rank ``r``: 16-bit floats, ``r`` 16, 32 or 64 (a
+    power of two ≥ 16 for Triton's dot; at 128 the default blocking needs more shared memory than
+    an H200 has), and ``m``, ``n`` multiples of the blocks."""
     tiles = tiles or DEFAULT_DY_TILES
-    return (is_16bit_float(dtype) and r in (16, 32, 64, 128)
+    return (is_16bit_float(dtype) and r in (16, 32, 64)
             and m % tiles.rows == 0 and n % (tiles.cols * tiles.band) == 0)
 
 

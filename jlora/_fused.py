@@ -82,8 +82,8 @@ class Tiles(NamedTuple):
     width: int = 4  # output tiles walked in bands this wide (L2 reuse)
     r_align: int = 16  # the rank is zero-padded to a multiple of this (wgmma's K step)
     # the backward's s·dy·Bᵀ and dB: "auto" (one pass over dy, jlora._dy_pass, with the Mosaic kernel on
-    # a CUDA GPU at a padded rank of 16, the rank it was measured at; else two XLA matmuls), "triton"
-    # (the one-pass kernel at any rank up to 128: a CUDA GPU only), "interpret" (tests) or "xla"
+    # a CUDA GPU at a padded rank of 16, where it wins; else two XLA matmuls), "triton" (the one-pass
+    # kernel at padded ranks up to 64: a CUDA GPU only), "interpret" (tests) or "xla"
     dy_pass: str = "auto"
 
 
@@ -467,8 +467,8 @@ def _dy_pass_form(impl: str, tiles: Tiles, rank: int = _DY_RANK) -> str:
         raise ValueError(f"Tiles.dy_pass={tiles.dy_pass!r}: use 'auto', 'triton', 'interpret' or 'xla'.")
     if tiles.dy_pass != "auto":
         return tiles.dy_pass
-    # auto: the rank the kernel's blocking was chosen and checked at on the H200 (16); other ranks
-    # keep the two matmuls until they are measured (a larger dB accumulator may spill)
+    # auto: the padded rank at which the kernel wins on the H200 (16: 27 vs 33 µs and 64 vs 95 µs at
+    # N = 2048 / 5632); at 32 it is about even, at 64 slower (benchmarks/results/dy_ranks_and_scan_hlo_s9.txt)
     return "triton" if impl == "mosaic" and rank == _DY_RANK and _dy_pass.triton_unavailable() is None else "xla"
 
 
@@ -484,7 +484,7 @@ def _dy_products(g2: jax.Array, b: jax.Array, xa2: jax.Array, scale: float, impl
     r = b.shape[0]
     rp = _padded_rank(r)
     form = _dy_pass_form(impl, tiles, rp)
-    if form == "xla" or rp > 128:
+    if form == "xla" or rp > 64:
         return _dy_pass.dy_products(g2, b, xa2, scale=scale, impl="xla")
     u, db = _dy_call(g2, _pad_rank(b, 0, rp), _pad_rank(xa2, 1, rp), form)  # float32, unscaled
     return (scale * u[:, :r]).astype(g2.dtype), db[:r].astype(b.dtype)

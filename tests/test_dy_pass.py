@@ -80,6 +80,7 @@ def test_takes():
     assert _dy_pass.takes(16384, 5632, 16, BF16)
     assert not _dy_pass.takes(16384, 5632, 16, jnp.float32)  # 16-bit floats only
     assert not _dy_pass.takes(16384, 5632, 24, BF16)  # Triton's dot: a power-of-two rank ≥ 16
+    assert not _dy_pass.takes(16384, 5632, 128, BF16)  # more shared memory than an H200 has
     assert not _dy_pass.takes(16384, t.cols * t.band + 64, 16, BF16)
     assert not _dy_pass.takes(t.rows + 1, 5632, 16, BF16)
 
