@@ -500,12 +500,32 @@ MLP_SHARDED = {
 }
 
 
+def _one_pass_backward(monkeypatch, dy: str) -> list:
+    """With ``dy="interpret"``, the fused backward's one-pass dy products run the Triton kernel's body
+    in Pallas' interpreter (as ``"auto"`` takes the kernel on an H200); returns the list of dy blocks
+    the kernel is traced with."""
+    from jlora import _dy_pass
+
+    blocks, kernel = [], _dy_pass._triton_products
+
+    def recording(dy_, b, xa, **kw):
+        blocks.append(dy_.shape)
+        return kernel(dy_, b, xa, **kw)
+
+    monkeypatch.setattr(_dy_pass, "_triton_products", recording)
+    monkeypatch.setattr(_fused, "DEFAULT_TILES", _fused.Tiles(dy_pass=dy))
+    return blocks
+
+
 @needs8
+@pytest.mark.parametrize("dy", ["xla", "interpret"])
 @pytest.mark.parametrize("case", sorted(MLP_SHARDED))
-def test_fused_path_on_a_mesh(fake_hopper, case):
+def test_fused_path_on_a_mesh(fake_hopper, monkeypatch, case, dy):
     """``inject(..., matmul="pallas")`` on sharded params and inputs: every adapted matmul takes the
-    kernel, each device calls it on its own blocks; loss and adapter gradients equal the plain path's
-    on the same mesh, and the step gathers no activations."""
+    kernel, each device calls it on its own blocks (and, with ``dy="interpret"``, the backward's
+    one-pass dy products too); loss and adapter gradients equal the plain path's on the same mesh, and
+    the step gathers no activations."""
+    dy_blocks = _one_pass_backward(monkeypatch, dy)
     (shape, names), up, down, xs, blocks = MLP_SHARDED[case]
     m = _mesh(shape, names)
     base = _sharded_mlp_params(m, up, down)
@@ -526,6 +546,8 @@ def test_fused_path_on_a_mesh(fake_hopper, case):
     assert fused.fused_report.fused == 2, fused.fused_report
     # traced whole when the call is staged out, then per device block when XLA partitions it
     assert blocks <= set(fake_hopper), set(fake_hopper)
+    # the one-pass call per device block: dy's rows split by the batch (the kernel's x blocks' rows)
+    assert {r for r, _ in dy_blocks} >= ({m for (m, _), _ in blocks} if dy == "interpret" else set()), dy_blocks
     assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         assert _rel(a, b) < 3e-2
@@ -534,11 +556,14 @@ def test_fused_path_on_a_mesh(fake_hopper, case):
 
 
 @needs8
+@pytest.mark.parametrize("dy", ["xla", "interpret"])
 @pytest.mark.parametrize("case", ["data-parallel", "fsdp"])
-def test_fused_path_inside_scan_on_a_mesh(fake_hopper, monkeypatch, case):
+def test_fused_path_inside_scan_on_a_mesh(fake_hopper, monkeypatch, case, dy):
     """A scanned stack on a mesh (the default takes the kernel inside loop bodies): the partitioned
-    call runs per device block inside the scan body, loss and adapter gradients equal the plain
-    path's on the same mesh, and no activation is gathered."""
+    call runs per device block inside the scan body (so does the one-pass dy call with
+    ``dy="interpret"``), loss and adapter gradients equal the plain path's on the same mesh and the
+    merged model's, and no activation is gathered."""
+    dy_blocks = _one_pass_backward(monkeypatch, dy)
     monkeypatch.delenv(_fused.IN_LOOPS_ENV, raising=False)
     m = _mesh((8,), ("data",))
     stack, scanned = _scanned_stack()
@@ -560,6 +585,7 @@ def test_fused_path_inside_scan_on_a_mesh(fake_hopper, monkeypatch, case):
     l1, g1 = step(adapters, frozen, x)
     assert fused.fused_report.matmuls == [("w", None)]
     assert ((128, D), (D, D)) in fake_hopper  # a device's block, inside the loop body
+    assert ((128, D) in dy_blocks) == (dy == "interpret"), dy_blocks  # and the one-pass call's
     assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         assert _rel(a, b) < 3e-2
