@@ -28,6 +28,22 @@ def randomize(params, key=jax.random.key(42), scale=0.5):
     return jax.tree.map(one, params, is_leaf=is_lk)
 
 
+def eqns_where(jaxpr, pred) -> list:
+    """The equations of ``jaxpr`` for which ``pred(eqn)`` holds, nested jaxprs followed (each
+    reference to a sub-jaxpr counts; a matching equation's own sub-jaxprs are not searched)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if pred(eqn):
+            out.append(eqn)
+            continue
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += eqns_where(inner, pred)
+    return out
+
+
 # -- HLO: the collectives of a compiled program ---------------------------------------------------------
 
 _OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.-]+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all)(-start)?\(")

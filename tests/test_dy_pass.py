@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jlora import _dy_pass, _fused
+from helpers import eqns_where
 
 BF16 = jnp.bfloat16
 
@@ -130,17 +131,7 @@ def test_backward_products_pad_the_rank(r):
 
 
 def _pallas_calls(jaxpr) -> list:
-    """The ``pallas_call`` equations of a jaxpr, nested jaxprs followed."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            out.append(eqn)
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else [v]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out += _pallas_calls(inner)
-    return out
+    return eqns_where(jaxpr, lambda e: e.primitive.name == "pallas_call")
 
 
 def _count_kernels(closed_jaxpr) -> int:

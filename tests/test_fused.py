@@ -17,7 +17,7 @@ import pytest
 
 import jlora
 from jlora import _fused
-from helpers import randomize
+from helpers import eqns_where, randomize
 
 F32 = jnp.float32
 
@@ -124,21 +124,7 @@ class KernelCalls(list):
     @staticmethod
     def count(closed_jaxpr) -> int:
         """Kernel calls in a jaxpr, nested calls followed (each reference to a sub-jaxpr counts)."""
-
-        def walk(jaxpr) -> int:
-            n = 0
-            for eqn in jaxpr.eqns:
-                if eqn.params.get("name") == "fake_kernel":
-                    n += 1
-                    continue
-                for v in eqn.params.values():
-                    for sub in v if isinstance(v, (tuple, list)) else [v]:
-                        inner = getattr(sub, "jaxpr", sub)
-                        if hasattr(inner, "eqns"):
-                            n += walk(inner)
-            return n
-
-        return walk(closed_jaxpr.jaxpr)
+        return len(eqns_where(closed_jaxpr.jaxpr, lambda e: e.params.get("name") == "fake_kernel"))
 
 
 @jax.jit
