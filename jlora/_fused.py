@@ -465,6 +465,9 @@ def _dy_pass_form(impl: str, tiles: Tiles, rank: int = _DY_RANK) -> str:
     (``rank``: the padded rank)."""
     if tiles.dy_pass not in ("auto", "triton", "interpret", "xla"):
         raise ValueError(f"Tiles.dy_pass={tiles.dy_pass!r}: use 'auto', 'triton', 'interpret' or 'xla'.")
+    if tiles.dy_pass == "triton" and _dy_pass.triton_unavailable() is not None:
+        raise ValueError(f"Tiles.dy_pass='triton' needs a CUDA GPU: {_dy_pass.triton_unavailable()}. "
+                         "Use 'auto' to take the kernel where it runs.")
     if tiles.dy_pass != "auto":
         return tiles.dy_pass
     # auto: the padded rank at which the kernel wins on the H200 (16: 27 vs 33 µs and 64 vs 95 µs at
@@ -566,8 +569,12 @@ def _dy_batchable(form: str):
     return call
 
 
+def _dy_products_call(dy, b, xa, form):
+    return _dy_batchable(form)(dy, b, xa)
+
+
 # one traced jaxpr per (shapes, form), as for the kernel call
-_dy_call = jax.jit(lambda dy, b, xa, form: _dy_batchable(form)(dy, b, xa), static_argnums=(3,))
+_dy_call = jax.jit(_dy_products_call, static_argnums=(3,))
 
 # The custom VJP behind one jax.jit per (shapes, scale, impl, tiles): a model's call sites of one shape
 # then share one traced jaxpr, and JAX's differentiation of it (the forward rule, the split into

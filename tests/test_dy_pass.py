@@ -176,11 +176,23 @@ DY_SHARDED = {
 
 
 @needs8
+@pytest.mark.parametrize("partitioner", ["shardy", "gspmd"])
 @pytest.mark.parametrize("case", sorted(DY_SHARDED))
-def test_partitioned_products_match_float64(case, monkeypatch):
-    """The fused backward's one-pass call on sharded dy: each device runs the kernel on its own blocks
-    (the kernel's calls are recorded), the partial products are summed across the split axis, the
-    results equal the float64 products, and dy is never gathered."""
+def test_partitioned_products_match_float64(case, partitioner, monkeypatch):
+    """The fused backward's one-pass call on sharded dy, under both of XLA's partitioners: each device
+    runs the kernel on its own blocks (the kernel's calls are recorded), the partial products are
+    summed across the split axis and nothing else is communicated (u over a column split, dB over a
+    row split), u's rows and dB's columns stay split like dy's, and the results equal the float64
+    products."""
+    old = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", partitioner == "shardy")
+    try:
+        _check_partitioned_products(case, monkeypatch)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", old)
+
+
+def _check_partitioned_products(case, monkeypatch):
     (shape, names), dy_spec, b_spec = DY_SHARDED[case]
     mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
     calls = []
@@ -204,16 +216,45 @@ def test_partitioned_products_match_float64(case, monkeypatch):
     assert (rows, cols) in calls, calls  # traced for one device's block
     u_ref, db_ref = _reference(dy, b, xa, 2.0)
     assert _rel(u, u_ref) < 5e-3 and _rel(db, db_ref) < 5e-3
-    gathers = collectives(step.as_text())["all-gather"]
-    assert all(n < dy.size // 2 for _, n in gathers), f"dy gathered: {gathers}"
+    ops = collectives(step.as_text())
+    summed = sorted(n for _, n in ops.pop("all-reduce", []))
+    want = sorted(([rows * 16] if cols < 2048 else []) + ([16 * cols] if rows < 512 else []))  # u, dB
+    assert summed == want and not any(ops.values()), (summed, dict(ops))
+    split = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
+    row_axis = dy_spec[0] if len(dy_spec) else None
+    col_axis = dy_spec[1] if len(dy_spec) > 1 else None
+    assert u.sharding.is_equivalent_to(split(row_axis, None), 2), u.sharding
+    assert db.sharding.is_equivalent_to(split(None, col_axis), 2), db.sharding
 
 
-def test_products_under_vmap():
-    """A batch of products (``jax.vmap`` over the backward) takes two batched matmuls."""
-    dy, b, xa = _operands(3 * 128, 256, 16, seed=6)
-    dy, xa = dy.reshape(3, 128, 256), xa.reshape(3, 128, 16)
+@pytest.mark.parametrize("batched", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)])
+def test_products_under_vmap(batched):
+    """A batch of products (``jax.vmap`` over the backward, e.g. per-example gradients or ``jacrev``)
+    takes two batched matmuls, whichever operands are batched. Float32 operands: XLA:CPU cannot run
+    some batched bf16 × bf16 → f32 dots (an XLA bug, not jlora's)."""
+    ops = [t.astype(jnp.float32) for t in _operands(128, 256, 16, seed=6)]  # dy, b, xa
+    ops = [jnp.stack([t, 2 * t, -t]) if on else t for t, on in zip(ops, batched)]
     tiles = _fused.Tiles(dy_pass="interpret")
-    u, db = jax.vmap(lambda d, x: _fused._dy_products(d, b, x, 2.0, "mosaic", tiles))(dy, xa)
+    in_axes = tuple(0 if on else None for on in batched)
+    u, db = jax.vmap(lambda d, b, x: _fused._dy_products(d, b, x, 2.0, "mosaic", tiles), in_axes=in_axes)(*ops)
     for i in range(3):
-        u_ref, db_ref = _reference(dy[i], b, xa[i], 2.0)
-        assert _rel(u[i], u_ref) < 5e-3 and _rel(db[i], db_ref) < 5e-3
+        dy_i, b_i, xa_i = (t[i] if on else t for t, on in zip(ops, batched))
+        u_ref, db_ref = _reference(dy_i, b_i, xa_i, 2.0)
+        assert _rel(u[i], u_ref) < 1e-5 and _rel(db[i], db_ref) < 1e-5
+
+
+def test_kernel_outputs_behind_a_barrier():
+    """The kernel's partial sums reach their reductions through an optimization barrier (inside a
+    loop body XLA:GPU once duplicated a custom call into its consumers)."""
+    dy, b, xa = _operands(128, 256, 16)
+    jaxpr = jax.make_jaxpr(lambda *t: _dy_pass.products_f32(*t, impl="interpret"))(dy, b, xa).jaxpr
+    (call,) = _pallas_calls(jaxpr)
+    barrier = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    assert len(barrier) == 1 and list(barrier[0].invars) == list(call.outvars)
+    users = {id(e) for e in jaxpr.eqns for v in e.invars if v in set(call.outvars)}
+    assert users == {id(barrier[0])}
+
+
+def test_forcing_triton_off_cuda_says_so():
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        _fused._dy_pass_form("mosaic", _fused.Tiles(dy_pass="triton"))
