@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DEFAULT_DY_TILES", "DyTiles", "dy_products", "is_16bit_float", "products_f32", "takes",
+__all__ = ["DEFAULT_DY_TILES", "RANKS", "DyTiles", "dy_products", "is_16bit_float", "products_f32", "takes",
            "triton_unavailable"]
 
 
@@ -38,6 +38,9 @@ class DyTiles(NamedTuple):
 
 
 DEFAULT_DY_TILES = DyTiles()
+#: The ranks the kernel takes: powers of two ≥ 16 (Triton's dot); at 128 the default blocking needs
+#: more shared memory than an H200 has.
+RANKS = (16, 32, 64)
 
 
 def is_16bit_float(dtype) -> bool:
@@ -46,11 +49,10 @@ def is_16bit_float(dtype) -> bool:
 
 
 def takes(m: int, n: int, r: int, dtype, *, tiles: DyTiles | None = None) -> bool:
-    """Whether the kernel takes ``dy (m, n)`` with rank ``r``: 16-bit floats, ``r`` 16, 32 or 64 (a
-    power of two ≥ 16 for Triton's dot; at 128 the default blocking needs more shared memory than
-    an H200 has), and ``m``, ``n`` multiples of the blocks."""
+    """Whether the kernel takes ``dy (m, n)`` with rank ``r``: 16-bit floats, ``r`` in :data:`RANKS`,
+    and ``m``, ``n`` multiples of the blocks."""
     tiles = tiles or DEFAULT_DY_TILES
-    return (is_16bit_float(dtype) and r in (16, 32, 64)
+    return (is_16bit_float(dtype) and r in RANKS
             and m % tiles.rows == 0 and n % (tiles.cols * tiles.band) == 0)
 
 

@@ -306,6 +306,11 @@ def _entry(axes: tuple):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def _named(mesh, *axes: tuple) -> jax.sharding.NamedSharding:
+    """The sharding that splits each array axis over the mesh axes given for it."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
+
+
 def _spec2(sharding) -> tuple | None:
     """A 2-D operand's per-axis mesh axes, or None for a sharding without axis names."""
     spec = getattr(sharding, "spec", None)
@@ -336,7 +341,7 @@ def _partition(impl, tiles, w_t, mesh, arg_shapes, result_shape):
         rep = _replicated_like(x)
         return rep.mesh, functools.partial(_local_plus_low_rank, impl=impl, tiles=tiles, w_t=w_t), rep, (rep,) * 4
     m, k, n = plan
-    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
+    named = functools.partial(_named, mesh)
     args = (named(m, k), named(n, k) if w_t else named(k, n), named(m, ()),
             named(n, ()) if w_t else named((), n))
     lower = functools.partial(_local_plus_low_rank, impl=impl, tiles=tiles, w_t=w_t, k_axes=k)
@@ -357,7 +362,7 @@ def _infer(impl, tiles, w_t, mesh, arg_shapes, result_shape):
     if plan is None:
         return _replicated_like(arg_shapes[0].sharding)
     m, _, n = plan
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_entry(m), _entry(n)))
+    return _named(mesh, m, n)
 
 
 def _rule(impl, tiles, w_t, mesh, operand_types, result_types):
@@ -487,7 +492,7 @@ def _dy_products(g2: jax.Array, b: jax.Array, xa2: jax.Array, scale: float, impl
     r = b.shape[0]
     rp = _padded_rank(r)
     form = _dy_pass_form(impl, tiles, rp)
-    if form == "xla" or rp > 64:
+    if form == "xla" or rp not in _dy_pass.RANKS:
         return _dy_pass.dy_products(g2, b, xa2, scale=scale, impl="xla")
     u, db = _dy_call(g2, _pad_rank(b, 0, rp), _pad_rank(xa2, 1, rp), form)  # float32, unscaled
     return (scale * u[:, :r]).astype(g2.dtype), db[:r].astype(b.dtype)
@@ -514,30 +519,24 @@ def _dy_whole(dy, b, xa, form):
     return _dy_local(dy, b, xa, form=form)
 
 
-def _dy_plan(dy_sharding) -> tuple[tuple, tuple] | None:
-    spec = _spec2(dy_sharding)
-    return None if spec is None else (spec[0], tuple(a for a in spec[1] if a not in spec[0]))
-
-
 def _dy_partition(form, mesh, arg_shapes, result_shape):
-    plan = _dy_plan(arg_shapes[0].sharding)
+    plan = _spec2(arg_shapes[0].sharding)  # (rows, columns) of dy: the mesh axes of m and n
     if plan is None:  # shardings without axis names: the whole call on every device (correct, slow)
         rep = _replicated_like(arg_shapes[0].sharding)
         return rep.mesh, functools.partial(_dy_local, form=form), (rep, rep), (rep,) * 3
     m, n = plan
-    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
+    named = functools.partial(_named, mesh)
     lower = functools.partial(_dy_local, form=form, m_axes=m, n_axes=n)
     return mesh, lower, (named(m, ()), named((), n)), (named(m, n), named((), n), named(m, ()))
 
 
 def _dy_infer(form, mesh, arg_shapes, result_shape):
-    plan = _dy_plan(arg_shapes[0].sharding)
+    plan = _spec2(arg_shapes[0].sharding)  # (rows, columns) of dy: the mesh axes of m and n
     if plan is None:
         rep = _replicated_like(arg_shapes[0].sharding)
         return rep, rep
     m, n = plan
-    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*map(_entry, axes)))
-    return named(m, ()), named((), n)
+    return _named(mesh, m, ()), _named(mesh, (), n)
 
 
 def _dy_rule(form, mesh, operand_types, result_types):
