@@ -85,6 +85,9 @@ class Tiles(NamedTuple):
     # a CUDA GPU at a padded rank of 16, where it wins; else two XLA matmuls), "triton" (the one-pass
     # kernel at padded ranks up to 64: a CUDA GPU only), "interpret" (tests) or "xla"
     dy_pass: str = "auto"
+    # CTAs per cluster along M (1 or 2): with 2, two CTAs take neighbouring row tiles and W0's tile
+    # reaches both through one multicast TMA copy (half the W0 traffic from L2)
+    cluster: int = 1
 
 
 def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optional[bool] = None):
@@ -111,7 +114,9 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optiona
     dtype = x.dtype
     tm, tn, tk, epi = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi
     ctn = 2 * tn
-    m_iters, n_iters, k_iters = m // tm, n // ctn, k // tk
+    cl = tiles.cluster
+    m_iters, n_iters, k_iters = m // (cl * tm), n // ctn, k // tk
+    shared = ("cluster",) if cl > 1 else ()
 
     def tf(minor_elems):
         sw = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
@@ -127,9 +132,9 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optiona
                 in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=main_tf,
                                           memory_space=plgpu.SMEM),
                           plgpu.BlockSpec((ctn, tk), lambda kk: (0, kk), transforms=main_tf,
-                                          memory_space=plgpu.SMEM) if w_t else
+                                          memory_space=plgpu.SMEM, collective_axes=shared) if w_t else
                           plgpu.BlockSpec((tk, ctn), lambda kk: (kk, 0), transforms=main_tf,
-                                          memory_space=plgpu.SMEM)],
+                                          memory_space=plgpu.SMEM, collective_axes=shared)],
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=tiles.steps,
                 compute_context=ctx)
 
@@ -151,6 +156,8 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optiona
             def tile_loop(info):
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, tiles.width)
+                if cl > 1:  # this CTA's row tile of its cluster's
+                    mi = mi * cl + jax.lax.axis_index("cluster")
                 rows = pl.ds(mi * tm, tm)
                 cols = pl.ds(ni * ctn, ctn)
                 wg_cols = pl.ds(ni * ctn + wg * tn, tn)
@@ -197,7 +204,8 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optiona
 
     f = plgpu.kernel(
         jlora_fused_matmul, out_type=jax.ShapeDtypeStruct((m, n), dtype),
-        grid=(backend.get_default_device().core_count,), grid_names=("sm",),
+        grid=(backend.get_default_device().core_count // cl,), grid_names=("sm",),
+        **(dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}),
         num_threads=3, thread_name="wg",  # two compute warpgroups and one that issues the copies
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return f(x, w, u, v)
@@ -210,7 +218,7 @@ def supported(m: int, k: int, n: int, dtype, *, tiles: Tiles | None = None) -> b
     """Whether the kernel takes an ``(m, k)·(k, n)`` LoRA matmul, forward and backward."""
     t = tiles or DEFAULT_TILES
     return (_dy_pass.is_16bit_float(dtype)
-            and m % t.tile_m == 0 and n % (2 * t.tile_n) == 0 and k % (2 * t.tile_n) == 0
+            and m % (t.cluster * t.tile_m) == 0 and n % (2 * t.tile_n) == 0 and k % (2 * t.tile_n) == 0
             and k % t.tile_k == 0 and n % t.tile_k == 0)
 
 
@@ -244,7 +252,7 @@ def _pad_rank(t, axis: int, align: int):
 def _takes(m: int, k: int, n: int, dtype, tiles: Tiles) -> bool:
     """Whether one kernel call ``(m, k)·(k, n)`` fits the tiles (the forward or the dx call alone)."""
     return (_dy_pass.is_16bit_float(dtype)
-            and m % tiles.tile_m == 0 and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0)
+            and m % (tiles.cluster * tiles.tile_m) == 0 and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0)
 
 
 def _local_plus_low_rank(x, w, u, v, *, impl: str, tiles: Tiles, w_t: bool = False, k_axes: tuple = ()):
