@@ -36,6 +36,6 @@ test-oldest:
 	.venv-oldest/bin/pip install -q $(OLDEST_JAX) "optax>=0.2.4" "numpy>=1.26" pytest
 	.venv-oldest/bin/pip install -q --no-deps -e .
 	.venv-oldest/bin/python -m pytest -q tests/test_core.py tests/test_contract.py tests/test_rules.py tests/test_qlora.py \
-		tests/test_sharding.py tests/test_fused.py tests/test_dy_pass.py jlora/_dy_pass.py jlora/_node.py jlora/_tree.py jlora/_paths.py jlora/_discover.py \
+		tests/test_sharding.py tests/test_fused.py tests/test_dy_pass.py tests/test_recompute.py jlora/_dy_pass.py jlora/_node.py jlora/_tree.py jlora/_paths.py jlora/_discover.py \
 		jlora/_quant.py jlora/_sharding.py jlora/_fused.py jlora/_value.py jlora/_rules jlora/_trace.py jlora/_report.py \
 		jlora/_inject.py jlora/_apply.py

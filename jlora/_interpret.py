@@ -13,8 +13,9 @@ from typing import Any
 import jax
 
 from jlora import _compat as jax_compat
-from jlora._rules import RULES, Context, NoRule
+from jlora._rules import RULES, Context, NoRule, recompute
 from jlora._rules.compute import fuse_shared_input, shared_input_groups
+from jlora._rules.control import flatten_values
 from jlora._value import LoraValue, UnsupportedOpError
 
 __all__ = ["UnsupportedOpError", "interpret", "eval_jaxpr"]
@@ -38,7 +39,14 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list[Any]:
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     groups = shared_input_groups(jaxpr) if ctx.shared_xa else {}
+    chain, plans = ctx.recompute, recompute.regions(jaxpr, ctx.recompute) if ctx.recompute else {}
     for eqn in jaxpr.eqns:
+        if chain and eqn.outvars and all(v in chain for v in eqn.outvars):
+            continue  # built inside the checkpointed region of each matmul that reads it (below)
+        if id(eqn) in plans:
+            outs = _with_region(eqn, plans[id(eqn)], read, ctx)
+            env.update(zip(eqn.outvars, outs))
+            continue
         invals = [read(v) for v in eqn.invars]
         if any(isinstance(x, LoraValue) for x in invals):
             if id(eqn) in groups and id(eqn) not in ctx.shared:
@@ -50,6 +58,28 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list[Any]:
             if not jax_compat.is_dropvar(v):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _with_region(eqn, region, read, ctx: Context) -> list[Any]:
+    """``eqn`` (an adapted matmul) and the equations building its input, under ``jax.checkpoint``
+    saving all but cheap elementwise values: the backward rebuilds the input from the region's roots
+    instead of JAX stacking it across a scan's iterations (:mod:`jlora._rules.recompute`)."""
+    others = [v for v in eqn.invars if v is not region.x]
+    flat, rebuild = flatten_values([read(v) for v in others if not jax_compat.is_literal(v)])
+
+    def body(roots, arrs):
+        local = dict(zip(region.roots, roots))
+        get = lambda v: v.val if jax_compat.is_literal(v) else local[v]
+        for e in region.eqns:
+            local.update(zip(e.outvars, jax_compat.bind(e, [get(v) for v in e.invars])))
+        it = iter(rebuild(arrs))
+        invals = [local[v] if v is region.x else (v.val if jax_compat.is_literal(v) else next(it))
+                  for v in eqn.invars]
+        outs = _apply_rule(eqn, invals, ctx) if any(isinstance(x, LoraValue) for x in invals) else \
+            jax_compat.bind(eqn, invals)
+        return [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
+
+    return jax.checkpoint(body, prevent_cse=False, policy=recompute.saveable)([read(v) for v in region.roots], flat)
 
 
 def _apply_rule(eqn, invals, ctx: Context):

@@ -584,3 +584,38 @@ def test_fused_path_inside_scan_on_a_mesh(fake_hopper, monkeypatch, case, dy):
     assert abs(float(l1) - float(l2)) < 1e-2 * abs(float(l2))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         assert _rel(a, b) < 3e-2
+
+
+def test_fused_path_in_scan_recomputes_the_normed_input(fake_hopper, monkeypatch):
+    """Inside a scan, the input the kernel's dA needs (here an RMS norm of the carry) is rebuilt in the
+    backward from the norm's float32 input (which the norm's own backward keeps) instead of being
+    stacked per iteration; gradients as with the switch off (jlora._rules.recompute)."""
+    stack = {"w": (jax.random.normal(jax.random.key(4), (3, D, D)) / D ** 0.5).astype(jnp.bfloat16)}
+
+    def scanned(p, x):
+        def body(h, w):
+            h32 = h.astype(F32)
+            x = (h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, -1, keepdims=True) + 1e-6)).astype(h.dtype)
+            return h + jnp.tanh(x @ w), None
+
+        return jax.lax.scan(body, x, p["w"])[0]
+
+    params, fused = jlora.inject(stack, scanned, rank=4, alpha=8.0, example_args=(_x(),), matmul="pallas")
+    params = randomize(params, scale=0.05)
+    x = _x()
+    stacked = lambda j: sorted(str(v.aval) for v in next(e for e in j.jaxpr.eqns if e.primitive.name == "scan").outvars
+                               if v.aval.shape[:1] == (3,))
+    monkeypatch.setenv("JLORA_RECOMPUTE_IN_LOOPS", "0")
+    l0, g0 = _loss_and_grads(fused, params, x)
+    s0 = stacked(_grad_jaxpr(fused, params, x))
+    monkeypatch.setenv("JLORA_RECOMPUTE_IN_LOOPS", "1")
+    l1, g1 = _loss_and_grads(fused, params, x)
+    j1 = _grad_jaxpr(fused, params, x)
+    s1 = stacked(j1)
+    assert fused.fused_report.matmuls == [("w", None)] and set(fake_hopper) == {((128, D), (D, D))}
+    assert abs(float(l1) - float(l0)) < 1e-3 * abs(float(l0))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert _rel(a, b) < 2e-2
+    # off: the normed bf16 input is stacked; on: it is not (the float32 carry is, for the norm)
+    assert s0.count("bfloat16[3,2,64,256]") == s1.count("bfloat16[3,2,64,256]") + 1
+    assert fake_hopper.count(j1) == 2  # the forward's and the dx's: the checkpoint re-runs no kernel

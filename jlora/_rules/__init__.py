@@ -16,9 +16,9 @@ evaluation raises :class:`~jlora.UnsupportedOpError` naming it (or, with ``fallb
 computes it on ``W0 + s·A·B``). ``docs/architecture.md`` says how to add a rule.
 """
 
-from jlora._rules import compute, control, views
+from jlora._rules import compute, control, recompute, views
 from jlora._rules.table import Context, NoRule, OpRule, Probe, Use, expand
 
-__all__ = ["RULES", "Context", "NoRule", "OpRule", "Probe", "Use"]
+__all__ = ["RULES", "Context", "NoRule", "OpRule", "Probe", "Use", "recompute"]
 
 RULES: dict[str, OpRule] = expand({**views.RULES, **compute.RULES, **control.RULES})

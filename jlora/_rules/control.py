@@ -13,13 +13,14 @@ import jax
 from jax import lax
 
 from jlora import _compat as jax_compat
+from jlora._rules import recompute
 from jlora._rules.table import NoRule, OpRule, Probe, expand
 from jlora._value import LoraValue, Role, Tag
 
-__all__ = ["RULES"]
+__all__ = ["RULES", "flatten_values"]
 
 
-def _flatten_vals(vals):
+def flatten_values(vals):
     """Split values into a flat list of arrays and a function that rebuilds them."""
     flat, protos = [], []
     for v in vals:
@@ -56,7 +57,7 @@ def _inline_evaluate(eqn, invals, ctx):
 
 def _remat_evaluate(eqn, invals, ctx):
     jaxpr, consts = jax_compat.inner_jaxpr(eqn)
-    flat, rebuild = _flatten_vals(invals)
+    flat, rebuild = flatten_values(invals)
 
     def body(rng, *arrs):
         return [_out(v) for v in ctx.run(jaxpr, consts, rebuild(arrs), ctx.child(rng))]
@@ -101,16 +102,21 @@ def _scan_evaluate(eqn, invals, ctx):
     nc, nk = jax_compat.scan_counts(eqn)
     consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
     _refuse_changing_kernel_carries(init, _invariant_carries(jaxpr, range(nc, nc + nk), range(nk)), "scan")
-    xs_flat, xs_rebuild = _flatten_vals([x.stack_first() if isinstance(x, LoraValue) else x for x in xs])
+    xs_flat, xs_rebuild = flatten_values([x.stack_first() if isinstance(x, LoraValue) else x for x in xs])
     length = jax_compat.scan_length(eqn)
     rngs = jax.random.split(ctx.next_key(), length) if ctx.rng is not None else None
+    # the adapted matmuls' inputs that the backward recomputes instead of stacking (_rules.recompute)
+    again = (frozenset(recompute.recomputable(jaxpr, [v for v, a in zip(jaxpr.invars, invals)
+                                                      if isinstance(a, LoraValue)]))
+             if recompute.enabled() else frozenset())
 
     def body(carry, x):
         arrs, key = x
         it = iter(carry)
         cv = [c if isinstance(c, LoraValue) else next(it) for c in init]
-        outs = ctx.run(jaxpr, jconsts, list(consts) + cv + [_sliced(v) for v in xs_rebuild(arrs)],
-                       ctx.child(key, in_loop=True))
+        sub = ctx.child(key, in_loop=True)
+        sub.recompute = again
+        outs = ctx.run(jaxpr, jconsts, list(consts) + cv + [_sliced(v) for v in xs_rebuild(arrs)], sub)
         new_carry = [o for k, o in enumerate(outs[:nk]) if not isinstance(init[k], LoraValue)]
         return new_carry, [_out(o) for o in outs[nk:]]
 
@@ -184,7 +190,7 @@ def _cond_discover(analysis, eqn, ins):
 
 def _cond_evaluate(eqn, invals, ctx):
     index, *ops = invals
-    flat, rebuild = _flatten_vals(ops)
+    flat, rebuild = flatten_values(ops)
 
     def make(br):
         j, consts = jax_compat.closed_parts(br)
