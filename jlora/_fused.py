@@ -86,7 +86,8 @@ class Tiles(NamedTuple):
     # kernel at padded ranks up to 64: a CUDA GPU only), "interpret" (tests) or "xla"
     dy_pass: str = "auto"
     # CTAs per cluster along M (1 or 2): with 2, two CTAs take neighbouring row tiles and W0's tile
-    # reaches both through one multicast TMA copy (half the W0 traffic from L2)
+    # reaches both through one multicast TMA copy (half the W0 traffic from L2); a call whose rows are
+    # not a whole number of cluster tiles runs with 1
     cluster: int = 1
 
 
@@ -114,7 +115,7 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optiona
     dtype = x.dtype
     tm, tn, tk, epi = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.epi
     ctn = 2 * tn
-    cl = tiles.cluster
+    cl = tiles.cluster if m % (tiles.cluster * tm) == 0 else 1  # a preference: whole row tiles otherwise
     m_iters, n_iters, k_iters = m // (cl * tm), n // ctn, k // tk
     shared = ("cluster",) if cl > 1 else ()
 
@@ -218,7 +219,7 @@ def supported(m: int, k: int, n: int, dtype, *, tiles: Tiles | None = None) -> b
     """Whether the kernel takes an ``(m, k)·(k, n)`` LoRA matmul, forward and backward."""
     t = tiles or DEFAULT_TILES
     return (_dy_pass.is_16bit_float(dtype)
-            and m % (t.cluster * t.tile_m) == 0 and n % (2 * t.tile_n) == 0 and k % (2 * t.tile_n) == 0
+            and m % t.tile_m == 0 and n % (2 * t.tile_n) == 0 and k % (2 * t.tile_n) == 0
             and k % t.tile_k == 0 and n % t.tile_k == 0)
 
 
@@ -252,7 +253,7 @@ def _pad_rank(t, axis: int, align: int):
 def _takes(m: int, k: int, n: int, dtype, tiles: Tiles) -> bool:
     """Whether one kernel call ``(m, k)·(k, n)`` fits the tiles (the forward or the dx call alone)."""
     return (_dy_pass.is_16bit_float(dtype)
-            and m % (tiles.cluster * tiles.tile_m) == 0 and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0)
+            and m % tiles.tile_m == 0 and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0)
 
 
 def _local_plus_low_rank(x, w, u, v, *, impl: str, tiles: Tiles, w_t: bool = False, k_axes: tuple = ()):
