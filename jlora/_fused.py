@@ -79,16 +79,17 @@ class Tiles(NamedTuple):
     steps: int = 3  # pipeline depth (shared-memory stages)
     epi: int = 64  # epilogue store tile (epi × epi)
     slots: int = 2  # epilogue store buffers per warpgroup
-    width: int = 4  # output tiles walked in bands this wide (L2 reuse)
+    width: int = 8  # output tiles walked in bands this wide (L2 reuse)
     r_align: int = 16  # the rank is zero-padded to a multiple of this (wgmma's K step)
     # the backward's s·dy·Bᵀ and dB: "auto" (one pass over dy, jlora._dy_pass, with the Mosaic kernel on
     # a CUDA GPU at a padded rank of 16, where it wins; else two XLA matmuls), "triton" (the one-pass
     # kernel at padded ranks up to 64: a CUDA GPU only), "interpret" (tests) or "xla"
     dy_pass: str = "auto"
-    # CTAs per cluster along M (1 or 2): with 2, two CTAs take neighbouring row tiles and W0's tile
+    # CTAs per cluster along M (1 or 2; 2 and width 8 measured 1-5 % faster per call than 1 and 4 on the H200,
+    # results/tiles_sweep_s10.txt): with 2, two CTAs take neighbouring row tiles and W0's tile
     # reaches both through one multicast TMA copy (half the W0 traffic from L2); a call whose rows are
     # not a whole number of cluster tiles runs with 1
-    cluster: int = 1
+    cluster: int = 2
 
 
 def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optional[bool] = None):
