@@ -142,3 +142,56 @@ def test_misspelt_switch_raises(monkeypatch, value):
     params, apply = jlora.inject(_params(), model, rank=4, targets=TARGETS, example_args=(_h(),))
     with pytest.raises(ValueError, match=f"JLORA_RECOMPUTE_IN_LOOPS='{value}' is not a switch"):
         apply(params, _h())
+
+
+def _on_off(monkeypatch, apply, params, h, rng=None):
+    """Loss, adapter gradients and the stacked residuals with the switch off, then on."""
+    ad, base = jlora.split(params)
+    loss = lambda ad: jnp.sum(jnp.square(apply(jlora.combine(ad, base), h, lora_rng=rng).astype(F32)))
+    out = []
+    for value in ("0", "1"):
+        monkeypatch.setenv(recompute.ENV, value)
+        out.append((jax.jit(jax.value_and_grad(loss))(ad), _stacked(jax.make_jaxpr(jax.grad(loss))(ad).jaxpr)))
+    return out
+
+
+def _assert_same(off, on):
+    ((l0, g0), s0), ((l1, g1), s1) = off, on
+    assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        assert _rel(a, b) < 1e-5
+    assert len(s1) < len(s0)
+
+
+def test_dora_kernels_in_regions(monkeypatch):
+    """DoRA's matmul (gain on the output units) evaluated inside a region: the same loss and
+    gradients, magnitudes included, as the stacked path."""
+    params, apply = jlora.inject(_params(), model, rank=4, alpha=8.0, targets=TARGETS, example_args=(_h(),),
+                                 dora=True)
+    _assert_same(*_on_off(monkeypatch, apply, randomize(params, scale=0.1), _h()))
+
+
+def test_dropout_in_regions_draws_the_same_masks(monkeypatch):
+    """Adapter dropout inside a region (its key drawn inside jax.checkpoint): the same masks as the
+    stacked path, so the same loss and gradients; and dropout is really on (the loss differs)."""
+    params, apply = jlora.inject(_params(), model, rank=4, alpha=8.0, targets=TARGETS, example_args=(_h(),),
+                                 dropout=0.3)
+    params = randomize(params, scale=0.3)
+    off, on = _on_off(monkeypatch, apply, params, _h(), rng=jax.random.key(7))
+    _assert_same(off, on)
+    ((l_plain, _), _), _ = _on_off(monkeypatch, apply, params, _h())
+    assert abs(float(on[0][0]) - float(l_plain)) > 1e-4 * abs(float(l_plain))
+
+
+def test_quantized_base_stays_out_of_regions(monkeypatch):
+    """QLoRA: a quantized base dequantizes inside a checkpoint that saves nothing; nested in a
+    region's checkpoint, JAX would apply the region's policy to it and stack the dense dequantized
+    kernel per layer. Its matmul keeps the stacked input instead; the other matmuls still get regions."""
+    q = jlora.quantize(_params(), method="nf4", targets=lambda path, leaf: "down" in str(path), min_size=0)
+    assert jlora.is_quantized(q["layers"]["down"]) and not jlora.is_quantized(q["layers"]["up"])
+    params, apply = jlora.inject(q, model, rank=4, alpha=8.0, targets=TARGETS, example_args=(_h(),))
+    off, on = _on_off(monkeypatch, apply, randomize(params, scale=0.1), _h())
+    _assert_same(off, on)
+    dense = {f"float32[{L},{H * D}]", f"float32[{L},{H},{D}]"}  # down's dequantized kernel, flat or not
+    assert not dense & set(on[1]), on[1]
+    assert f"float32[{L},4,8,{H}]" in on[1]  # silu(gate)·up, down's input, is stacked as before

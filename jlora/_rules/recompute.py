@@ -76,17 +76,22 @@ def saveable(prim, *_, **__) -> bool:
     return prim.name not in CHEAP
 
 
-def recomputable(jaxpr, kernel_invars) -> set:
+def recomputable(jaxpr, kernel_invars, *, excluded=()) -> set:
     """Variables of ``jaxpr``'s own equations to recompute in the backward.
 
     Args:
         jaxpr: a scan body.
         kernel_invars: its input variables that carry adapted kernels.
+        excluded: those of ``kernel_invars`` whose matmuls must not be evaluated in a region. A
+            quantized base is: its dequantization runs inside a ``jax.checkpoint`` that saves
+            nothing, and nested in a region's checkpoint JAX applies the region's policy to it and
+            would stack the dense dequantized kernel per layer.
 
     Returns:
         Every variable that a cheap equation produces, that is not an output of ``jaxpr``, does not
         depend on a kernel, and whose every use is either as an operand of a ``dot_general`` with a
-        kernel on the other side or by a cheap equation all of whose outputs are in the set.
+        kernel (not an excluded one) on the other side or by a cheap equation all of whose outputs
+        are in the set.
 
     >>> import jax, jax.numpy as jnp
     >>> def body(h, w):
@@ -97,7 +102,7 @@ def recomputable(jaxpr, kernel_invars) -> set:
     ...        if set(e.outvars) & recomputable(j, {j.invars[1]}))
     ['mul', 'tanh']
     """
-    kern = set(kernel_invars)
+    kern, excl = set(kernel_invars), set(excluded)
     users: dict = {}
     for eqn in jaxpr.eqns:
         ins = [v for v in eqn.invars if not jax_compat.is_literal(v)]
@@ -105,6 +110,8 @@ def recomputable(jaxpr, kernel_invars) -> set:
             users.setdefault(v, []).append(eqn)
         if eqn.primitive.name != "dot_general" and any(v in kern for v in ins):
             kern.update(eqn.outvars)  # views of a kernel (transpose, convert, …) are kernels too
+            if any(v in excl for v in ins):
+                excl.update(eqn.outvars)
     outs = {v for v in jaxpr.outvars if not jax_compat.is_literal(v)}
 
     def adapted_input(eqn, v) -> bool:  # v is one operand of a matmul whose other one is a kernel
@@ -112,7 +119,7 @@ def recomputable(jaxpr, kernel_invars) -> set:
             return False
         lhs, rhs = eqn.invars
         other = rhs if v is lhs else lhs
-        return not jax_compat.is_literal(other) and other in kern and other is not v
+        return not jax_compat.is_literal(other) and other in kern and other not in excl and other is not v
 
     chain: set = set()
     for eqn in reversed(jaxpr.eqns):  # every use of a variable comes after its equation
