@@ -75,8 +75,12 @@ def _with_region(eqn, region, read, ctx: Context) -> list[Any]:
         it = iter(rebuild(arrs))
         invals = [local[v] if v is region.x else (v.val if jax_compat.is_literal(v) else next(it))
                   for v in eqn.invars]
-        outs = _apply_rule(eqn, invals, ctx) if any(isinstance(x, LoraValue) for x in invals) else \
-            jax_compat.bind(eqn, invals)
+        ctx.in_region = True
+        try:
+            outs = _apply_rule(eqn, invals, ctx) if any(isinstance(x, LoraValue) for x in invals) else \
+                jax_compat.bind(eqn, invals)
+        finally:
+            ctx.in_region = False
         return [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
 
     return jax.checkpoint(body, prevent_cse=False, policy=recompute.saveable)([read(v) for v in region.roots], flat)

@@ -60,8 +60,16 @@ def _grads(apply, params, h):
 
 def _stacked(jaxpr) -> list[str]:
     """The forward scan's stacked outputs (its residuals for the backward loop), as avals."""
+    return sorted(str(v.aval) for v in _stacked_vars(jaxpr))
+
+
+def _stacked_vars(jaxpr):
     fwd = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
-    return sorted(str(v.aval) for v in fwd.outvars if v.aval.shape[:1] == (L,))
+    return [v for v in fwd.outvars if v.aval.shape[:1] == (L,)]
+
+
+def _stacked_bytes(jaxpr) -> int:
+    return sum(v.aval.size * v.aval.dtype.itemsize for v in _stacked_vars(jaxpr))
 
 
 def _rel(a, b):
@@ -151,16 +159,18 @@ def _on_off(monkeypatch, apply, params, h, rng=None):
     out = []
     for value in ("0", "1"):
         monkeypatch.setenv(recompute.ENV, value)
-        out.append((jax.jit(jax.value_and_grad(loss))(ad), _stacked(jax.make_jaxpr(jax.grad(loss))(ad).jaxpr)))
+        j = jax.make_jaxpr(jax.grad(loss))(ad).jaxpr
+        out.append((jax.jit(jax.value_and_grad(loss))(ad), _stacked(j), _stacked_bytes(j)))
     return out
 
 
-def _assert_same(off, on):
-    ((l0, g0), s0), ((l1, g1), s1) = off, on
+def _assert_same(off, on, *, fewer=True):
+    """The same loss and gradients; ``fewer``: fewer stacked arrays and bytes, else no more bytes."""
+    ((l0, g0), s0, b0), ((l1, g1), s1, b1) = off, on
     assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert _rel(a, b) < 1e-5
-    assert len(s1) < len(s0)
+    assert (len(s1) < len(s0) and b1 < b0) if fewer else b1 <= b0, (s0, s1)
 
 
 def test_dora_kernels_in_regions(monkeypatch):
@@ -179,7 +189,7 @@ def test_dropout_in_regions_draws_the_same_masks(monkeypatch):
     params = randomize(params, scale=0.3)
     off, on = _on_off(monkeypatch, apply, params, _h(), rng=jax.random.key(7))
     _assert_same(off, on)
-    ((l_plain, _), _), _ = _on_off(monkeypatch, apply, params, _h())
+    ((l_plain, _), _, _), _ = _on_off(monkeypatch, apply, params, _h())
     assert abs(float(on[0][0]) - float(l_plain)) > 1e-4 * abs(float(l_plain))
 
 
@@ -195,3 +205,39 @@ def test_quantized_base_stays_out_of_regions(monkeypatch):
     dense = {f"float32[{L},{H * D}]", f"float32[{L},{H},{D}]"}  # down's dequantized kernel, flat or not
     assert not dense & set(on[1]), on[1]
     assert f"float32[{L},4,8,{H}]" in on[1]  # silu(gate)·up, down's input, is stacked as before
+
+
+def _tiny_scan(block, names, dtype=F32):
+    ks = iter(jax.random.split(jax.random.key(0), len(names)))
+    p = {"layers": {n: (jax.random.normal(next(ks), (L, D, D)) / D ** 0.5).astype(dtype) for n in names}}
+    return p, lambda p, h: jax.lax.scan(lambda h, w: (block(h, w), None), h, p["layers"])[0]
+
+
+@pytest.mark.parametrize("case", ["sum_of_frozen_matmuls", "narrowing_cast"])
+def test_no_region_that_keeps_more_than_its_input(monkeypatch, case):
+    """A region whose roots the stacked path would not keep (two frozen matmuls' outputs summed into
+    x; a float32 product cast to the bfloat16 x) would stack more bytes than x itself: none is made."""
+    if case == "sum_of_frozen_matmuls":
+        block = lambda h, w: h + jnp.tanh((h @ w["f1"] + h @ w["f2"]) @ w["q"])
+        dtype = F32
+    else:
+        block = lambda h, w: h + jnp.tanh(jnp.einsum("bsd,de->bse", h, w["f1"], preferred_element_type=F32)
+                                          .astype(jnp.bfloat16) @ w["q"])
+        dtype = jnp.bfloat16
+    p, fn = _tiny_scan(block, ["f1", "f2", "q"], dtype)
+    params, apply = jlora.inject(p, fn, rank=2, targets=["q"], example_args=(_h(dtype),))
+    off, on = _on_off(monkeypatch, apply, randomize(params, scale=0.3), _h(dtype))
+    _assert_same(off, on, fewer=False)
+    assert on[1] == off[1]  # the input is stacked as before, nothing else
+
+
+def test_dora_region_keeps_the_output_not_its_two_terms(monkeypatch):
+    """DoRA's gain needs x·W0 + s·(x·A)·B in the backward: the region keeps that sum (named
+    jlora_dora_out), not both terms, so it stacks no more activations than the stacked path."""
+    block = lambda h, w: h + jnp.tanh((h * 2.0) @ w["q"]) + jnp.tanh((h * 2.0) @ w["v"])
+    p, fn = _tiny_scan(block, ["q", "v"])
+    params, apply = jlora.inject(p, fn, rank=2, targets=["q", "v"], example_args=(_h(),), dora=True)
+    off, on = _on_off(monkeypatch, apply, randomize(params, scale=0.3), _h())
+    _assert_same(off, on, fewer=False)
+    act = f"float32[{L},4,8,{D}]"
+    assert on[1].count(act) <= off[1].count(act)

@@ -28,6 +28,7 @@ from jlora._value import LoraValue, Role, subscripts
 __all__ = ["RULES", "XA_NAME", "MIXED_DENSE_MAX", "MIXED_FORM_ENV", "gather_form", "mixed_form", "shared_input_groups",
            "fuse_shared_input"]
 
+DORA_OUT_NAME = "jlora_dora_out"  # a DoRA matmul's output before its gain, named inside recompute regions only
 XA_NAME = "jlora_xa"  # jax.ad_checkpoint name of every adapter's rank-r product x·A (s·x·A on the fused path)
 
 #: Mixed batches: a matmul over a bank keeps all N adapters and masks the rank product when
@@ -138,7 +139,10 @@ def _dora_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, op, pre):
         if dropping:
             base_d = base_product(k, lambda w: op(xd, w))
             return base + (g - jnp.ones((), g.dtype)) * base_d + g * y.astype(base.dtype)
-        return g * (base + y.astype(base.dtype))
+        out = base + y.astype(base.dtype)
+        if ctx.in_region:  # the backward of g·out needs out: saved by name, else x·W0 and y both would be
+            out = checkpoint_name(out, DORA_OUT_NAME)
+        return g * out
     pos = {ka: xa for xa, ka in zip(xc, kc)} | {ka: xa for xa, ka in zip(xb, kb)}
     try:
         gx = k.gain_on(pos, x.ndim, x.dtype)

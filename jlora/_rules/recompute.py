@@ -24,12 +24,13 @@ before a named input is saveable like any other, so JAX would stack its output, 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, NamedTuple
 
 from jlora import _compat as jax_compat
 
-__all__ = ["CHEAP", "ENV", "Region", "enabled", "recomputable", "regions", "saveable"]
+__all__ = ["CHEAP", "ENV", "LINEAR", "Region", "enabled", "recomputable", "regions", "saveable"]
 
 #: Environment switch, read at every trace: ``0`` (or false, no, off) stacks the inputs as JAX does.
 ENV = "JLORA_RECOMPUTE_IN_LOOPS"
@@ -40,6 +41,13 @@ CHEAP = frozenset({
     "exp2", "log", "log1p", "logistic", "tanh", "erf", "integer_pow", "pow", "select_n", "clamp",
     "convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
     "copy", "copy_p",
+})
+
+#: Cheap primitives whose backward needs none of their operands (``select_n``: but its predicate);
+#: ``mul`` by a literal and ``div`` by one are too.
+LINEAR = frozenset({
+    "add", "sub", "neg", "convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
+    "transpose", "copy", "copy_p", "select_n",
 })
 
 _OFF = ("0", "false", "no", "off")
@@ -130,7 +138,55 @@ def recomputable(jaxpr, kernel_invars, *, excluded=()) -> set:
                        for u in users[v])
                for v in eqn.outvars):
             chain.update(eqn.outvars)
-    return chain
+    return _worthwhile(jaxpr, chain)
+
+
+def _worthwhile(jaxpr, chain: set) -> set:
+    """``chain`` less every matmul input whose region would keep more bytes than the input itself
+    (and the chain values it is built from): a region's roots cost nothing where the stacked path keeps
+    them, or a linear function of them, anyway (:func:`_kept_anyway`); the others are kept for the
+    region alone, like two frozen matmuls' outputs summed into ``x``, or a float32 value cast to the
+    bfloat16 ``x``."""
+    producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+    while True:
+        bad = [r.x for r in regions(jaxpr, chain).values()
+               if sum(_nbytes(v) for v in r.roots if v not in _kept_anyway(r)) > _nbytes(r.x)]
+        if not bad:
+            return chain
+        stack = bad  # the rejected inputs and what they are built from leave the chain
+        while stack:
+            v = stack.pop()
+            if v in chain:
+                e = producer[v]
+                chain = chain - set(e.outvars)
+                stack.extend(u for u in e.invars if not jax_compat.is_literal(u) and u in chain)
+
+
+def _linear_in(eqn, i: int) -> bool:
+    name = eqn.primitive.name
+    if name == "select_n":
+        return i > 0
+    if name in LINEAR:
+        return True
+    lits = [jax_compat.is_literal(v) for v in eqn.invars]
+    return (name == "mul" and any(lits)) or (name == "div" and i == 0 and lits[1])
+
+
+def _kept_anyway(region: "Region") -> set:
+    """The region's values whose backward (as JAX stacks it) needs them, or a linear function of them:
+    the operands of its non-linear equations (``rsqrt``, ``x·w``, ``silu``), and what those are
+    built from through linear ones."""
+    need: set = set()
+    for e in reversed(region.eqns):
+        used = any(o in need for o in e.outvars)
+        need.update(v for i, v in enumerate(e.invars)
+                    if not jax_compat.is_literal(v) and (used or not _linear_in(e, i)))
+    return need
+
+
+def _nbytes(v) -> int:
+    aval = v.aval
+    return math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 4)
 
 
 class Region(NamedTuple):
