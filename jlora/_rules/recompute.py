@@ -148,9 +148,12 @@ def _worthwhile(jaxpr, chain: set) -> set:
     region alone, like two frozen matmuls' outputs summed into ``x``, or a float32 value cast to the
     bfloat16 ``x``."""
     producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+    def costly(r: Region) -> bool:
+        kept = _kept_anyway(r)
+        return sum(_nbytes(v) for v in r.roots if v not in kept) > _nbytes(r.x)
+
     while True:
-        bad = [r.x for r in regions(jaxpr, chain).values()
-               if sum(_nbytes(v) for v in r.roots if v not in _kept_anyway(r)) > _nbytes(r.x)]
+        bad = [r.x for r in regions(jaxpr, chain).values() if costly(r)]
         if not bad:
             return chain
         stack = bad  # the rejected inputs and what they are built from leave the chain
