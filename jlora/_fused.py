@@ -630,6 +630,9 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
     if impl not in ("mosaic", "xla"):
         raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
     _dy_pass_form(impl, tiles or DEFAULT_TILES)  # a misspelt Tiles.dy_pass fails here, not in the backward
+    if (tiles or DEFAULT_TILES).cluster not in (1, 2):
+        raise ValueError(f"Tiles.cluster={(tiles or DEFAULT_TILES).cluster!r}: use 1 (one CTA a tile) or 2 "
+                         "(two CTAs a cluster, W0's tile multicast to both).")
     from jlora._rules.compute import XA_NAME  # the general rule's name for x·A (that module imports this one lazily)
 
     dt = x.dtype

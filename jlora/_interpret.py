@@ -39,12 +39,12 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list[Any]:
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     groups = shared_input_groups(jaxpr) if ctx.shared_xa else {}
-    chain, plans = ctx.recompute, recompute.regions(jaxpr, ctx.recompute) if ctx.recompute else {}
+    plan = ctx.recompute if ctx.recompute is not None and ctx.recompute.jaxpr is jaxpr else None
     for eqn in jaxpr.eqns:
-        if chain and eqn.outvars and all(v in chain for v in eqn.outvars):
+        if plan and eqn.outvars and all(v in plan.chain for v in eqn.outvars):
             continue  # built inside the checkpointed region of each matmul that reads it (below)
-        if id(eqn) in plans:
-            outs = _with_region(eqn, plans[id(eqn)], read, ctx)
+        if plan and id(eqn) in plan.regions:
+            outs = _with_region(eqn, plan.regions[id(eqn)], read, ctx)
             env.update(zip(eqn.outvars, outs))
             continue
         invals = [read(v) for v in eqn.invars]
@@ -75,12 +75,8 @@ def _with_region(eqn, region, read, ctx: Context) -> list[Any]:
         it = iter(rebuild(arrs))
         invals = [local[v] if v is region.x else (v.val if jax_compat.is_literal(v) else next(it))
                   for v in eqn.invars]
-        ctx.in_region = True
-        try:
-            outs = _apply_rule(eqn, invals, ctx) if any(isinstance(x, LoraValue) for x in invals) else \
-                jax_compat.bind(eqn, invals)
-        finally:
-            ctx.in_region = False
+        outs = _apply_rule(eqn, invals, ctx) if any(isinstance(x, LoraValue) for x in invals) else \
+            jax_compat.bind(eqn, invals)
         return [o.materialize() if isinstance(o, LoraValue) else o for o in outs]
 
     return jax.checkpoint(body, prevent_cse=False, policy=recompute.saveable)([read(v) for v in region.roots], flat)

@@ -100,6 +100,13 @@ def test_lora_matmul_rejects_unknown_impl():
         _fused.lora_matmul(x, jnp.eye(4), jnp.ones((4, 1)), jnp.ones((1, 4)), scale=1.0, impl="cuda")
 
 
+@pytest.mark.parametrize("cluster", [0, 3])
+def test_bad_cluster_raises(cluster):
+    x, w, a, b = jnp.ones((256, 256)), jnp.ones((256, 256)), jnp.ones((256, 4)), jnp.ones((4, 256))
+    with pytest.raises(ValueError, match=f"Tiles.cluster={cluster}: use 1"):
+        _fused.lora_matmul(x, w, a, b, scale=1.0, impl="xla", tiles=_fused.Tiles(cluster=cluster))
+
+
 def test_supported_shapes():
     bf = jnp.bfloat16
     assert _fused.supported(16384, 2048, 5632, bf)

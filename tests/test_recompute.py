@@ -77,13 +77,13 @@ def _rel(a, b):
     return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-def _merged_grads(params, h):
+def _merged_grads(params, h, fn=model):
     """dLoss/dA and dLoss/dB by hand: the merged model W0 + s·A·B differentiated in float32."""
     ad, base = jlora.split(params)
 
     def loss(ad):
         merged = jlora.merge(jlora.combine(ad, base))
-        return jnp.sum(jnp.square(model(jax.tree.map(lambda t: t.astype(F32), merged), h.astype(F32))))
+        return jnp.sum(jnp.square(fn(jax.tree.map(lambda t: t.astype(F32), merged), h.astype(F32))))
 
     return jax.jit(jax.value_and_grad(loss))(ad)
 
@@ -164,12 +164,18 @@ def _on_off(monkeypatch, apply, params, h, rng=None):
     return out
 
 
-def _assert_same(off, on, *, fewer=True):
-    """The same loss and gradients; ``fewer``: fewer stacked arrays and bytes, else no more bytes."""
+def _assert_same(off, on, *, fewer=True, merged=None):
+    """The same loss and gradients (and, given ``merged``, those of the merged float32 model within
+    1e-3); ``fewer``: fewer stacked arrays and bytes, else no more bytes."""
     ((l0, g0), s0, b0), ((l1, g1), s1, b1) = off, on
     assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert _rel(a, b) < 1e-5
+    if merged is not None:
+        lr, gr = merged
+        assert abs(float(l1) - float(lr)) <= 1e-4 * abs(float(lr))
+        for a, r in zip(jax.tree.leaves(g1), jax.tree.leaves(gr), strict=True):
+            assert _rel(a, r) < 1e-3
     assert (len(s1) < len(s0) and b1 < b0) if fewer else b1 <= b0, (s0, s1)
 
 
@@ -178,7 +184,8 @@ def test_dora_kernels_in_regions(monkeypatch):
     gradients, magnitudes included, as the stacked path."""
     params, apply = jlora.inject(_params(), model, rank=4, alpha=8.0, targets=TARGETS, example_args=(_h(),),
                                  dora=True)
-    _assert_same(*_on_off(monkeypatch, apply, randomize(params, scale=0.1), _h()))
+    params = randomize(params, scale=0.1)
+    _assert_same(*_on_off(monkeypatch, apply, params, _h()), merged=_merged_grads(params, _h()))
 
 
 def test_dropout_in_regions_draws_the_same_masks(monkeypatch):
@@ -200,8 +207,9 @@ def test_quantized_base_stays_out_of_regions(monkeypatch):
     q = jlora.quantize(_params(), method="nf4", targets=lambda path, leaf: "down" in str(path), min_size=0)
     assert jlora.is_quantized(q["layers"]["down"]) and not jlora.is_quantized(q["layers"]["up"])
     params, apply = jlora.inject(q, model, rank=4, alpha=8.0, targets=TARGETS, example_args=(_h(),))
-    off, on = _on_off(monkeypatch, apply, randomize(params, scale=0.1), _h())
-    _assert_same(off, on)
+    params = randomize(params, scale=0.1)
+    off, on = _on_off(monkeypatch, apply, params, _h())
+    _assert_same(off, on, merged=_merged_grads(params, _h()))  # merged: the dequantized base + s·A·B
     dense = {f"float32[{L},{H * D}]", f"float32[{L},{H},{D}]"}  # down's dequantized kernel, flat or not
     assert not dense & set(on[1]), on[1]
     assert f"float32[{L},4,8,{H}]" in on[1]  # silu(gate)·up, down's input, is stacked as before
@@ -226,8 +234,9 @@ def test_no_region_that_keeps_more_than_its_input(monkeypatch, case):
         dtype = jnp.bfloat16
     p, fn = _tiny_scan(block, ["f1", "f2", "q"], dtype)
     params, apply = jlora.inject(p, fn, rank=2, targets=["q"], example_args=(_h(dtype),))
-    off, on = _on_off(monkeypatch, apply, randomize(params, scale=0.3), _h(dtype))
-    _assert_same(off, on, fewer=False)
+    params = randomize(params, scale=0.3)
+    off, on = _on_off(monkeypatch, apply, params, _h(dtype))
+    _assert_same(off, on, fewer=False, merged=_merged_grads(params, _h(dtype), fn) if dtype == F32 else None)
     assert on[1] == off[1]  # the input is stacked as before, nothing else
 
 
@@ -237,7 +246,8 @@ def test_dora_region_keeps_the_output_not_its_two_terms(monkeypatch):
     block = lambda h, w: h + jnp.tanh((h * 2.0) @ w["q"]) + jnp.tanh((h * 2.0) @ w["v"])
     p, fn = _tiny_scan(block, ["q", "v"])
     params, apply = jlora.inject(p, fn, rank=2, targets=["q", "v"], example_args=(_h(),), dora=True)
-    off, on = _on_off(monkeypatch, apply, randomize(params, scale=0.3), _h())
-    _assert_same(off, on, fewer=False)
+    params = randomize(params, scale=0.3)
+    off, on = _on_off(monkeypatch, apply, params, _h())
+    _assert_same(off, on, fewer=False, merged=_merged_grads(params, _h(), fn))
     act = f"float32[{L},4,8,{D}]"
     assert on[1].count(act) <= off[1].count(act)

@@ -25,10 +25,10 @@ from jlora._rules.table import NoRule, OpRule, Probe, Use, expand, union
 from jlora._sharding import explicit_entries, product_spec
 from jlora._value import LoraValue, Role, subscripts
 
-__all__ = ["RULES", "XA_NAME", "MIXED_DENSE_MAX", "MIXED_FORM_ENV", "gather_form", "mixed_form", "shared_input_groups",
+__all__ = ["RULES", "DORA_OUT_NAME", "XA_NAME", "MIXED_DENSE_MAX", "MIXED_FORM_ENV", "gather_form", "mixed_form", "shared_input_groups",
            "fuse_shared_input"]
 
-DORA_OUT_NAME = "jlora_dora_out"  # a DoRA matmul's output before its gain, named inside recompute regions only
+DORA_OUT_NAME = "jlora_dora_out"  # jax.ad_checkpoint name of a DoRA matmul's output before its gain
 XA_NAME = "jlora_xa"  # jax.ad_checkpoint name of every adapter's rank-r product x·A (s·x·A on the fused path)
 
 #: Mixed batches: a matmul over a bank keeps all N adapters and masks the rank product when
@@ -139,10 +139,9 @@ def _dora_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, op, pre):
         if dropping:
             base_d = base_product(k, lambda w: op(xd, w))
             return base + (g - jnp.ones((), g.dtype)) * base_d + g * y.astype(base.dtype)
-        out = base + y.astype(base.dtype)
-        if ctx.in_region:  # the backward of g·out needs out: saved by name, else x·W0 and y both would be
-            out = checkpoint_name(out, DORA_OUT_NAME)
-        return g * out
+        # named: the backward of g·out needs out, and a policy (a recompute region's) can keep it by
+        # this name rather than its two terms
+        return g * checkpoint_name(base + y.astype(base.dtype), DORA_OUT_NAME)
     pos = {ka: xa for xa, ka in zip(xc, kc)} | {ka: xa for xa, ka in zip(xb, kb)}
     try:
         gx = k.gain_on(pos, x.ndim, x.dtype)

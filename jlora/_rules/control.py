@@ -13,7 +13,6 @@ import jax
 from jax import lax
 
 from jlora import _compat as jax_compat
-from jlora._quant import is_quantized
 from jlora._rules import recompute
 from jlora._rules.table import NoRule, OpRule, Probe, expand
 from jlora._value import LoraValue, Role, Tag
@@ -107,10 +106,7 @@ def _scan_evaluate(eqn, invals, ctx):
     length = jax_compat.scan_length(eqn)
     rngs = jax.random.split(ctx.next_key(), length) if ctx.rng is not None else None
     # the adapted matmuls' inputs that the backward recomputes instead of stacking (_rules.recompute)
-    kernels = [(v, a) for v, a in zip(jaxpr.invars, invals) if isinstance(a, LoraValue)]
-    again = (frozenset(recompute.recomputable(jaxpr, [v for v, _ in kernels],
-                                              excluded=[v for v, a in kernels if is_quantized(a.w0)]))
-             if recompute.enabled() else frozenset())
+    again = recompute.plan(jaxpr, invals)
 
     def body(carry, x):
         arrs, key = x

@@ -29,8 +29,10 @@ import os
 from typing import Any, NamedTuple
 
 from jlora import _compat as jax_compat
+from jlora._quant import is_quantized
+from jlora._value import LoraValue
 
-__all__ = ["CHEAP", "ENV", "LINEAR", "Region", "enabled", "recomputable", "regions", "saveable"]
+__all__ = ["CHEAP", "ENV", "LINEAR", "Plan", "Region", "enabled", "plan", "recomputable", "regions", "saveable"]
 
 #: Environment switch, read at every trace: ``0`` (or false, no, off) stacks the inputs as JAX does.
 ENV = "JLORA_RECOMPUTE_IN_LOOPS"
@@ -99,7 +101,8 @@ def recomputable(jaxpr, kernel_invars, *, excluded=()) -> set:
         Every variable that a cheap equation produces, that is not an output of ``jaxpr``, does not
         depend on a kernel, and whose every use is either as an operand of a ``dot_general`` with a
         kernel (not an excluded one) on the other side or by a cheap equation all of whose outputs
-        are in the set.
+        are in the set; less the inputs whose region would keep more bytes than the input itself,
+        and what those are built from (:func:`_worthwhile`).
 
     >>> import jax, jax.numpy as jnp
     >>> def body(h, w):
@@ -148,6 +151,7 @@ def _worthwhile(jaxpr, chain: set) -> set:
     region alone, like two frozen matmuls' outputs summed into ``x``, or a float32 value cast to the
     bfloat16 ``x``."""
     producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+
     def costly(r: Region) -> bool:
         kept = _kept_anyway(r)
         return sum(_nbytes(v) for v in r.roots if v not in kept) > _nbytes(r.x)
@@ -188,8 +192,7 @@ def _kept_anyway(region: "Region") -> set:
 
 
 def _nbytes(v) -> int:
-    aval = v.aval
-    return math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 4)
+    return math.prod(v.aval.shape) * v.aval.dtype.itemsize
 
 
 class Region(NamedTuple):
@@ -224,3 +227,23 @@ def regions(jaxpr, chain: set) -> dict[int, Region]:
                                     if not jax_compat.is_literal(v) and v not in made))
         out[id(eqn)] = Region(eqns, roots, xs[0])
     return out
+
+
+class Plan(NamedTuple):
+    """What :func:`~jlora._interpret.eval_jaxpr` does differently in one scan body: skip the ``chain``
+    equations and evaluate each planned matmul with its region (``id(eqn) -> Region``)."""
+
+    jaxpr: Any  # the body this plan was made for (a call inside it runs its own jaxpr, unplanned)
+    chain: frozenset
+    regions: dict
+
+
+def plan(jaxpr, invals) -> Plan | None:
+    """The plan of a scan body evaluated on ``invals`` (LoraValues for adapted kernels), or None when
+    the switch is off or no input is worth a region. A kernel with a quantized base gets none (see
+    :func:`recomputable`'s ``excluded``)."""
+    if not enabled():
+        return None
+    kernels = [(v, a) for v, a in zip(jaxpr.invars, invals) if isinstance(a, LoraValue)]
+    chain = recomputable(jaxpr, [v for v, _ in kernels], excluded=[v for v, a in kernels if is_quantized(a.w0)])
+    return Plan(jaxpr, frozenset(chain), regions(jaxpr, chain)) if chain else None

@@ -97,8 +97,7 @@ class Context:
     shared: dict = dataclasses.field(default_factory=dict)  # id(eqn) -> precomputed x·A
     pallas: bool = False  # the epilogue-fused Hopper kernel where it applies
     in_loop: bool = False  # inside a scan/while body
-    recompute: frozenset = frozenset()  # variables of the jaxpr being run to name for recomputation
-    in_region: bool = False  # evaluating a matmul inside a recompute region's checkpoint (_interpret._with_region)
+    recompute: Any = None  # a scan body's recompute.Plan, set by the scan rule for that body
     fused_log: list = dataclasses.field(default_factory=list)  # (kernel path, None | why not fused)
 
     def next_key(self) -> jax.Array:
