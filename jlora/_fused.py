@@ -39,7 +39,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jlora import _compat as jax_compat
 from jlora import _dy_pass
 
-__all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles"]
+__all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles", "fitted", "max_rank"]
 
 #: Environment switch: ``JLORA_FUSED_IN_LOOPS=0`` keeps ``matmul="pallas"`` out of ``lax.scan``/
 #: ``while`` bodies (the plain path there). On by default: in a scanned model the kernel is 5–8 %
@@ -90,6 +90,9 @@ class Tiles(NamedTuple):
     # reaches both through one multicast TMA copy (half the W0 traffic from L2); a call whose rows are
     # not a whole number of cluster tiles runs with 1
     cluster: int = 2
+    # how Pallas lowers the kernel body (Mosaic GPU's lowering semantics): "warpgroup" (its dialect,
+    # then its layout inference) or "lane" (per-thread arrays, lowered directly)
+    lowering: str = "warpgroup"
 
 
 def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optional[bool] = None):
@@ -209,19 +212,75 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optiona
         grid=(backend.get_default_device().core_count // cl,), grid_names=("sm",),
         **(dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}),
         num_threads=3, thread_name="wg",  # two compute warpgroups and one that issues the copies
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+        compiler_params=plgpu.CompilerParams(lowering_semantics=_SEMANTICS[tiles.lowering]()))
     return f(x, w, u, v)
 
 
 DEFAULT_TILES = Tiles()
 
 
-def supported(m: int, k: int, n: int, dtype, *, tiles: Tiles | None = None) -> bool:
-    """Whether the kernel takes an ``(m, k)·(k, n)`` LoRA matmul, forward and backward."""
+def _lane():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.LoweringSemantics.Lane
+
+
+def _warpgroup():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.LoweringSemantics.Warpgroup
+
+
+_SEMANTICS = {"lane": _lane, "warpgroup": _warpgroup}
+
+
+#: Shared memory one CTA may use on sm_90 (H100, H200: 227 KiB), the bound Mosaic GPU checks against.
+SMEM_BYTES = 232448
+
+
+def smem_bytes(tiles: Tiles, r: int, itemsize: int = 2) -> int:
+    """Shared memory the kernel asks for at padded rank ``r`` (the forward and the ``dx`` call alike):
+    the pipeline's ``steps`` stages of an x tile and a W0 tile, two warpgroups' low-rank tiles of
+    ``u`` and ``v``, the epilogue's store buffers and the barriers, as Mosaic GPU counts them."""
+    stages = tiles.steps * (tiles.tile_m + 2 * tiles.tile_n) * tiles.tile_k
+    low = 2 * (tiles.tile_m + tiles.tile_n) * r
+    out = 2 * tiles.slots * tiles.epi * tiles.epi
+    return (stages + low + out) * itemsize + 8 * (4 + 2 * tiles.steps)
+
+
+def fitted(tiles: Tiles, r: int) -> Tiles | None:
+    """``tiles`` if the kernel fits in shared memory at padded rank ``r``, else the same with one
+    epilogue store buffer (the low-rank tiles grow with the rank: at 64 the defaults ask for 245,840
+    bytes), else None: the rank is too large for these tiles."""
+    for t in (tiles, tiles._replace(slots=1)):
+        if smem_bytes(t, r) <= SMEM_BYTES:
+            return t
+    return None
+
+
+def padded_rank(r: int, tiles: Tiles | None = None) -> int:
+    """The rank as the kernel takes it: zero-padded to a multiple of ``tiles.r_align``."""
+    align = (tiles or DEFAULT_TILES).r_align
+    return -(-r // align) * align
+
+
+def max_rank(tiles: Tiles | None = None) -> int:
+    """The largest rank the kernel takes with ``tiles`` (:func:`fitted`)."""
+    t = tiles or DEFAULT_TILES
+    r = t.r_align
+    while fitted(t, r + t.r_align) is not None:
+        r += t.r_align
+    return r
+
+
+def supported(m: int, k: int, n: int, dtype, *, rank: int | None = None, tiles: Tiles | None = None) -> bool:
+    """Whether the kernel takes an ``(m, k)·(k, n)`` LoRA matmul, forward and backward (and, with
+    ``rank``, whether that rank fits in shared memory: :func:`fitted`)."""
     t = tiles or DEFAULT_TILES
     return (_dy_pass.is_16bit_float(dtype)
             and m % t.tile_m == 0 and n % (2 * t.tile_n) == 0 and k % (2 * t.tile_n) == 0
-            and k % t.tile_k == 0 and n % t.tile_k == 0)
+            and k % t.tile_k == 0 and n % t.tile_k == 0
+            and (rank is None or fitted(t, padded_rank(rank, t)) is not None))
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,7 +339,8 @@ def _local_plus_low_rank(x, w, u, v, *, impl: str, tiles: Tiles, w_t: bool = Fal
         us = _pad_rank(u, 1, tiles.r_align)
         v_t = w_t and us.shape[1] == _V_T_RANK
         v = v.T if w_t and not v_t else v
-        y = _mosaic_call(x, w, us, _pad_rank(v, 1 if v_t else 0, tiles.r_align), tiles=tiles, w_t=w_t, v_t=v_t)
+        fit = fitted(tiles, us.shape[1])  # lora_matmul refused the ranks that fit no tiles
+        y = _mosaic_call(x, w, us, _pad_rank(v, 1 if v_t else 0, tiles.r_align), tiles=fit, w_t=w_t, v_t=v_t)
         # One consumer for the call: inside a loop body XLA:GPU wraps a custom call that reads a
         # slice of a stacked weight into a dynamic-slice fusion, and then duplicated that fusion
         # into its consumers, running the kernel twice (3 of 7 projections a layer, H200,
@@ -633,6 +693,14 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
     if (tiles or DEFAULT_TILES).cluster not in (1, 2):
         raise ValueError(f"Tiles.cluster={(tiles or DEFAULT_TILES).cluster!r}: use 1 (one CTA a tile) or 2 "
                          "(two CTAs a cluster, W0's tile multicast to both).")
+    if (tiles or DEFAULT_TILES).lowering not in _SEMANTICS:
+        raise ValueError(f"Tiles.lowering={(tiles or DEFAULT_TILES).lowering!r}: use 'lane' or 'warpgroup'.")
+    if impl == "mosaic" and fitted(tiles or DEFAULT_TILES, padded_rank(a.shape[-1], tiles)) is None:
+        t = tiles or DEFAULT_TILES
+        raise ValueError(
+            f"rank {a.shape[-1]} (padded to {padded_rank(a.shape[-1], t)}): the kernel's tiles would need "
+            f"{smem_bytes(t._replace(slots=1), padded_rank(a.shape[-1], t)):,} bytes of shared memory, more than "
+            f"sm_90's {SMEM_BYTES:,}. Use impl='xla', a rank of at most {max_rank(t)}, or smaller tiles.")
     from jlora._rules.compute import XA_NAME  # the general rule's name for x·A (that module imports this one lazily)
 
     dt = x.dtype

@@ -626,3 +626,85 @@ def test_fused_path_in_scan_recomputes_the_normed_input(fake_hopper, monkeypatch
     # off: the normed bf16 input is stacked; on: it is not (the float32 carry is, for the norm)
     assert s0.count("bfloat16[3,2,64,256]") == s1.count("bfloat16[3,2,64,256]") + 1
     assert fake_hopper.count(j1) == 2  # the forward's and the dx's: the checkpoint re-runs no kernel
+
+
+# -- the real kernel, built and lowered for a CUDA GPU on this CPU ------------------------------------------
+
+
+def _lower_for_cuda(monkeypatch, m, k, n, r, *, w_t, v_t, tiles):
+    """The Mosaic GPU kernel lowered (not run) for an H200 (132 SMs): Pallas builds the whole kernel
+    here, tiles, transforms, pipeline and epilogue, so a configuration it cannot build fails."""
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    from jax.extend import backend
+
+    class H200:
+        core_count = 132
+
+    monkeypatch.setattr(backend, "get_default_device", lambda: H200())
+    bf = jnp.bfloat16
+    shapes = ((m, k), (n, k) if w_t else (k, n), (m, r), (n, r) if v_t else (r, n))
+    f = jax.jit(lambda x, w, u, v: _fused._mosaic_fused(x, w, u, v, tiles=tiles, w_t=w_t, v_t=v_t))
+    traced = f.trace(*(jax.ShapeDtypeStruct(s, bf) for s in shapes))
+    assert traced.out_info.shape == (m, n)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("lowering", ["lane", "warpgroup"])
+@pytest.mark.parametrize("m,k,n,r,w_t,v_t", [
+    (512, 256, 512, 16, False, False),  # the forward, two CTAs a cluster
+    (384, 256, 256, 32, False, False),  # rows not whole cluster tiles: one CTA
+    (512, 512, 256, 16, True, True),  # the backward's dx: W0 and A read as stored
+    (256, 256, 512, 64, True, False),  # dx at a rank where v is handed over transposed, one store buffer
+])
+def test_kernel_lowers_for_cuda(monkeypatch, lowering, m, k, n, r, w_t, v_t):
+    tiles = _fused.fitted(_fused.DEFAULT_TILES._replace(lowering=lowering), r)
+    assert tiles is not None and tiles.slots == (1 if r == 64 else 2)
+    try:
+        text = _lower_for_cuda(monkeypatch, m, k, n, r, w_t=w_t, v_t=v_t, tiles=tiles)
+    except (ImportError, AttributeError, NotImplementedError) as e:  # a JAX whose Pallas lacks this API
+        pytest.skip(f"this JAX cannot lower Mosaic GPU kernels here: {type(e).__name__}: {e}")
+    assert "mosaic_gpu" in text and "jlora_fused_matmul" in text
+
+
+def test_shared_memory_count_is_mosaics(monkeypatch):
+    """``smem_bytes`` against Mosaic GPU's own count: at padded rank 64 the default tiles ask for
+    more than sm_90 has, and Mosaic refuses them with exactly that number; 48 still fits."""
+    t = _fused.DEFAULT_TILES
+    assert _fused.smem_bytes(t, 48) <= _fused.SMEM_BYTES < _fused.smem_bytes(t, 64)
+    try:
+        _lower_for_cuda(monkeypatch, 256, 256, 256, 48, w_t=False, v_t=False, tiles=t)
+        with pytest.raises(ValueError, match=f"smem_bytes={_fused.smem_bytes(t, 64)} > max_smem_bytes={_fused.SMEM_BYTES}"):
+            _lower_for_cuda(monkeypatch, 256, 256, 256, 64, w_t=False, v_t=False, tiles=t)
+    except (ImportError, AttributeError, NotImplementedError) as e:
+        pytest.skip(f"this JAX cannot lower Mosaic GPU kernels here: {type(e).__name__}: {e}")
+    assert _fused.max_rank() == 64 and _fused.fitted(t, 80) is None
+
+
+def test_rank_too_large_for_the_kernel(fake_hopper, monkeypatch):
+    """Rank 128 fits no tiles: the dispatch says so and runs the general rule (values still those of
+    the merged model); ``lora_matmul`` itself refuses it before tracing. Rank 64 takes the kernel with
+    one epilogue store buffer."""
+    params, apply = jlora.inject(_mlp_params(), mlp, rank=128, alpha=8.0, targets=["up", "down"], matmul="pallas")
+    params = randomize(params, scale=0.05)
+    x = _x()
+    out = jax.jit(apply)(params, x)
+    assert not fake_hopper and apply.fused_report.fused == 0
+    assert all("rank 128" in why and "up to 64" in why for _, why in apply.fused_report.matmuls)
+    assert _rel(out.astype(F32), _reference(params, x)) < 2e-2
+    with pytest.raises(ValueError, match=r"rank 128 \(padded to 128\).*impl='xla'"):
+        _fused.lora_matmul(x, jnp.eye(D, dtype=x.dtype), jnp.ones((D, 128), x.dtype), jnp.ones((128, D), x.dtype),
+                           scale=1.0)
+    seen = []
+    fake = _fused._mosaic_call
+    monkeypatch.setattr(_fused, "_mosaic_call",
+                        lambda *a, tiles, **kw: (seen.append(tiles.slots), fake(*a, tiles=tiles, **kw))[1])
+    params, apply = jlora.inject(_mlp_params(), mlp, rank=64, targets=["up"], matmul="pallas")
+    jax.jit(apply)(params, x)
+    assert apply.fused_report.fused == 1 and seen == [1]
+
+
+def test_bad_lowering_raises():
+    x = jnp.ones((4, 8))
+    with pytest.raises(ValueError, match="Tiles.lowering='lanes'"):
+        _fused.lora_matmul(x, jnp.eye(8), jnp.ones((8, 2)), jnp.ones((2, 8)), scale=1.0, impl="xla",
+                           tiles=_fused.DEFAULT_TILES._replace(lowering="lanes"))

@@ -263,6 +263,9 @@ def _pallas_dot(x, k: LoraValue, p, ctx):
         t = _fused.DEFAULT_TILES
         return None, (f"{x.dtype} ({m}, {kk}) @ ({kk}, {n}): the kernel takes bf16/f16 with M a multiple "
                       f"of {t.tile_m} and K, N multiples of {2 * t.tile_n}")
+    if not _fused.supported(m, kk, n, x.dtype, rank=k.a.shape[-1]):
+        return None, (f"rank {k.a.shape[-1]}: the kernel's low-rank tiles would not fit in shared memory (it takes "
+                      f"ranks up to {_fused.max_rank()})")
     return _fused.lora_matmul(x, w0, k.a, k.b, scale=k.scale, impl="mosaic"), None
 
 
