@@ -39,6 +39,7 @@ from jlora._fused import DEFAULT_TILES, Tiles, lora_matmul, supported  # noqa: E
 # tile_k, pipeline steps, epilogue tile, epilogue slots, band width, rank alignment)
 TILES = {
     "default": DEFAULT_TILES,
+    "lane": DEFAULT_TILES._replace(lowering="lane"),
     "s4_e1": Tiles(128, 128, 64, 4, 64, 1, 4, 16),
     "s3_e1_r64": Tiles(128, 128, 64, 3, 64, 1, 4, 64),
 }
