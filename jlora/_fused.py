@@ -15,7 +15,8 @@ backward's two products of ``dy``, ``s·dy·Bᵀ`` and ``dB``, are one Pallas Tr
 matmuls (:mod:`jlora._dy_pass`; ``Tiles.dy_pass``).
 
 The kernel is a Pallas Mosaic GPU kernel (wgmma, TMA copies, warp-specialized, persistent), so it
-needs an sm_90 GPU (H100/H200) and shapes divisible by its tiles (:func:`supported`).
+needs an sm_90 GPU (H100/H200), shapes divisible by its tiles (:func:`supported`) and a rank whose
+low-rank tiles fit in shared memory beside the pipeline's (up to 64 with the default tiles: :func:`fitted`).
 ``impl="xla"`` is the same function, custom VJP included, written with plain ``jnp``: the reference
 in tests (wherever the kernel does not apply, the interpreter uses its general LoRA rule instead).
 
