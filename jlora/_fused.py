@@ -267,9 +267,9 @@ def padded_rank(r: int, tiles: Tiles | None = None) -> int:
 
 
 def max_rank(tiles: Tiles | None = None) -> int:
-    """The largest rank the kernel takes with ``tiles`` (:func:`fitted`)."""
+    """The largest rank the kernel takes with ``tiles`` (:func:`fitted`; 0: none)."""
     t = tiles or DEFAULT_TILES
-    r = t.r_align
+    r = 0
     while fitted(t, r + t.r_align) is not None:
         r += t.r_align
     return r
@@ -691,21 +691,22 @@ def lora_matmul(x: jax.Array, w0: jax.Array, a: jax.Array, b: jax.Array, *, scal
     """
     if impl not in ("mosaic", "xla"):
         raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
-    _dy_pass_form(impl, tiles or DEFAULT_TILES)  # a misspelt Tiles.dy_pass fails here, not in the backward
-    if (tiles or DEFAULT_TILES).cluster not in (1, 2):
-        raise ValueError(f"Tiles.cluster={(tiles or DEFAULT_TILES).cluster!r}: use 1 (one CTA a tile) or 2 "
+    t = tiles or DEFAULT_TILES
+    _dy_pass_form(impl, t)  # a misspelt Tiles.dy_pass fails here, not in the backward
+    if t.cluster not in (1, 2):
+        raise ValueError(f"Tiles.cluster={t.cluster!r}: use 1 (one CTA a tile) or 2 "
                          "(two CTAs a cluster, W0's tile multicast to both).")
-    if (tiles or DEFAULT_TILES).lowering not in _SEMANTICS:
-        raise ValueError(f"Tiles.lowering={(tiles or DEFAULT_TILES).lowering!r}: use 'lane' or 'warpgroup'.")
-    if impl == "mosaic" and fitted(tiles or DEFAULT_TILES, padded_rank(a.shape[-1], tiles)) is None:
-        t = tiles or DEFAULT_TILES
+    if t.lowering not in _SEMANTICS:
+        raise ValueError(f"Tiles.lowering={t.lowering!r}: use 'lane' or 'warpgroup'.")
+    rp = padded_rank(a.shape[-1], t)
+    if impl == "mosaic" and fitted(t, rp) is None:
         raise ValueError(
-            f"rank {a.shape[-1]} (padded to {padded_rank(a.shape[-1], t)}): the kernel's tiles would need "
-            f"{smem_bytes(t._replace(slots=1), padded_rank(a.shape[-1], t)):,} bytes of shared memory, more than "
-            f"sm_90's {SMEM_BYTES:,}. Use impl='xla', a rank of at most {max_rank(t)}, or smaller tiles.")
+            f"rank {a.shape[-1]} (padded to {rp}): the kernel's tiles would need "
+            f"{smem_bytes(t._replace(slots=1), rp):,} bytes of shared memory, more than sm_90's "
+            f"{SMEM_BYTES:,}. Use impl='xla', a rank of at most {max_rank(t)}, or smaller tiles.")
     from jlora._rules.compute import XA_NAME  # the general rule's name for x·A (that module imports this one lazily)
 
     dt = x.dtype
     a = a.astype(dt)
     xa = checkpoint_name((scale * jnp.dot(x, a, preferred_element_type=jnp.float32)).astype(dt), XA_NAME)
-    return _lora_matmul_jit(x, xa, w0.astype(dt), a, b.astype(dt), float(scale), impl, tiles or DEFAULT_TILES)
+    return _lora_matmul_jit(x, xa, w0.astype(dt), a, b.astype(dt), float(scale), impl, t)
