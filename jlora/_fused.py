@@ -40,7 +40,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jlora import _compat as jax_compat
 from jlora import _dy_pass
 
-__all__ = ["lora_matmul", "supported", "unavailable", "in_loops", "Tiles", "fitted", "max_rank"]
+__all__ = ["SMEM_BYTES", "Tiles", "fitted", "in_loops", "lora_matmul", "max_rank", "padded_rank", "smem_bytes",
+           "supported", "unavailable"]
 
 #: Environment switch: ``JLORA_FUSED_IN_LOOPS=0`` keeps ``matmul="pallas"`` out of ``lax.scan``/
 #: ``while`` bodies (the plain path there). On by default: in a scanned model the kernel is 5–8 %
@@ -214,26 +215,15 @@ def _mosaic_fused(x, w, u, v, *, tiles: "Tiles", w_t: bool = False, v_t: Optiona
         grid=(backend.get_default_device().core_count // cl,), grid_names=("sm",),
         **(dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}),
         num_threads=3, thread_name="wg",  # two compute warpgroups and one that issues the copies
-        compiler_params=plgpu.CompilerParams(lowering_semantics=_SEMANTICS[tiles.lowering]()))
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=getattr(plgpu.LoweringSemantics, _SEMANTICS[tiles.lowering])))
     return f(x, w, u, v)
 
 
 DEFAULT_TILES = Tiles()
 
 
-def _lane():
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return plgpu.LoweringSemantics.Lane
-
-
-def _warpgroup():
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return plgpu.LoweringSemantics.Warpgroup
-
-
-_SEMANTICS = {"lane": _lane, "warpgroup": _warpgroup}
+_SEMANTICS = {"lane": "Lane", "warpgroup": "Warpgroup"}  # Tiles.lowering -> plgpu.LoweringSemantics
 
 
 #: Shared memory one CTA may use on sm_90 (H100, H200: 227 KiB), the bound Mosaic GPU checks against.
@@ -275,14 +265,13 @@ def max_rank(tiles: Tiles | None = None) -> int:
     return r
 
 
-def supported(m: int, k: int, n: int, dtype, *, rank: int | None = None, tiles: Tiles | None = None) -> bool:
-    """Whether the kernel takes an ``(m, k)·(k, n)`` LoRA matmul, forward and backward (and, with
-    ``rank``, whether that rank fits in shared memory: :func:`fitted`)."""
+def supported(m: int, k: int, n: int, dtype, *, tiles: Tiles | None = None) -> bool:
+    """Whether the kernel takes an ``(m, k)·(k, n)`` LoRA matmul, forward and backward (the rank is
+    :func:`fitted`'s question)."""
     t = tiles or DEFAULT_TILES
     return (_dy_pass.is_16bit_float(dtype)
             and m % t.tile_m == 0 and n % (2 * t.tile_n) == 0 and k % (2 * t.tile_n) == 0
-            and k % t.tile_k == 0 and n % t.tile_k == 0
-            and (rank is None or fitted(t, padded_rank(rank, t)) is not None))
+            and k % t.tile_k == 0 and n % t.tile_k == 0)
 
 
 @functools.lru_cache(maxsize=None)

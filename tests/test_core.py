@@ -516,15 +516,16 @@ def test_frozen_base_gets_no_gradient():
     assert not np.any(np.asarray(g["l1"]["kernel"].w0)) and not np.any(np.asarray(g["l1"]["bias"]))
 
 
-def test_rank_r_products_read_their_own_cotangent():
+@pytest.mark.parametrize("dora", [False, True])
+def test_rank_r_products_read_their_own_cotangent(dora):
     """In the backward, ``dy·W0ᵀ`` reads ``dy`` and the rank-r products (``dy·Bᵀ``, ``dB``) read it
     through an optimization barrier, as a value of its own: where they shared one, XLA:GPU merged
     ``dy·W0ᵀ`` and ``dy·Bᵀ`` into one matmul over a concatenated copy of W0 and B every step
-    (1.24 GiB more than hand-written LoRA at rank 128 on an H200). Values are unchanged (the merged
-    model is the reference)."""
+    (1.24 GiB more than hand-written LoRA at rank 128 on an H200). DoRA's matmul too. Values are
+    unchanged (the merged model is the reference)."""
     w = jax.random.normal(K(0), (8, 6))
     x = jax.random.normal(K(1), (3, 8))
-    lp, apply = jlora.inject({"w": w}, lambda p, x: x @ p["w"], rank=4)
+    lp, apply = jlora.inject({"w": w}, lambda p, x: x @ p["w"], rank=4, dora=dora)
     lp = randomize(lp)
     ad, base = jlora.split(lp)
     loss = lambda ad, x: jnp.sum(jnp.square(apply(jlora.combine(ad, base), x)))

@@ -115,7 +115,7 @@ def _dot_evaluate(eqn, invals, ctx):
         return [_dora_dot(x, k, dims, x_is_lhs, ctx, p.get("precision"), op, pre)]
     base = base_product(k, lambda w: op(x, w))
     y = _low_rank_dot(x, k, dims, x_is_lhs, ctx, p.get("precision"), base, pre)
-    return [base + _own_cotangent(y.astype(base.dtype))]
+    return [base + y.astype(base.dtype)]
 
 
 @jax.custom_jvp
@@ -240,7 +240,7 @@ def _low_rank_dot(x, k: LoraValue, dims, x_is_lhs: bool, ctx, precision, base, p
                    preferred_element_type=base.dtype, **y_kw)
     if unit_free:
         y = jnp.reshape(y, tuple(base.shape))
-    return y
+    return _own_cotangent(y)  # every caller adds y to a base product that reads the same dy
 
 
 def _explicit_shardings(x, x_l, first, second, t_l, y_l, out_l, unit_free, base):
@@ -278,7 +278,7 @@ def _pallas_dot(x, k: LoraValue, p, ctx):
         t = _fused.DEFAULT_TILES
         return None, (f"{x.dtype} ({m}, {kk}) @ ({kk}, {n}): the kernel takes bf16/f16 with M a multiple "
                       f"of {t.tile_m} and K, N multiples of {2 * t.tile_n}")
-    if not _fused.supported(m, kk, n, x.dtype, rank=k.a.shape[-1]):
+    if _fused.fitted(_fused.DEFAULT_TILES, _fused.padded_rank(k.a.shape[-1])) is None:
         return None, (f"rank {k.a.shape[-1]}: the kernel's low-rank tiles would not fit in shared memory (it takes "
                       f"ranks up to {_fused.max_rank()})")
     return _fused.lora_matmul(x, w0, k.a, k.b, scale=k.scale, impl="mosaic"), None
